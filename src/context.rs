@@ -1,0 +1,67 @@
+//! Request-scoped values that layers pass down as typed request extensions.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use http::HeaderValue;
+
+use crate::config::ClientSettings;
+
+/// What the gateway knows of a request: route, action, account. Made by `classify`.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub route: &'static str,
+    pub action: Option<Arc<str>>,
+    pub account_id: Option<Arc<str>>,
+}
+
+/// Filled in by the layers as the request goes down, read by `observe` when the answer comes
+/// back up (refusals included): pingora's per-request CTX. One allocation per request.
+#[derive(Debug)]
+pub struct RequestLog {
+    pub request_id: HeaderValue,
+    pub client: OnceLock<Arc<ClientSettings>>,
+    pub context: OnceLock<RequestContext>,
+    credits: AtomicU64,
+    upstream_micros: AtomicU64,
+}
+
+const UNSET: u64 = u64::MAX;
+
+impl RequestLog {
+    pub fn new(request_id: HeaderValue) -> RequestLog {
+        RequestLog {
+            request_id,
+            client: OnceLock::new(),
+            context: OnceLock::new(),
+            credits: AtomicU64::new(UNSET),
+            upstream_micros: AtomicU64::new(UNSET),
+        }
+    }
+
+    pub fn set_credits(&self, credits: u64) {
+        self.credits.store(credits, Ordering::Relaxed);
+    }
+
+    pub fn credits(&self) -> Option<u64> {
+        match self.credits.load(Ordering::Relaxed) {
+            UNSET => None,
+            c => Some(c),
+        }
+    }
+
+    pub fn set_upstream_micros(&self, us: u64) {
+        self.upstream_micros.store(us, Ordering::Relaxed);
+    }
+
+    pub fn upstream_micros(&self) -> Option<u64> {
+        match self.upstream_micros.load(Ordering::Relaxed) {
+            UNSET => None,
+            c => Some(c),
+        }
+    }
+
+    pub fn client_name(&self) -> Option<&Arc<str>> {
+        self.client.get().map(|c| &c.name)
+    }
+}

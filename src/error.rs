@@ -1,0 +1,163 @@
+//! Errors the gateway makes, and their one mapping to a status and the upstream's envelope.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+/// Who failed: the caller's request, the gateway itself, or the upstream (pingora's
+/// `ErrorSource`). Logged with each refusal; the envelope always says `"source": "gateway"`
+/// because the gateway wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    Caller,
+    Gateway,
+    Upstream,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{0}")]
+    InvalidApiKey(&'static str),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    InvalidParams(String),
+    #[error("request body is larger than {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after: Duration,
+    },
+    #[error("{0}")]
+    InsufficientCredits(String),
+    #[error("the gateway is at its limit of {limit} requests in flight; retry shortly")]
+    Overloaded { limit: usize },
+    /// `maybe_sent`: the failure came after the request may have reached the upstream (a reset,
+    /// a broken response), so the upstream may have acted and charged (ledger: `ambiguous`).
+    #[error("the upstream is unavailable: {message}")]
+    UpstreamUnavailable { message: String, maybe_sent: bool },
+    #[error("the request took longer than {}s", .0.as_secs_f64())]
+    UpstreamTimeout(Duration),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+}
+
+impl GatewayError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::InvalidApiKey(_) | GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
+            GatewayError::InvalidParams(_) => StatusCode::BAD_REQUEST,
+            GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::InsufficientCredits(_) => StatusCode::PAYMENT_REQUIRED,
+            GatewayError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            GatewayError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::InvalidApiKey(_) => "INVALID_API_KEY",
+            GatewayError::Forbidden(_) => "FORBIDDEN",
+            GatewayError::InvalidParams(_) => "INVALID_PARAMS",
+            GatewayError::PayloadTooLarge { .. } => "PAYLOAD_TOO_LARGE",
+            GatewayError::RateLimited { .. } => "RATE_LIMITED",
+            GatewayError::InsufficientCredits(_) => "INSUFFICIENT_CREDITS",
+            GatewayError::Overloaded { .. } => "OVERLOADED",
+            GatewayError::UpstreamUnavailable { .. } => "UPSTREAM_UNAVAILABLE",
+            GatewayError::UpstreamTimeout(_) => "UPSTREAM_TIMEOUT",
+            GatewayError::NotFound(_) => "NOT_FOUND",
+            GatewayError::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
+        }
+    }
+
+    pub fn blame(&self) -> Blame {
+        match self {
+            GatewayError::Overloaded { .. } => Blame::Gateway,
+            GatewayError::UpstreamUnavailable { .. } | GatewayError::UpstreamTimeout(_) => {
+                Blame::Upstream
+            }
+            _ => Blame::Caller,
+        }
+    }
+
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            // Whole seconds, rounded up, never 0 (a 0 invites a hot retry loop).
+            GatewayError::RateLimited { retry_after, .. } => {
+                let ms = retry_after.as_millis();
+                Some(u64::try_from(ms.div_ceil(1000)).unwrap_or(u64::MAX).max(1))
+            }
+            GatewayError::Overloaded { .. } => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The one mapping from an error to what the caller sees: the upstream's envelope with
+    /// `"source": "gateway"`, the status, `Retry-After` where it applies.
+    pub fn into_response(&self, action: &str) -> Response<Bytes> {
+        let body = serde_json::json!({
+            "success": false,
+            "error": {"code": self.code(), "message": self.to_string(), "source": "gateway"},
+            "metadata": {"action": action, "credits_consumed": 0, "timestamp": crate::util::now_rfc3339()},
+        });
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let mut resp = Response::new(Bytes::from(bytes));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(secs) = self.retry_after() {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp.extensions_mut().insert(GatewayAnswered(self.code()));
+        resp
+    }
+}
+
+/// Marks a response the gateway wrote itself (refusal or failure), with its error code.
+#[derive(Debug, Clone, Copy)]
+pub struct GatewayAnswered(pub &'static str);
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_has_source_gateway_and_zero_credits() {
+        let r = GatewayError::InvalidParams("bad".into()).into_response("checkpoint");
+        assert_eq!(r.status(), 400);
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(v["success"], false);
+        assert_eq!(v["error"]["code"], "INVALID_PARAMS");
+        assert_eq!(v["error"]["source"], "gateway");
+        assert_eq!(v["metadata"]["credits_consumed"], 0);
+        assert_eq!(v["metadata"]["action"], "checkpoint");
+    }
+
+    #[test]
+    fn retry_after_rounds_up_and_is_never_zero() {
+        let e = GatewayError::RateLimited {
+            message: "x".into(),
+            retry_after: Duration::from_millis(1),
+        };
+        assert_eq!(e.into_response("a").headers()["retry-after"], "1");
+        let e = GatewayError::RateLimited {
+            message: "x".into(),
+            retry_after: Duration::from_millis(12_001),
+        };
+        assert_eq!(e.into_response("a").headers()["retry-after"], "13");
+        let e = GatewayError::Overloaded { limit: 1 };
+        assert_eq!(e.into_response("a").status(), 503);
+        assert!(e.into_response("a").headers().contains_key("retry-after"));
+    }
+}

@@ -1,0 +1,345 @@
+//! classify: which route, which action, which account. Reads `account_id` from the top level
+//! of a JSON body, from `/v2/accounts/{id}` or from the `account_id` query parameter, and the
+//! `action` from the body. Then checks the caller's path and account scopes (403 FORBIDDEN).
+//! The result travels down as a `RequestContext` extension; nothing below re-parses.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use tower::{Layer, Service};
+
+use super::BoxFuture;
+use crate::config::ClientSettings;
+use crate::context::{RequestContext, RequestLog};
+use crate::error::GatewayError;
+
+/// Where a route names its account.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Account {
+    /// Top level of a JSON body, which must then be an object.
+    Body,
+    /// A JSON body with an optional `action` and no account (enrich).
+    ActionOnly,
+    /// `/v2/accounts/{account_id}`.
+    Path,
+    /// None besides the optional `account_id` query parameter.
+    None,
+}
+
+/// The upstream's surface: route name and where its account is, or 404/405.
+fn resolve(method: &Method, path: &str) -> Result<(&'static str, Account), GatewayError> {
+    let rest = path.strip_prefix("/v2/").unwrap_or("");
+    let segs: Vec<&str> = rest.split('/').collect();
+    let m = method.as_str();
+    let (route, allowed, account): (&'static str, &[&str], Account) = match segs.as_slice() {
+        ["login"] => ("login", &["POST"], Account::None),
+        ["checkpoint"] => ("checkpoint", &["POST"], Account::Body),
+        ["accounts"] => ("accounts", &["GET"], Account::None),
+        ["accounts", id] if !id.is_empty() => ("account", &["GET"], Account::Path),
+        ["credits"] => ("credits", &["GET"], Account::None),
+        ["logs"] => ("logs", &["GET"], Account::None),
+        ["profiles"] => ("profiles", &["POST"], Account::Body),
+        ["network"] => ("network", &["POST"], Account::Body),
+        ["messages"] => ("messages", &["POST"], Account::Body),
+        ["content"] => ("content", &["POST"], Account::Body),
+        ["recruiter"] => ("recruiter", &["POST"], Account::Body),
+        ["enrich"] => ("enrich", &["POST"], Account::ActionOnly),
+        ["webhooks"] if m == "POST" => ("webhooks", &["POST"], Account::Body),
+        ["webhooks"] => ("webhooks", &["GET", "POST"], Account::None),
+        ["webhooks", id] if !id.is_empty() => ("webhook", &["PUT", "DELETE"], Account::None),
+        ["webhooks", id, "stop" | "start" | "rotate-secret"] if !id.is_empty() => {
+            ("webhook", &["POST"], Account::None)
+        }
+        ["webhooks", id, "events"] if !id.is_empty() => ("webhook", &["GET"], Account::None),
+        ["webhooks", id, "secret"] if !id.is_empty() => ("webhook", &["DELETE"], Account::None),
+        _ => {
+            return Err(GatewayError::NotFound(format!(
+                "{path} is not a LinkupAPI v2 endpoint"
+            )))
+        }
+    };
+    if !allowed.contains(&m) {
+        return Err(GatewayError::MethodNotAllowed(format!(
+            "{m} is not allowed on {path} (allowed: {})",
+            allowed.join(", ")
+        )));
+    }
+    Ok((route, account))
+}
+
+/// The route's name for labels and envelopes, without checking the method.
+pub fn route_name(path: &str) -> &'static str {
+    for m in [Method::POST, Method::GET, Method::PUT, Method::DELETE] {
+        if let Ok((name, _)) = resolve(&m, path) {
+            return name;
+        }
+    }
+    "other"
+}
+
+/// The two top-level fields the gateway cares about; everything else is skipped without
+/// building a tree. A repeated `account_id` or `action` is refused: two parsers taking
+/// different copies is how scope checks get bypassed.
+#[derive(Default, Debug)]
+struct TopLevel {
+    account_id: Option<String>,
+    action: Option<String>,
+}
+
+impl<'de> de::Deserialize<'de> for TopLevel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TopLevel;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<TopLevel, A::Error> {
+                let mut out = TopLevel::default();
+                while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "account_id" => {
+                            if out.account_id.is_some() {
+                                return Err(de::Error::custom("`account_id` appears twice"));
+                            }
+                            let v: serde_json::Value = map.next_value()?;
+                            match v {
+                                serde_json::Value::String(s) => out.account_id = Some(s),
+                                serde_json::Value::Null => {}
+                                _ => return Err(de::Error::custom("`account_id` must be a string")),
+                            }
+                        }
+                        "action" => {
+                            if out.action.is_some() {
+                                return Err(de::Error::custom("`action` appears twice"));
+                            }
+                            let v: serde_json::Value = map.next_value()?;
+                            match v {
+                                serde_json::Value::String(s) => out.action = Some(s),
+                                serde_json::Value::Null => {}
+                                _ => return Err(de::Error::custom("`action` must be a string")),
+                            }
+                        }
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+fn parse_body(body: &[u8]) -> Result<TopLevel, GatewayError> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(GatewayError::InvalidParams(
+            "the body must be a JSON object with account_id".into(),
+        ));
+    }
+    serde_json::from_slice::<TopLevel>(body)
+        .map_err(|e| GatewayError::InvalidParams(format!("the body is not valid JSON for this endpoint: {e}")))
+}
+
+fn query_account(query: Option<&str>) -> Result<Option<String>, GatewayError> {
+    let Some(q) = query else { return Ok(None) };
+    let mut found: Option<String> = None;
+    for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+        if k == "account_id" {
+            if found.is_some() {
+                return Err(GatewayError::InvalidParams(
+                    "`account_id` appears twice in the query".into(),
+                ));
+            }
+            found = Some(v.into_owned());
+        }
+    }
+    Ok(found)
+}
+
+fn path_account(path: &str) -> Result<String, GatewayError> {
+    let id = path.rsplit('/').next().unwrap_or("");
+    percent_encoding::percent_decode_str(id)
+        .decode_utf8()
+        .map(|s| s.into_owned())
+        .map_err(|_| GatewayError::InvalidParams("the account id in the path is not UTF-8".into()))
+}
+
+/// Route, action and account of a request, or why it is refused.
+pub fn classify(method: &Method, path: &str, query: Option<&str>, body: &[u8]) -> Result<RequestContext, GatewayError> {
+    let (route, source) = resolve(method, path)?;
+    let mut action = None;
+    let mut account = match source {
+        Account::Body | Account::ActionOnly => {
+            let top = parse_body(body)?;
+            action = top.action;
+            top.account_id
+        }
+        Account::Path => Some(path_account(path)?),
+        Account::None => None,
+    };
+    if let Some(q) = query_account(query)? {
+        match &account {
+            Some(a) if *a != q => {
+                return Err(GatewayError::InvalidParams(
+                    "the request names two different accounts".into(),
+                ))
+            }
+            _ => account = Some(q),
+        }
+    }
+    Ok(RequestContext {
+        route,
+        action: action.map(Arc::from),
+        account_id: account.map(Arc::from),
+    })
+}
+
+/// The caller's scopes: may it use this path, and act for this account?
+pub fn check_scope(client: &ClientSettings, path: &str, ctx: &RequestContext) -> Result<(), GatewayError> {
+    if !client.paths.iter().any(|p| p.matches(path)) {
+        return Err(GatewayError::Forbidden(format!(
+            "client `{}` may not use {path}",
+            client.name
+        )));
+    }
+    if let Some(a) = &ctx.account_id {
+        if !client.accounts.allows(a) {
+            return Err(GatewayError::Forbidden(format!(
+                "client `{}` may not act for account {a}",
+                client.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Default)]
+pub struct ClassifyLayer;
+
+impl<S> Layer<S> for ClassifyLayer {
+    type Service = Classify<S>;
+    fn layer(&self, inner: S) -> Classify<S> {
+        Classify { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct Classify<S> {
+    inner: S,
+}
+
+impl<S> Service<Request<Bytes>> for Classify<S>
+where
+    S: Service<Request<Bytes>, Response = Response<Bytes>, Error = GatewayError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Bytes>;
+    type Error = GatewayError;
+    type Future = BoxFuture<Result<Response<Bytes>, GatewayError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<Bytes>) -> Self::Future {
+        let uri = req.uri();
+        let ctx = match classify(req.method(), uri.path(), uri.query(), req.body()) {
+            Ok(c) => c,
+            Err(e) => return Box::pin(async move { Err(e) }),
+        };
+        if let Some(log) = req.extensions().get::<Arc<RequestLog>>() {
+            let _ = log.context.set(ctx.clone());
+        }
+        if let Some(client) = req.extensions().get::<Arc<ClientSettings>>() {
+            if let Err(e) = check_scope(client, req.uri().path(), &ctx) {
+                return Box::pin(async move { Err(e) });
+            }
+        }
+        req.extensions_mut().insert(ctx);
+        Box::pin(self.inner.call(req))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::config::{AccountScope, PathPattern};
+
+    fn post(path: &str, body: &str) -> Result<RequestContext, GatewayError> {
+        classify(&Method::POST, path, None, body.as_bytes())
+    }
+
+    #[test]
+    fn account_and_action_from_the_body() {
+        let c = post("/v2/network", r#"{"account_id":"acc_1","action":"invite","params":{"account_id":"nested"}}"#).unwrap();
+        assert_eq!(c.route, "network");
+        assert_eq!(c.account_id.as_deref(), Some("acc_1"));
+        assert_eq!(c.action.as_deref(), Some("invite"));
+    }
+
+    #[test]
+    fn account_from_path_and_query() {
+        let c = classify(&Method::GET, "/v2/accounts/acc%5F2", None, b"").unwrap();
+        assert_eq!((c.route, c.account_id.as_deref()), ("account", Some("acc_2")));
+        let c = classify(&Method::GET, "/v2/logs", Some("limit=5&account_id=acc_3"), b"").unwrap();
+        assert_eq!(c.account_id.as_deref(), Some("acc_3"));
+        let e = classify(&Method::GET, "/v2/accounts/a", Some("account_id=b"), b"").unwrap_err();
+        assert_eq!(e.code(), "INVALID_PARAMS");
+        let e = classify(&Method::GET, "/v2/logs", Some("account_id=a&account_id=b"), b"").unwrap_err();
+        assert_eq!(e.code(), "INVALID_PARAMS");
+    }
+
+    #[test]
+    fn malformed_bodies_are_invalid_params() {
+        for body in [
+            "",
+            "not json",
+            "[1,2]",
+            r#"{"account_id": 42}"#,
+            r#"{"account_id": "a", "account_id": "b"}"#,
+            r#"{"account_id": "a""#,
+            r#"{"action": ["x"]}"#,
+        ] {
+            let e = post("/v2/checkpoint", body).unwrap_err();
+            assert_eq!(e.code(), "INVALID_PARAMS", "{body}");
+        }
+        let deep = format!("{{\"a\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
+        assert_eq!(post("/v2/checkpoint", &deep).unwrap_err().code(), "INVALID_PARAMS");
+    }
+
+    #[test]
+    fn unknown_paths_and_methods() {
+        assert_eq!(post("/v2/inbox", "{}").unwrap_err().code(), "NOT_FOUND");
+        assert_eq!(post("/v2//checkpoint", "{}").unwrap_err().code(), "NOT_FOUND");
+        let e = classify(&Method::GET, "/v2/checkpoint", None, b"").unwrap_err();
+        assert_eq!(e.code(), "METHOD_NOT_ALLOWED");
+        assert!(classify(&Method::DELETE, "/v2/webhooks/w1", None, b"").is_ok());
+        assert!(classify(&Method::POST, "/v2/login", None, b"anything").is_ok());
+    }
+
+    #[test]
+    fn scopes_refuse_other_accounts_and_paths() {
+        let client = ClientSettings {
+            name: Arc::from("crm"),
+            key_sha256: [0; 32],
+            accounts: AccountScope::Only(vec!["acc_1".into()]),
+            paths: vec![PathPattern::new("/v2/checkpoint"), PathPattern::new("/v2/accounts/*")],
+            daily_credit_budget: None,
+            requests_per_second: None,
+            shadow: false,
+        };
+        let ok = post("/v2/checkpoint", r#"{"account_id":"acc_1"}"#).unwrap();
+        assert!(check_scope(&client, "/v2/checkpoint", &ok).is_ok());
+        let other = post("/v2/checkpoint", r#"{"account_id":"acc_2"}"#).unwrap();
+        assert_eq!(check_scope(&client, "/v2/checkpoint", &other).unwrap_err().code(), "FORBIDDEN");
+        let msg = post("/v2/messages", r#"{"account_id":"acc_1"}"#).unwrap();
+        assert_eq!(check_scope(&client, "/v2/messages", &msg).unwrap_err().code(), "FORBIDDEN");
+    }
+}

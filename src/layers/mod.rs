@@ -1,0 +1,21 @@
+//! One file per layer of the onion; the order lives in `crate::stack`.
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub mod authenticate;
+pub mod classify;
+pub mod guard;
+pub mod inject_key;
+pub mod observe;
+pub mod read_body;
+pub mod respond;
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Take the service that `poll_ready` readied and leave a clone in its place: a layer that
+/// awaits before calling `inner` must not call an unready clone.
+pub(crate) fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}

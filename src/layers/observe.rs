@@ -1,0 +1,123 @@
+//! observe: request id, tracing span, metrics and the one log line per request. Outermost, so
+//! it sees every answer, refusals included.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use super::BoxFuture;
+use crate::context::RequestLog;
+use crate::error::GatewayAnswered;
+use crate::metrics::{Label, RefusalLabels, RequestLabels, RouteLabels};
+use crate::shared::Process;
+
+pub const X_REQUEST_ID: &str = "x-request-id";
+
+#[derive(Clone)]
+pub struct ObserveLayer {
+    process: Arc<Process>,
+}
+
+impl ObserveLayer {
+    pub fn new(process: Arc<Process>) -> Self {
+        ObserveLayer { process }
+    }
+}
+
+impl<S> Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe {
+            inner,
+            process: self.process.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    process: Arc<Process>,
+}
+
+impl<S, B, RB> Service<Request<B>> for Observe<S>
+where
+    S: Service<Request<B>, Response = Response<RB>, Error = std::convert::Infallible>,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+    RB: Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Result<Response<RB>, std::convert::Infallible>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let request_id = match req.headers().get(X_REQUEST_ID) {
+            Some(v) if crate::util::acceptable_request_id(v) => v.clone(),
+            _ => self.process.request_ids.next(),
+        };
+        let log = Arc::new(RequestLog::new(request_id.clone()));
+        req.extensions_mut().insert(log.clone());
+        let method = req.method().clone();
+        let span = tracing::info_span!("request", request_id = %log_id(&request_id));
+        let fut = self.inner.call(req);
+        let process = self.process.clone();
+        Box::pin(
+            async move {
+                let Ok(mut resp) = fut.await;
+                resp.headers_mut().insert(X_REQUEST_ID, request_id);
+                let elapsed = started.elapsed();
+                let status = resp.status().as_u16();
+                let ctx = log.context.get();
+                let route = ctx.map(|c| c.route).unwrap_or("other");
+                let client = log
+                    .client_name()
+                    .cloned()
+                    .unwrap_or_else(|| Arc::from("unauthenticated"));
+                let m = &process.metrics;
+                m.requests
+                    .get_or_create(&RequestLabels {
+                        client: Label(client.clone()),
+                        route,
+                        status,
+                    })
+                    .inc();
+                m.request_duration
+                    .get_or_create(&RouteLabels { route })
+                    .observe(elapsed.as_secs_f64());
+                let refused = resp.extensions().get::<GatewayAnswered>().map(|g| g.0);
+                if let Some(code) = refused {
+                    m.refusals.get_or_create(&RefusalLabels { code }).inc();
+                }
+                tracing::info!(
+                    client = %client,
+                    method = %method,
+                    route,
+                    account = ctx.and_then(|c| c.account_id.as_deref()).unwrap_or(""),
+                    action = ctx.and_then(|c| c.action.as_deref()).unwrap_or(""),
+                    status,
+                    error = refused.unwrap_or(""),
+                    credits = log.credits().map(|c| c as i64).unwrap_or(-1),
+                    duration_us = elapsed.as_micros() as u64,
+                    upstream_us = log.upstream_micros().map(|u| u as i64).unwrap_or(-1),
+                    "request"
+                );
+                Ok(resp)
+            }
+            .instrument(span),
+        )
+    }
+}
+
+fn log_id(v: &HeaderValue) -> &str {
+    v.to_str().unwrap_or("-")
+}

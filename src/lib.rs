@@ -1,0 +1,18 @@
+//! linkup-gateway: an authenticating, key-injecting, rate-limiting, credit-accounting gateway
+//! in front of LinkupAPI v2. See README.md for the tour and `stack.rs` for the onion.
+
+pub mod admin;
+pub mod config;
+pub mod context;
+pub mod demo;
+pub mod emulator;
+pub mod error;
+pub mod headers;
+pub mod keygen;
+pub mod layers;
+pub mod metrics;
+pub mod server;
+pub mod shared;
+pub mod stack;
+pub mod upstream;
+pub mod util;

@@ -1,0 +1,187 @@
+//! The `linkup-gateway` binary: a thin clap front over the library.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use linkup_gateway::{config, demo, emulator, keygen, server};
+
+#[derive(Parser)]
+#[command(name = "linkup-gateway", version, about = "A gateway in front of LinkupAPI v2: virtual keys, per-account rate limits, checkpoint coalescing, credit accounting")]
+struct Cli {
+    /// Log format: `text` (default on a terminal) or `json` (default otherwise).
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter, e.g. `info` or `linkup_gateway=debug` (default: $RUST_LOG, else `info`).
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway.
+    Serve {
+        #[arg(long, default_value = "config/gateway.toml")]
+        config: PathBuf,
+    },
+    /// Parse and validate a config file; print each problem with its key path.
+    CheckConfig {
+        #[arg(long, default_value = "config/gateway.toml")]
+        config: PathBuf,
+    },
+    /// Print a fresh virtual key (once) and the [[clients]] block that holds only its SHA-256.
+    Keygen {
+        /// The client's name, as it will appear in metrics, logs and usage reports.
+        #[arg(long)]
+        name: String,
+    },
+    /// Run a local LinkupAPI v2 emulator (costs nothing; for development, demos and tests).
+    Emulator {
+        #[arg(long, default_value = "127.0.0.1:8787")]
+        listen: SocketAddr,
+        /// The upstream key the emulator accepts.
+        #[arg(long, env = "LINKUP_EMULATOR_KEY", default_value = "emulator-key", hide_env_values = true)]
+        api_key: String,
+        /// Starting credit balance.
+        #[arg(long, default_value_t = 10_000)]
+        credits: i64,
+    },
+    /// Run the emulator and the gateway together (config/demo.toml) and print a curl walk-through.
+    Demo {
+        #[arg(long, default_value = "config/demo.toml")]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(format: Option<LogFormat>, level: Option<&str>) {
+    let filter = match level {
+        Some(l) => tracing_subscriber::EnvFilter::new(l),
+        None => tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    };
+    let json = match format {
+        Some(LogFormat::Json) => true,
+        Some(LogFormat::Text) => false,
+        None => !std::io::stdout().is_terminal(),
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    if json {
+        builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load_or_report(path: &Path) -> Option<config::Settings> {
+    match config::load(path) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            eprintln!("{}: invalid configuration:", path.display());
+            for p in e.problems() {
+                eprintln!("  {p}");
+            }
+            None
+        }
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Keygen { name } => match keygen::render(&name) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("keygen: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::CheckConfig { config } => match load_or_report(&config) {
+            Some(s) => {
+                println!(
+                    "{}: ok ({} client(s), upstream {}, key from {})",
+                    config.display(),
+                    s.clients.len(),
+                    s.upstream.url,
+                    s.upstream.api_key_source
+                );
+                ExitCode::SUCCESS
+            }
+            None => ExitCode::from(1),
+        },
+        Command::Serve { config } => {
+            init_logging(cli.log_format, cli.log_level.as_deref());
+            let Some(settings) = load_or_report(&config) else {
+                return ExitCode::from(1);
+            };
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match rt.block_on(server::run(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = %e, "linkup-gateway failed");
+                    eprintln!("linkup-gateway: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Emulator {
+            listen,
+            api_key,
+            credits,
+        } => {
+            init_logging(cli.log_format, cli.log_level.as_deref());
+            let cfg = emulator::EmulatorConfig {
+                api_key,
+                initial_credits: credits,
+                ..Default::default()
+            };
+            let result = runtime().and_then(|rt| rt.block_on(emulator::run(listen, cfg)));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("emulator: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::Demo { config } => {
+            init_logging(
+                Some(cli.log_format.unwrap_or(LogFormat::Text)),
+                Some(cli.log_level.as_deref().unwrap_or("warn")),
+            );
+            let result = runtime()
+                .map_err(|e| e.to_string())
+                .and_then(|rt| rt.block_on(demo::run(&config)));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}

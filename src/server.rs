@@ -1,0 +1,285 @@
+//! Listeners, HTTP versions, graceful drain and SIGHUP reload.
+//!
+//! The data plane serves HTTP/1.1 and h2c through hyper-util's auto builder. Each request loads
+//! the current config generation (one atomic load) and runs its stack; a reload builds a new
+//! generation and swaps it in, so no connection is dropped and no request sees half a config.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tower::ServiceExt;
+
+use crate::config::{self, Settings};
+use crate::metrics::ReloadLabels;
+use crate::shared::{Process, Shared};
+use crate::stack::{build_stack, Stack};
+use crate::upstream::UpstreamClient;
+
+/// One config generation: its settings and the stack built from them.
+pub struct Generation {
+    pub shared: Arc<Shared>,
+    pub stack: Stack<Incoming>,
+}
+
+impl Generation {
+    fn build(
+        settings: Settings,
+        process: &Arc<Process>,
+        previous: Option<&Generation>,
+    ) -> Result<Generation, String> {
+        let upstream = match previous {
+            Some(p) if p.shared.upstream.reuse_for(&settings.upstream) => p.shared.upstream.clone(),
+            _ => UpstreamClient::new(&settings.upstream)?,
+        };
+        let shared = Arc::new(Shared::new(Arc::new(settings), process.clone(), upstream));
+        let stack = build_stack(&shared);
+        Ok(Generation { shared, stack })
+    }
+}
+
+/// A running gateway: its bound addresses, and handles to reload and stop it.
+pub struct Gateway {
+    pub data_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub process: Arc<Process>,
+    current: Arc<ArcSwap<Generation>>,
+    config_path: Option<PathBuf>,
+    stop_data: watch::Sender<bool>,
+    stop_admin: watch::Sender<bool>,
+    data_task: JoinHandle<()>,
+    admin_task: JoinHandle<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr} ({key}): {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(String),
+}
+
+impl Gateway {
+    /// Bind both listeners and start serving. `settings.server.listen` may use port 0.
+    pub async fn start(settings: Settings) -> Result<Gateway, StartError> {
+        let config_path = settings.source.clone();
+        let process = Arc::new(Process::default());
+        let generation = Generation::build(settings, &process, None).map_err(StartError::Setup)?;
+        let s = generation.shared.settings.server.clone();
+        if generation.shared.anonymous.is_some() {
+            tracing::warn!(
+                "no [[clients]] configured: every caller on {} is admitted as `anonymous` (loopback only)",
+                s.listen
+            );
+        }
+        let data = TcpListener::bind(s.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                key: "server.listen",
+                addr: s.listen,
+                source,
+            })?;
+        let admin = TcpListener::bind(s.admin_listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                key: "server.admin_listen",
+                addr: s.admin_listen,
+                source,
+            })?;
+        let data_addr = data.local_addr().map_err(|e| StartError::Setup(e.to_string()))?;
+        let admin_addr = admin.local_addr().map_err(|e| StartError::Setup(e.to_string()))?;
+        let current = Arc::new(ArcSwap::from_pointee(generation));
+        let (stop_data, data_rx) = watch::channel(false);
+        let (stop_admin, admin_rx) = watch::channel(false);
+        let data_task = tokio::spawn(serve_data(data, current.clone(), data_rx));
+        let admin_task = tokio::spawn(crate::admin::serve(
+            admin,
+            process.clone(),
+            current.clone(),
+            admin_rx,
+        ));
+        tracing::info!(%data_addr, %admin_addr, upstream = %current.load().shared.settings.upstream.url, "linkup-gateway listening");
+        Ok(Gateway {
+            data_addr,
+            admin_addr,
+            process,
+            current,
+            config_path,
+            stop_data,
+            stop_admin,
+            data_task,
+            admin_task,
+        })
+    }
+
+    /// The settings in force.
+    pub fn settings(&self) -> Arc<Settings> {
+        self.current.load().shared.settings.clone()
+    }
+
+    /// Reload from the config file it was started from (SIGHUP). On any problem the old config
+    /// stays and the problems are returned.
+    pub fn reload(&self) -> Result<(), Vec<String>> {
+        let Some(path) = &self.config_path else {
+            return Err(vec!["the gateway was not started from a config file".into()]);
+        };
+        let settings = config::load(path).map_err(|e| e.problems());
+        self.reload_with(settings)
+    }
+
+    /// Swap in new settings (listen addresses cannot change without a restart).
+    pub fn reload_with(&self, settings: Result<Settings, Vec<String>>) -> Result<(), Vec<String>> {
+        let result = settings.and_then(|mut s| {
+            let old = self.current.load();
+            let old_server = &old.shared.settings.server;
+            if s.server.listen != old_server.listen || s.server.admin_listen != old_server.admin_listen {
+                tracing::warn!("listen addresses changed: they take effect on restart only");
+                s.server.listen = old_server.listen;
+                s.server.admin_listen = old_server.admin_listen;
+            }
+            Generation::build(s, &self.process, Some(&old)).map_err(|e| vec![e])
+        });
+        match result {
+            Ok(generation) => {
+                self.current.store(Arc::new(generation));
+                self.process
+                    .metrics
+                    .config_reloads
+                    .get_or_create(&ReloadLabels { result: "ok" })
+                    .inc();
+                tracing::info!("config reloaded");
+                Ok(())
+            }
+            Err(problems) => {
+                self.process
+                    .metrics
+                    .config_reloads
+                    .get_or_create(&ReloadLabels { result: "rejected" })
+                    .inc();
+                for p in &problems {
+                    tracing::error!(problem = %p, "config reload refused; the running config stays");
+                }
+                Err(problems)
+            }
+        }
+    }
+
+    /// Drain: stop accepting, `/readyz` turns 503, in-flight requests get `shutdown_grace` to
+    /// finish, then the admin listener stops too.
+    pub async fn shutdown(self) {
+        self.process.draining.store(true, Ordering::SeqCst);
+        let _ = self.stop_data.send(true);
+        let _ = self.data_task.await;
+        let _ = self.stop_admin.send(true);
+        let _ = self.admin_task.await;
+    }
+}
+
+async fn serve_data(
+    listener: TcpListener,
+    current: Arc<ArcSwap<Generation>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let server = current.load().shared.settings.server.clone();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(server.header_read_timeout)
+        .max_buf_size(64 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_pending_accept_reset_streams(64)
+        .max_header_list_size(64 * 1024);
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let current = current.clone();
+                let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                    let stack = current.load().stack.clone();
+                    async move {
+                        let resp = stack.oneshot(req).await?;
+                        Ok::<_, std::convert::Infallible>(resp.map(Full::new))
+                    }
+                });
+                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "connection closed with an error");
+                    }
+                });
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    let grace = current.load().shared.settings.server.shutdown_grace;
+    tracing::info!(connections = graceful.count(), grace_s = grace.as_secs_f64(), "draining");
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!("shutdown_grace passed with requests still in flight; closing them");
+    }
+}
+
+/// `serve`: start, then wait for signals. SIGTERM/SIGINT drain and exit; SIGHUP reloads.
+pub async fn run(settings: Settings) -> Result<(), StartError> {
+    let gateway = Gateway::start(settings).await?;
+    wait_for_signals(&gateway).await;
+    tracing::info!("shutting down");
+    gateway.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[cfg(unix)]
+async fn wait_for_signals(gateway: &Gateway) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers; waiting for ctrl-c");
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => { let _ = gateway.reload(); }
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signals(_gateway: &Gateway) {
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,78 @@
+//! The onion, outermost first. This is the one place the order is written down; each line says
+//! why it stands where it stands.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use tower::util::BoxCloneSyncService;
+use tower::ServiceBuilder;
+
+use crate::layers::authenticate::AuthenticateLayer;
+use crate::layers::classify::ClassifyLayer;
+use crate::layers::guard::GuardLayer;
+use crate::layers::inject_key::InjectKeyLayer;
+use crate::layers::observe::ObserveLayer;
+use crate::layers::read_body::ReadBodyLayer;
+use crate::layers::respond::RespondLayer;
+use crate::shared::Shared;
+use crate::upstream::Upstream;
+
+/// The whole data plane for one config generation.
+pub type Stack<B> = BoxCloneSyncService<Request<B>, Response<Bytes>, Infallible>;
+
+pub fn build_stack<B>(shared: &Arc<Shared>) -> Stack<B>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let s = &shared.settings.server;
+    let svc = ServiceBuilder::new()
+        // observe: outermost, so the request id, the log line and the metrics see every
+        // answer, the gateway's own refusals included.
+        .layer(ObserveLayer::new(shared.process.clone()))
+        // respond: errors become the upstream's envelope here and nowhere else; above it
+        // everything is a response, below it everything is a `GatewayError`.
+        .layer(RespondLayer)
+        // guard: the cheapest refusals first (load shedding, open-proxy targets, a declared
+        // oversized body), and the whole-request timeout around everything below.
+        .layer(GuardLayer::new(
+            shared.process.clone(),
+            s.max_in_flight,
+            s.max_body_bytes,
+            s.request_timeout,
+        ))
+        // authenticate: before any work on the caller's behalf, and before its body is read.
+        .layer(AuthenticateLayer::new(shared.clone()))
+        // client_limit (rate-limit issue): per-client rate, here so that it runs before the
+        // body is read or parsed: a flood of malformed bodies is limited too.
+        //
+        // read_body: collect the body once, bounded; below here requests are `Request<Bytes>`.
+        .layer(ReadBodyLayer::new(s.max_body_bytes))
+        // classify: route, action, account_id from body/path/query, and the caller's scopes.
+        // Everything below needs to know the account.
+        .layer(ClassifyLayer)
+        // status_cache (coalescing/cache issue): a checkpoint for an account known to be
+        // connected is answered here, free, before anything below counts it.
+        //
+        // coalesce (coalescing/cache issue): identical in-flight checkpoints share one upstream
+        // call; above the limits and credits so that followers are neither limited nor charged.
+        //
+        // account_limit (rate-limit issue): governor per account_id and rule; it sees only
+        // requests that will reach the upstream.
+        //
+        // credits (credits issue): reserve the budget just before forwarding, settle and write
+        // the ledger row when the answer comes; below the limits so that a refused request
+        // never holds a reservation.
+        //
+        // inject_key: the last rewrite before the wire: caller credentials out, stored key in.
+        .layer(InjectKeyLayer::new(Arc::new(shared.settings.upstream.clone())))
+        // upstream: the pooled client; one attempt.
+        .service(Upstream::new(
+            shared.upstream.clone(),
+            shared.process.clone(),
+        ));
+    BoxCloneSyncService::new(svc)
+}

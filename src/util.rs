@@ -1,0 +1,45 @@
+//! Small helpers shared by the gateway and the emulator.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::HeaderValue;
+
+/// `2026-11-25T10:32:00Z`: the timestamp format of the upstream's envelopes.
+pub fn now_rfc3339() -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
+    );
+    now.format(&fmt).unwrap_or_default()
+}
+
+/// Request ids: a random per-process prefix and a counter. Unique across restarts with
+/// overwhelming probability, and cheap (no syscall, no RNG per request).
+pub struct RequestIds {
+    prefix: u32,
+    next: AtomicU64,
+}
+
+impl Default for RequestIds {
+    fn default() -> Self {
+        RequestIds {
+            prefix: rand::random(),
+            next: AtomicU64::new(1),
+        }
+    }
+}
+
+impl RequestIds {
+    pub fn next(&self) -> HeaderValue {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let s = format!("{:08x}{:012x}", self.prefix, n & 0xffff_ffff_ffff);
+        // Hex digits are always a valid header value.
+        HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    }
+}
+
+/// A caller-supplied request id is kept when it is short, visible ASCII.
+pub fn acceptable_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+}

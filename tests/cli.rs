@@ -1,0 +1,177 @@
+//! The binary itself: every command's --help, exit codes, check-config, keygen, and `serve`
+//! as a real process: SIGHUP reload and SIGTERM drain.
+
+use std::process::Command;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const BIN: &str = env!("CARGO_BIN_EXE_linkup-gateway");
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn every_command_has_help() {
+    for cmd in [vec![], vec!["serve"], vec!["check-config"], vec!["keygen"], vec!["emulator"], vec!["demo"]] {
+        let mut args = cmd.clone();
+        args.push("--help");
+        let (code, out, _) = run(&args);
+        assert_eq!(code, 0, "{args:?}");
+        assert!(out.contains("Usage"), "{args:?}: {out}");
+    }
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    assert_eq!(run(&["frobnicate"]).0, 2);
+    assert_eq!(run(&["serve", "--bogus"]).0, 2);
+    assert_eq!(run(&["keygen"]).0, 2, "--name is required");
+    assert_eq!(run(&["keygen", "--name", "has space"]).0, 2);
+    assert_eq!(run(&["--log-format", "xml", "keygen", "--name", "a"]).0, 2);
+}
+
+fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn check_config_names_each_problem_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "bad.toml",
+        "[server]\nrequest_timeout = \"soon\"\n[upstream]\nurl = \"ftp://x\"\napi_key_file = \"missing.key\"\n[rate_limit]\nper_account = \"9/eon\"\n",
+    );
+    let (code, _, err) = run(&["check-config", "--config", &cfg]);
+    assert_eq!(code, 1);
+    for key in ["server.request_timeout", "upstream.url", "upstream.api_key_file", "rate_limit.per_account"] {
+        assert!(err.contains(key), "{key} not named in: {err}");
+    }
+    let cfg = write(dir.path(), "typo.toml", "[sever]\nlisten = \"127.0.0.1:1\"\n");
+    let (code, _, err) = run(&["check-config", "--config", &cfg]);
+    assert_eq!(code, 1);
+    assert!(err.contains("sever"), "{err}");
+    let (code, _, err) = run(&["check-config", "--config", "/nonexistent/gw.toml"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot read"), "{err}");
+}
+
+#[test]
+fn check_config_accepts_a_good_file_and_keygen_output() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "k", "upstream-key\n");
+    let (code, block, _) = run(&["keygen", "--name", "crm-sync"]);
+    assert_eq!(code, 0);
+    assert!(block.contains("[[clients]]") && block.contains("key_sha256"));
+    let cfg = write(
+        dir.path(),
+        "good.toml",
+        &format!("[upstream]\nurl = \"https://api.linkupapi.com\"\napi_key_file = \"k\"\n{block}"),
+    );
+    let (code, out, err) = run(&["check-config", "--config", &cfg]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok"), "{out}");
+    assert!(!out.contains("upstream-key"));
+}
+
+#[test]
+fn serve_refuses_a_bad_config_with_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(dir.path(), "g.toml", "[upstream]\nurl = \"http://127.0.0.1:1\"\napi_key_env = \"UNSET_VAR_FOR_TEST\"\n");
+    let (code, _, err) = run(&["serve", "--config", &cfg]);
+    assert_eq!(code, 1);
+    assert!(err.contains("upstream.api_key_env"), "{err}");
+}
+
+/// Read JSON log lines from the child until one has `message == want`; return it.
+async fn wait_for_log(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    want: &str,
+) -> serde_json::Value {
+    let fut = async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["message"] == want {
+                    return v;
+                }
+            }
+        }
+        panic!("the gateway exited before logging {want:?}");
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), fut)
+        .await
+        .unwrap_or_else(|_| panic!("no {want:?} log line within 30 s"))
+}
+
+#[tokio::test]
+async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use linkup_gateway::emulator;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let emu = emulator::start(listener, emulator::EmulatorConfig { api_key: "k-up".into(), ..Default::default() })
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "up.key", "k-up");
+    let one = linkup_gateway::keygen::key_sha256_hex("lgw_one");
+    let two = linkup_gateway::keygen::key_sha256_hex("lgw_two");
+    let base = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nshutdown_grace = \"10s\"\n\
+         [upstream]\nurl = \"{}\"\napi_key_file = \"up.key\"\n[[clients]]\nname = \"one\"\nkey_sha256 = \"{one}\"\n",
+        emu.url()
+    );
+    let cfg = write(dir.path(), "g.toml", &base);
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["--log-format", "json", "serve", "--config", &cfg])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap().to_string();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let up = wait_for_log(&mut lines, "linkup-gateway listening").await;
+    let addr = up["data_addr"].as_str().unwrap().to_owned();
+
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let get = |key: &'static str| {
+        client.request(
+            http::Request::get(format!("http://{addr}/v2/credits"))
+                .header("x-api-key", key)
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+    };
+    assert_eq!(get("lgw_one").await.unwrap().status(), 200);
+    assert_eq!(get("lgw_two").await.unwrap().status(), 403);
+
+    // SIGHUP: a second client appears.
+    write(dir.path(), "g.toml", &format!("{base}[[clients]]\nname = \"two\"\nkey_sha256 = \"{two}\"\n"));
+    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    wait_for_log(&mut lines, "config reloaded").await;
+    assert_eq!(get("lgw_two").await.unwrap().status(), 200);
+
+    // SIGTERM while a slow request is in flight: it completes, then the process exits 0.
+    emu.set_faults(emulator::Faults { latency_ms: 500, ..Default::default() });
+    let slow = tokio::spawn(get("lgw_one"));
+    while emu.stats().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert_eq!(slow.await.unwrap().unwrap().status(), 200);
+    let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

@@ -1,0 +1,139 @@
+//! Admin listener, drain and reload.
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn admin_answers_health_readiness_metrics_and_config() {
+    let h = Harness::start().await;
+    assert_eq!(h.admin("/healthz").await.status, 200);
+    assert_eq!(h.admin("/readyz").await.status, 200);
+    h.get("/v2/credits").await;
+    let m = h.admin("/metrics").await;
+    assert_eq!(m.status, 200);
+    let text = String::from_utf8(m.body.to_vec()).unwrap();
+    for name in [
+        "linkup_gateway_requests_total",
+        "linkup_gateway_request_duration_seconds",
+        "linkup_gateway_upstream_duration_seconds",
+        "linkup_gateway_in_flight",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics");
+    }
+    let c = h.admin("/config").await;
+    assert_eq!(c.status, 200);
+    let v = c.json();
+    assert_eq!(v["upstream"]["api_key"], "[redacted]");
+    assert_eq!(v["clients"][0]["name"], "alpha");
+    assert_eq!(v["clients"][0]["key_sha256"], "[redacted]");
+    assert_eq!(h.admin("/nope").await.status, 404);
+}
+
+#[tokio::test]
+async fn drain_finishes_in_flight_requests_and_turns_readyz_503() {
+    let h = Harness::start_with("request_timeout = \"10s\"", "").await;
+    h.emu.set_faults(linkup_gateway::emulator::Faults {
+        latency_ms: 600,
+        ..Default::default()
+    });
+    let req = Request::get(h.url("/v2/credits"))
+        .header("x-api-key", ALPHA_KEY)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let slow = tokio::spawn(h.http.request(req));
+    while h.gw.process.in_flight.load(Ordering::Acquire) == 0 {
+        tokio::task::yield_now().await;
+    }
+    let Harness { gw, http, .. } = h;
+    let admin = gw.admin_addr;
+    let data = gw.data_addr;
+    let process = gw.process.clone();
+    let drain = tokio::spawn(gw.shutdown());
+    while !process.draining.load(Ordering::SeqCst) {
+        tokio::task::yield_now().await;
+    }
+    let ready = http
+        .request(
+            Request::get(format!("http://{admin}/readyz"))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let resp = slow.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200, "the in-flight request finished");
+    drain.await.unwrap();
+    // The data listener is closed now.
+    assert!(tokio::net::TcpStream::connect(data).await.is_err());
+}
+
+#[tokio::test]
+async fn reload_applies_a_valid_config_and_keeps_the_old_on_error() {
+    let h = Harness::start().await;
+    let newcomer = "lgw_newcomer_key_123";
+    assert_eq!(h.call(http::Method::GET, "/v2/credits", Some(newcomer), "").await.status, 403);
+
+    let key_file = h.dir.path().join("upstream.key");
+    let extra = format!("[[clients]]\nname = \"newcomer\"\nkey_sha256 = \"{}\"\n", sha(newcomer));
+    let good = config_text(&h.emu.url(), &key_file.display().to_string(), "", &extra);
+    std::fs::write(h.config_path(), &good).unwrap();
+    h.gw.reload().unwrap();
+    assert_eq!(h.call(http::Method::GET, "/v2/credits", Some(newcomer), "").await.status, 200);
+
+    std::fs::write(h.config_path(), format!("{good}\n[rate_limit]\nper_account = \"fast\"\n")).unwrap();
+    let problems = h.gw.reload().unwrap_err();
+    assert!(problems.iter().any(|p| p.starts_with("rate_limit.per_account")), "{problems:?}");
+    assert_eq!(
+        h.call(http::Method::GET, "/v2/credits", Some(newcomer), "").await.status,
+        200,
+        "the old config stays"
+    );
+    let m = String::from_utf8(h.admin("/metrics").await.body.to_vec()).unwrap();
+    assert!(m.contains(r#"linkup_gateway_config_reloads_total{result="rejected"} 1"#), "{m}");
+}
+
+#[tokio::test]
+async fn reload_rotates_the_upstream_key_without_dropping_the_connection() {
+    // The emulator accepts only the new key; the gateway starts with the old one.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let emu = linkup_gateway::emulator::start(
+        listener,
+        linkup_gateway::emulator::EmulatorConfig {
+            api_key: "rotated-upstream-key".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let h = Harness::start_against(emu, "", "").await;
+    // One keep-alive connection for the whole test.
+    let (mut sender, conn) = {
+        let stream = tokio::net::TcpStream::connect(h.gw.data_addr).await.unwrap();
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap()
+    };
+    let conn = tokio::spawn(conn);
+    let credits = || {
+        Request::get("/v2/credits")
+            .header("host", "gw")
+            .header("x-api-key", ALPHA_KEY)
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let r = sender.send_request(credits()).await.unwrap();
+    assert_eq!(r.status(), 403, "old key refused by the upstream");
+    http_body_util::BodyExt::collect(r.into_body()).await.unwrap();
+
+    std::fs::write(h.dir.path().join("upstream.key"), "rotated-upstream-key\n").unwrap();
+    h.gw.reload().unwrap();
+    let r = sender.send_request(credits()).await.unwrap();
+    assert_eq!(r.status(), 200, "new key in use on the same connection");
+    assert!(!conn.is_finished());
+}
