@@ -3,6 +3,8 @@
 //!
 //!     cargo bench --bench stack
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -24,7 +26,9 @@ async fn fixed_upstream() -> std::net::SocketAddr {
     let addr = l.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
-            let Ok((s, _)) = l.accept().await else { continue };
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
             let _ = s.set_nodelay(true);
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(|_r| async {
@@ -57,7 +61,11 @@ fn bench_stack(c: &mut Criterion) {
     );
     let settings = config::load_str(&text, &[("K".into(), "upstream-key".into())], None).unwrap();
     let upstream = UpstreamClient::new(&settings.upstream).unwrap();
-    let shared = Arc::new(Shared::new(Arc::new(settings), Arc::new(Process::default()), upstream));
+    let shared = Arc::new(Shared::new(
+        Arc::new(settings),
+        Arc::new(Process::default()),
+        upstream,
+    ));
     let stack = build_stack::<Full<Bytes>>(&shared);
     let body = Bytes::from_static(
         br#"{"account_id":"acc_1","action":"get","params":{"profile_url":"https://www.linkedin.com/in/ada"}}"#,

@@ -80,9 +80,11 @@ fn route(
             let body = serde_json::to_vec_pretty(&v).unwrap_or_default();
             text(StatusCode::OK, "application/json", body)
         }
-        (_, "/healthz" | "/readyz" | "/metrics" | "/config") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "method not allowed\n")
-        }
+        (_, "/healthz" | "/readyz" | "/metrics" | "/config") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            PLAIN,
+            "method not allowed\n",
+        ),
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
     }
 }

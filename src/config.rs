@@ -635,19 +635,23 @@ pub fn load_str(
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::Syntax(format!("TOML: {e}")))?;
     apply_env_overrides(&mut value, env)?;
-    let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner().to_string();
-        let inner = inner.trim().to_string();
-        ConfigError::Invalid(vec![Problem {
-            key: if path == "." { "(top)".into() } else { path },
-            message: inner,
-        }])
-    })?;
+    let raw: RawConfig =
+        serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            let inner = inner.trim().to_string();
+            ConfigError::Invalid(vec![Problem {
+                key: if path == "." { "(top)".into() } else { path },
+                message: inner,
+            }])
+        })?;
     validate(raw, env, base_dir)
 }
 
-fn apply_env_overrides(root: &mut toml::Table, env: &[(String, String)]) -> Result<(), ConfigError> {
+fn apply_env_overrides(
+    root: &mut toml::Table,
+    env: &[(String, String)],
+) -> Result<(), ConfigError> {
     for (name, val) in env {
         let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
             continue;
@@ -684,7 +688,9 @@ fn apply_env_overrides(root: &mut toml::Table, env: &[(String, String)]) -> Resu
 fn env_value(v: &str) -> toml::Value {
     let doc = format!("v = {v}");
     match doc.parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(v.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(v.into())),
         Err(_) => toml::Value::String(v.into()),
     }
 }
@@ -797,13 +803,19 @@ fn validate(
             ),
         }
         if !seen_keys.insert(sha) {
-            p.push(key("key_sha256"), "the same key is already given to another client");
+            p.push(
+                key("key_sha256"),
+                "the same key is already given to another client",
+            );
         }
         let accounts = if c.accounts.iter().any(|a| a == "*") {
             AccountScope::Any
         } else {
             if c.accounts.is_empty() {
-                p.push(key("accounts"), "empty: list account_ids, or [\"*\"] for any");
+                p.push(
+                    key("accounts"),
+                    "empty: list account_ids, or [\"*\"] for any",
+                );
             }
             AccountScope::Only(c.accounts.clone())
         };
@@ -840,15 +852,24 @@ fn validate(
     // [rate_limit]
     let rl = &raw.rate_limit;
     let per_account = p.quota("rate_limit.per_account", &rl.per_account);
-    let cooldown = p.duration("rate_limit.upstream_429_cooldown", &rl.upstream_429_cooldown);
+    let cooldown = p.duration(
+        "rate_limit.upstream_429_cooldown",
+        &rl.upstream_429_cooldown,
+    );
     if rl.burst == 0 {
         p.push("rate_limit.burst", "must be at least 1");
     }
     let mut rules = Vec::new();
     for (i, r) in rl.rules.iter().enumerate() {
-        let q = p.quota(&format!("rate_limit.rules[{i}].per_account"), &r.per_account);
+        let q = p.quota(
+            &format!("rate_limit.rules[{i}].per_account"),
+            &r.per_account,
+        );
         if !r.path.starts_with("/v2/") {
-            p.push(format!("rate_limit.rules[{i}].path"), "must start with /v2/");
+            p.push(
+                format!("rate_limit.rules[{i}].path"),
+                "must start with /v2/",
+            );
         }
         if r.burst == Some(0) {
             p.push(format!("rate_limit.rules[{i}].burst"), "must be at least 1");
@@ -990,7 +1011,10 @@ fn validate_upstream(
         match (scheme, authority) {
             (Some(s), Some(a)) if s == Scheme::HTTP || s == Scheme::HTTPS => {
                 if a.as_str().contains('@') {
-                    p.push("upstream.url", "must not carry credentials; use api_key_file");
+                    p.push(
+                        "upstream.url",
+                        "must not carry credentials; use api_key_file",
+                    );
                 } else if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
                     p.push(
                         "upstream.url",
@@ -1000,17 +1024,26 @@ fn validate_upstream(
                     target = Some((s, a));
                 }
             }
-            _ => p.push("upstream.url", "must be an http:// or https:// URL with a host"),
+            _ => p.push(
+                "upstream.url",
+                "must be an http:// or https:// URL with a host",
+            ),
         }
     }
 
     let key = match (&u.api_key_file, &u.api_key_env) {
         (Some(_), Some(_)) => {
-            p.push("upstream", "set either api_key_file or api_key_env, not both");
+            p.push(
+                "upstream",
+                "set either api_key_file or api_key_env, not both",
+            );
             None
         }
         (None, None) => {
-            p.push("upstream.api_key_file", "missing: set api_key_file or api_key_env");
+            p.push(
+                "upstream.api_key_file",
+                "missing: set api_key_file or api_key_env",
+            );
             None
         }
         (Some(f), None) => {
@@ -1024,7 +1057,10 @@ fn validate_upstream(
                     }
                 },
                 Err(e) => {
-                    p.push("upstream.api_key_file", format!("cannot read {}: {e}", f.display()));
+                    p.push(
+                        "upstream.api_key_file",
+                        format!("cannot read {}: {e}", f.display()),
+                    );
                     None
                 }
             }
@@ -1151,9 +1187,19 @@ mod tests {
         );
         let e = load_str(&text, &env(), None).unwrap_err();
         let ps = e.problems();
-        assert!(ps.iter().any(|p| p.starts_with("server.request_timeout:")), "{ps:?}");
-        assert!(ps.iter().any(|p| p.starts_with("rate_limit.per_account:")), "{ps:?}");
-        assert!(ps.iter().any(|p| p.starts_with("rate_limit.rules[0].per_account:")), "{ps:?}");
+        assert!(
+            ps.iter().any(|p| p.starts_with("server.request_timeout:")),
+            "{ps:?}"
+        );
+        assert!(
+            ps.iter().any(|p| p.starts_with("rate_limit.per_account:")),
+            "{ps:?}"
+        );
+        assert!(
+            ps.iter()
+                .any(|p| p.starts_with("rate_limit.rules[0].per_account:")),
+            "{ps:?}"
+        );
     }
 
     #[test]
@@ -1175,8 +1221,14 @@ mod tests {
     fn env_overrides_apply_with_types() {
         let mut env = env();
         env.push(("LINKUP_GATEWAY__SERVER__MAX_IN_FLIGHT".into(), "7".into()));
-        env.push(("LINKUP_GATEWAY__SERVER__LISTEN".into(), "127.0.0.1:1234".into()));
-        env.push(("LINKUP_GATEWAY__CHECKPOINT__COALESCE".into(), "false".into()));
+        env.push((
+            "LINKUP_GATEWAY__SERVER__LISTEN".into(),
+            "127.0.0.1:1234".into(),
+        ));
+        env.push((
+            "LINKUP_GATEWAY__CHECKPOINT__COALESCE".into(),
+            "false".into(),
+        ));
         let s = load_str(MINIMAL, &env, None).unwrap();
         assert_eq!(s.server.max_in_flight, 7);
         assert_eq!(s.server.listen.port(), 1234);
@@ -1243,7 +1295,10 @@ mod shipped_files {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
         let env = vec![
             ("LINKUP_API_KEY".to_string(), "k".to_string()),
-            (crate::demo::DEMO_UPSTREAM_KEY_ENV.to_string(), "k".to_string()),
+            (
+                crate::demo::DEMO_UPSTREAM_KEY_ENV.to_string(),
+                "k".to_string(),
+            ),
         ];
         let mut n = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {
@@ -1262,7 +1317,10 @@ mod shipped_files {
     fn demo_toml_holds_the_hash_of_the_demo_key() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
         let text = std::fs::read_to_string(dir.join("demo.toml")).unwrap();
-        let env = vec![(crate::demo::DEMO_UPSTREAM_KEY_ENV.to_string(), "k".to_string())];
+        let env = vec![(
+            crate::demo::DEMO_UPSTREAM_KEY_ENV.to_string(),
+            "k".to_string(),
+        )];
         let s = load_str(&text, &env, Some(&dir)).unwrap();
         assert_eq!(
             s.clients[0].key_sha256,

@@ -20,6 +20,8 @@ pub struct RequestContext {
 #[derive(Debug)]
 pub struct RequestLog {
     pub request_id: HeaderValue,
+    /// The route named by the method and path (metrics label, envelope `metadata.action`).
+    pub route: &'static str,
     pub client: OnceLock<Arc<ClientSettings>>,
     pub context: OnceLock<RequestContext>,
     credits: AtomicU64,
@@ -29,9 +31,10 @@ pub struct RequestLog {
 const UNSET: u64 = u64::MAX;
 
 impl RequestLog {
-    pub fn new(request_id: HeaderValue) -> RequestLog {
+    pub fn new(request_id: HeaderValue, route: &'static str) -> RequestLog {
         RequestLog {
             request_id,
+            route,
             client: OnceLock::new(),
             context: OnceLock::new(),
             credits: AtomicU64::new(UNSET),

@@ -25,16 +25,12 @@ pub async fn run(config_path: &Path) -> Result<(), String> {
     env.push((DEMO_UPSTREAM_KEY_ENV.into(), upstream_key.clone()));
     let text = std::fs::read_to_string(config_path)
         .map_err(|e| format!("cannot read {}: {e}", config_path.display()))?;
-    let mut settings = config::load_str(&text, &env, config_path.parent()).map_err(|e| {
-        format!("{}: {}", config_path.display(), e.problems().join("; "))
-    })?;
+    let mut settings = config::load_str(&text, &env, config_path.parent())
+        .map_err(|e| format!("{}: {}", config_path.display(), e.problems().join("; ")))?;
     settings.source = Some(config_path.to_owned());
-    let emu_addr: SocketAddr = settings
-        .upstream
-        .authority
-        .as_str()
-        .parse()
-        .map_err(|_| "demo: upstream.url must be http://IP:PORT (the emulator's address)".to_string())?;
+    let emu_addr: SocketAddr = settings.upstream.authority.as_str().parse().map_err(|_| {
+        "demo: upstream.url must be http://IP:PORT (the emulator's address)".to_string()
+    })?;
     let listener = tokio::net::TcpListener::bind(emu_addr)
         .await
         .map_err(|e| format!("cannot start the emulator on {emu_addr}: {e}"))?;
@@ -62,8 +58,7 @@ pub async fn run(config_path: &Path) -> Result<(), String> {
 }
 
 async fn login(gw: &str) -> Result<String, String> {
-    let client: Client<_, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let req = http::Request::post(format!("{gw}/v2/login"))
         .header("x-api-key", DEMO_KEY)
         .header("content-type", "application/json")
@@ -71,7 +66,10 @@ async fn login(gw: &str) -> Result<String, String> {
             br#"{"platform":"linkedin","email":"ada@example.com","password":"demo","country":"FR"}"#,
         )))
         .map_err(|e| e.to_string())?;
-    let resp = client.request(req).await.map_err(|e| format!("demo login failed: {e}"))?;
+    let resp = client
+        .request(req)
+        .await
+        .map_err(|e| format!("demo login failed: {e}"))?;
     let body = resp
         .into_body()
         .collect()

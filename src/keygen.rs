@@ -56,8 +56,13 @@ mod tests {
             .map(|k| format!("lgw_{k}"))
             .unwrap();
         assert_eq!(key.len(), 4 + 48);
-        let toml_part: String = out.lines().filter(|l| !l.starts_with('#')).collect::<Vec<_>>().join("\n");
-        let text = format!("[upstream]\nurl = \"http://127.0.0.1:1\"\napi_key_env = \"K\"\n{toml_part}");
+        let toml_part: String = out
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let text =
+            format!("[upstream]\nurl = \"http://127.0.0.1:1\"\napi_key_env = \"K\"\n{toml_part}");
         let s = crate::config::load_str(&text, &[("K".into(), "k".into())], None).unwrap();
         assert_eq!(hex::encode(s.clients[0].key_sha256), key_sha256_hex(&key));
         assert!(!toml_part.contains(&key));

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use linkup_gateway::{config, demo, emulator, keygen, server};
 
 #[derive(Parser)]
-#[command(name = "linkup-gateway", version, about = "A gateway in front of LinkupAPI v2: virtual keys, per-account rate limits, checkpoint coalescing, credit accounting")]
+#[command(
+    name = "linkup-gateway",
+    version,
+    about = "A gateway in front of LinkupAPI v2: virtual keys, per-account rate limits, checkpoint coalescing, credit accounting"
+)]
 struct Cli {
     /// Log format: `text` (default on a terminal) or `json` (default otherwise).
     #[arg(long, global = true, value_enum)]
@@ -51,7 +55,12 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8787")]
         listen: SocketAddr,
         /// The upstream key the emulator accepts.
-        #[arg(long, env = "LINKUP_EMULATOR_KEY", default_value = "emulator-key", hide_env_values = true)]
+        #[arg(
+            long,
+            env = "LINKUP_EMULATOR_KEY",
+            default_value = "emulator-key",
+            hide_env_values = true
+        )]
         api_key: String,
         /// Starting credit balance.
         #[arg(long, default_value_t = 10_000)]
@@ -75,9 +84,16 @@ fn init_logging(format: Option<LogFormat>, level: Option<&str>) {
         Some(LogFormat::Text) => false,
         None => !std::io::stdout().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     if json {
-        builder.json().flatten_event(true).with_current_span(true).with_span_list(false).init();
+        builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init();
     } else {
         builder.init();
     }
@@ -97,7 +113,9 @@ fn load_or_report(path: &Path) -> Option<config::Settings> {
 }
 
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
 }
 
 fn main() -> ExitCode {

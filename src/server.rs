@@ -100,8 +100,12 @@ impl Gateway {
                 addr: s.admin_listen,
                 source,
             })?;
-        let data_addr = data.local_addr().map_err(|e| StartError::Setup(e.to_string()))?;
-        let admin_addr = admin.local_addr().map_err(|e| StartError::Setup(e.to_string()))?;
+        let data_addr = data
+            .local_addr()
+            .map_err(|e| StartError::Setup(e.to_string()))?;
+        let admin_addr = admin
+            .local_addr()
+            .map_err(|e| StartError::Setup(e.to_string()))?;
         let current = Arc::new(ArcSwap::from_pointee(generation));
         let (stop_data, data_rx) = watch::channel(false);
         let (stop_admin, admin_rx) = watch::channel(false);
@@ -146,7 +150,9 @@ impl Gateway {
         let result = settings.and_then(|mut s| {
             let old = self.current.load();
             let old_server = &old.shared.settings.server;
-            if s.server.listen != old_server.listen || s.server.admin_listen != old_server.admin_listen {
+            if s.server.listen != old_server.listen
+                || s.server.admin_listen != old_server.admin_listen
+            {
                 tracing::warn!("listen addresses changed: they take effect on restart only");
                 s.server.listen = old_server.listen;
                 s.server.admin_listen = old_server.admin_listen;
@@ -242,8 +248,15 @@ async fn serve_data(
     }
     drop(listener);
     let grace = current.load().shared.settings.server.shutdown_grace;
-    tracing::info!(connections = graceful.count(), grace_s = grace.as_secs_f64(), "draining");
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    tracing::info!(
+        connections = graceful.count(),
+        grace_s = grace.as_secs_f64(),
+        "draining"
+    );
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("shutdown_grace passed with requests still in flight; closing them");
     }
 }

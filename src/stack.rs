@@ -68,7 +68,9 @@ where
         // never holds a reservation.
         //
         // inject_key: the last rewrite before the wire: caller credentials out, stored key in.
-        .layer(InjectKeyLayer::new(Arc::new(shared.settings.upstream.clone())))
+        .layer(InjectKeyLayer::new(Arc::new(
+            shared.settings.upstream.clone(),
+        )))
         // upstream: the pooled client; one attempt.
         .service(Upstream::new(
             shared.upstream.clone(),

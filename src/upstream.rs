@@ -45,15 +45,18 @@ impl UpstreamClient {
                 .map_err(|e| format!("upstream.ca_file: cannot read {}: {e}", ca.display()))?;
             let mut n = 0;
             for cert in certs {
-                let cert =
-                    cert.map_err(|e| format!("upstream.ca_file: bad PEM in {}: {e}", ca.display()))?;
+                let cert = cert
+                    .map_err(|e| format!("upstream.ca_file: bad PEM in {}: {e}", ca.display()))?;
                 roots
                     .add(cert)
                     .map_err(|e| format!("upstream.ca_file: bad certificate: {e}"))?;
                 n += 1;
             }
             if n == 0 {
-                return Err(format!("upstream.ca_file: no certificate in {}", ca.display()));
+                return Err(format!(
+                    "upstream.ca_file: no certificate in {}",
+                    ca.display()
+                ));
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -117,10 +120,7 @@ impl Service<Request<Bytes>> for Upstream {
         let process = self.process.clone();
         Box::pin(async move {
             let log = req.extensions().get::<Arc<RequestLog>>().cloned();
-            let route = log
-                .as_ref()
-                .and_then(|l| l.context.get().map(|c| c.route))
-                .unwrap_or("other");
+            let route = log.as_ref().map(|l| l.route).unwrap_or("other");
             let (parts, body) = req.into_parts();
             let req = Request::from_parts(parts, Full::new(body));
             let started = Instant::now();
@@ -163,9 +163,7 @@ impl Service<Request<Bytes>> for Upstream {
                 Err(e) => {
                     return Err(fail(
                         "body",
-                        format!(
-                            "the response body broke off: {e}"
-                        ),
+                        format!("the response body broke off: {e}"),
                         true,
                     ))
                 }

@@ -7,9 +7,7 @@ use http::HeaderValue;
 /// `2026-11-25T10:32:00Z`: the timestamp format of the upstream's envelopes.
 pub fn now_rfc3339() -> String {
     let now = time::OffsetDateTime::now_utc();
-    let fmt = time::macros::format_description!(
-        "[year]-[month]-[day]T[hour]:[minute]:[second]Z"
-    );
+    let fmt = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
     now.format(&fmt).unwrap_or_default()
 }
 

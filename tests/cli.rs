@@ -1,6 +1,8 @@
 //! The binary itself: every command's --help, exit codes, check-config, keygen, and `serve`
 //! as a real process: SIGHUP reload and SIGTERM drain.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::Command;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -18,7 +20,14 @@ fn run(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn every_command_has_help() {
-    for cmd in [vec![], vec!["serve"], vec!["check-config"], vec!["keygen"], vec!["emulator"], vec!["demo"]] {
+    for cmd in [
+        vec![],
+        vec!["serve"],
+        vec!["check-config"],
+        vec!["keygen"],
+        vec!["emulator"],
+        vec!["demo"],
+    ] {
         let mut args = cmd.clone();
         args.push("--help");
         let (code, out, _) = run(&args);
@@ -52,10 +61,19 @@ fn check_config_names_each_problem_and_exits_1() {
     );
     let (code, _, err) = run(&["check-config", "--config", &cfg]);
     assert_eq!(code, 1);
-    for key in ["server.request_timeout", "upstream.url", "upstream.api_key_file", "rate_limit.per_account"] {
+    for key in [
+        "server.request_timeout",
+        "upstream.url",
+        "upstream.api_key_file",
+        "rate_limit.per_account",
+    ] {
         assert!(err.contains(key), "{key} not named in: {err}");
     }
-    let cfg = write(dir.path(), "typo.toml", "[sever]\nlisten = \"127.0.0.1:1\"\n");
+    let cfg = write(
+        dir.path(),
+        "typo.toml",
+        "[sever]\nlisten = \"127.0.0.1:1\"\n",
+    );
     let (code, _, err) = run(&["check-config", "--config", &cfg]);
     assert_eq!(code, 1);
     assert!(err.contains("sever"), "{err}");
@@ -85,7 +103,11 @@ fn check_config_accepts_a_good_file_and_keygen_output() {
 #[test]
 fn serve_refuses_a_bad_config_with_exit_1() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = write(dir.path(), "g.toml", "[upstream]\nurl = \"http://127.0.0.1:1\"\napi_key_env = \"UNSET_VAR_FOR_TEST\"\n");
+    let cfg = write(
+        dir.path(),
+        "g.toml",
+        "[upstream]\nurl = \"http://127.0.0.1:1\"\napi_key_env = \"UNSET_VAR_FOR_TEST\"\n",
+    );
     let (code, _, err) = run(&["serve", "--config", &cfg]);
     assert_eq!(code, 1);
     assert!(err.contains("upstream.api_key_env"), "{err}");
@@ -118,9 +140,15 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
     use linkup_gateway::emulator;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emu = emulator::start(listener, emulator::EmulatorConfig { api_key: "k-up".into(), ..Default::default() })
-        .await
-        .unwrap();
+    let emu = emulator::start(
+        listener,
+        emulator::EmulatorConfig {
+            api_key: "k-up".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "up.key", "k-up");
     let one = linkup_gateway::keygen::key_sha256_hex("lgw_one");
@@ -143,7 +171,8 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
     let addr = up["data_addr"].as_str().unwrap().to_owned();
 
     let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
     let get = |key: &'static str| {
         client.request(
             http::Request::get(format!("http://{addr}/v2/credits"))
@@ -156,18 +185,33 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
     assert_eq!(get("lgw_two").await.unwrap().status(), 403);
 
     // SIGHUP: a second client appears.
-    write(dir.path(), "g.toml", &format!("{base}[[clients]]\nname = \"two\"\nkey_sha256 = \"{two}\"\n"));
-    assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    write(
+        dir.path(),
+        "g.toml",
+        &format!("{base}[[clients]]\nname = \"two\"\nkey_sha256 = \"{two}\"\n"),
+    );
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
     wait_for_log(&mut lines, "config reloaded").await;
     assert_eq!(get("lgw_two").await.unwrap().status(), 200);
 
     // SIGTERM while a slow request is in flight: it completes, then the process exits 0.
-    emu.set_faults(emulator::Faults { latency_ms: 500, ..Default::default() });
+    emu.set_faults(emulator::Faults {
+        latency_ms: 500,
+        ..Default::default()
+    });
     let slow = tokio::spawn(get("lgw_one"));
     while emu.stats().in_flight == 0 {
         tokio::task::yield_now().await;
     }
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     assert_eq!(slow.await.unwrap().unwrap().status(), 200);
     let status = tokio::time::timeout(std::time::Duration::from_secs(30), child.wait())
         .await

@@ -1,1 +1,989 @@
+//! A local LinkupAPI v2 emulator: the upstream for development, demos, tests and benchmarks.
+//!
+//! It speaks the v2 envelope (`success` / `data` | `error` / `metadata`), checks `x-api-key`,
+//! keeps accounts (login, 2FA checkpoint with code or app approval), a credit balance and
+//! webhooks in memory, records every `/v2` request, and can play faults (latency, resets,
+//! 5xx, an HTML 502, slow headers, 429, 402). Control routes under `/_emulator/` (no key)
+//! and the [`EmulatorHandle`] methods drive and inspect it. HTTP/1.1 and h2c on one port.
 
+mod state;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE, HOST};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::task::{JoinHandle, JoinSet};
+
+pub use state::action_cost;
+use state::{decode, now_ts, ApiErr, Route, State};
+
+/// Request bodies larger than this are not read (the connection is dropped).
+const MAX_BODY: usize = 16 << 20;
+
+/// How the emulator starts.
+#[derive(Clone)]
+pub struct EmulatorConfig {
+    /// The one `x-api-key` the emulator accepts.
+    pub api_key: String,
+    /// The starting credit balance.
+    pub initial_credits: i64,
+    /// The right 2FA code for accounts on `code_challenge`.
+    pub checkpoint_code: String,
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        EmulatorConfig {
+            api_key: "emulator-key".into(),
+            initial_credits: 10_000,
+            checkpoint_code: "123456".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for EmulatorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmulatorConfig")
+            .field("api_key", &"<redacted>")
+            .field("initial_credits", &self.initial_credits)
+            .field("checkpoint_code", &self.checkpoint_code)
+            .finish()
+    }
+}
+
+/// Counters, as `GET /_emulator/stats` shows them.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    /// `/v2` requests received (authenticated or not, faulted or not).
+    pub total_calls: u64,
+    /// Keyed by `"METHOD /path"` (no query), e.g. `"POST /v2/checkpoint"`.
+    pub calls_by_path: BTreeMap<String, u64>,
+    pub credits_charged: i64,
+    pub balance: i64,
+    /// `/v2` requests being answered right now, and the most seen at once.
+    pub in_flight: u64,
+    pub max_in_flight: u64,
+    /// `POST /v2/checkpoint` requests per body `account_id`.
+    pub checkpoint_calls_by_account: BTreeMap<String, u64>,
+}
+
+/// What to do instead of (or before) answering normally.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultMode {
+    #[default]
+    None,
+    /// Read the request, then drop the connection without an answer.
+    Reset,
+    /// 500 `INTERNAL_ERROR`.
+    #[serde(rename = "error_5xx")]
+    Error5xx,
+    /// 502 with an HTML body, as an edge proxy would answer.
+    BadGatewayHtml,
+    /// Wait `slow_ms`, then answer normally.
+    SlowHeaders,
+    /// 429 `RATE_LIMITED`.
+    RateLimited,
+    /// 402 `INSUFFICIENT_CREDITS`.
+    InsufficientCredits,
+}
+
+/// Fault injection, as `POST /_emulator/faults` takes it (omitted fields default).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Faults {
+    /// Added before answering every (matching) `/v2` request.
+    pub latency_ms: u64,
+    pub mode: FaultMode,
+    /// Apply `mode` to the next `count` matching requests (then it switches itself off);
+    /// 0 = until changed.
+    pub count: u64,
+    /// Only requests naming this account (body, path or query); `None` = all requests. Applies
+    /// to `latency_ms` as well as `mode`.
+    pub account_id: Option<String>,
+    /// The wait of `slow_headers`.
+    pub slow_ms: u64,
+}
+
+/// One `/v2` request as the emulator received it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RecordedRequest {
+    pub method: String,
+    pub path_and_query: String,
+    /// Lowercase names, in arrival order; on HTTP/2 the `:authority` is recorded as `host`.
+    pub headers: Vec<(String, String)>,
+    /// The body as (lossy) UTF-8.
+    pub body: String,
+}
+
+struct Shared {
+    cfg: EmulatorConfig,
+    state: Mutex<State>,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn stats(&self) -> Stats {
+        let st = self.lock();
+        Stats {
+            total_calls: st.total_calls,
+            calls_by_path: st.calls_by_path.clone(),
+            credits_charged: st.credits_charged,
+            balance: st.balance,
+            in_flight: self.in_flight.load(Ordering::Acquire),
+            max_in_flight: self.max_in_flight.load(Ordering::Acquire),
+            checkpoint_calls_by_account: st.checkpoint_calls_by_account.clone(),
+        }
+    }
+
+    fn reset(&self) {
+        self.lock().reset();
+        self.max_in_flight
+            .store(self.in_flight.load(Ordering::Acquire), Ordering::Release);
+    }
+}
+
+/// Counts a `/v2` request in flight for as long as it lives (also when the connection dies).
+struct InFlight<'a>(&'a Shared);
+
+impl<'a> InFlight<'a> {
+    fn enter(shared: &'a Shared) -> Self {
+        let now = shared.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        shared.max_in_flight.fetch_max(now, Ordering::AcqRel);
+        InFlight(shared)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A running emulator. Dropping the handle leaves it running until the runtime stops; call
+/// [`EmulatorHandle::shutdown`] to stop it.
+pub struct EmulatorHandle {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for EmulatorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmulatorHandle")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmulatorHandle {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://IP:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    pub fn set_faults(&self, faults: Faults) {
+        self.shared.lock().faults = faults;
+    }
+
+    /// Approves a pending `app_challenge` (the user tapped "yes" in the app): the next
+    /// checkpoint connects the account. False when the account is unknown.
+    pub fn approve(&self, account_id: &str) -> bool {
+        self.shared.lock().approve(account_id)
+    }
+
+    /// Deactivates (or reactivates) an account. False when the account is unknown.
+    pub fn set_active(&self, account_id: &str, active: bool) -> bool {
+        self.shared.lock().set_active(account_id, active)
+    }
+
+    pub fn set_balance(&self, credits: i64) {
+        self.shared.lock().balance = credits;
+    }
+
+    /// The recorded `/v2` requests, oldest first (the last 1000).
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared.lock().requests.iter().cloned().collect()
+    }
+
+    /// Stops accepting, lets in-flight answers finish for up to a second, then closes every
+    /// connection.
+    pub async fn shutdown(self) {
+        self.stop.notify_one();
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the emulator on an already-bound listener (tests bind `127.0.0.1:0`).
+pub async fn start(listener: TcpListener, cfg: EmulatorConfig) -> std::io::Result<EmulatorHandle> {
+    let addr = listener.local_addr()?;
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State::new(cfg.initial_credits)),
+        cfg,
+        in_flight: AtomicU64::new(0),
+        max_in_flight: AtomicU64::new(0),
+    });
+    let stop = Arc::new(Notify::new());
+    let task = tokio::spawn(accept_loop(listener, shared.clone(), stop.clone()));
+    Ok(EmulatorHandle {
+        addr,
+        shared,
+        stop,
+        task,
+    })
+}
+
+/// For the CLI: binds `listen`, logs the address, runs until ctrl-c or SIGTERM.
+pub async fn run(listen: SocketAddr, cfg: EmulatorConfig) -> std::io::Result<()> {
+    let listener = TcpListener::bind(listen).await?;
+    let handle = start(listener, cfg).await?;
+    tracing::info!(addr = %handle.addr(), url = %handle.url(), "LinkupAPI v2 emulator listening");
+    wait_for_signal().await;
+    tracing::info!("emulator stopping");
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => ctrl_c.await,
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await;
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notify>) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let shared = shared.clone();
+                    let svc = hyper::service::service_fn(move |req| {
+                        let shared = shared.clone();
+                        async move { handle(shared, req).await }
+                    });
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .into_owned();
+                    let conn = graceful.watch(conn);
+                    conns.spawn(async move {
+                        let _ = conn.await;
+                    });
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "emulator: accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = stop.notified() => break,
+        }
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(Duration::from_secs(1), graceful.shutdown()).await;
+    conns.shutdown().await;
+}
+
+/// The `reset` fault: the service fails, so hyper drops the connection without an answer.
+#[derive(Debug, thiserror::Error)]
+#[error("emulated connection reset")]
+struct Reset;
+
+type Resp = Response<Full<Bytes>>;
+
+async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp, Reset> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let is_v2 = path == "/v2" || path.starts_with("/v2/");
+    let is_control = path == "/_emulator" || path.starts_with("/_emulator/");
+    if !is_v2 && !is_control {
+        return Ok(error_response(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "no such route",
+            "unknown",
+        ));
+    }
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Err(Reset),
+    };
+    if is_control {
+        return Ok(control(&shared, &parts, &body));
+    }
+    v2(&shared, parts, body).await
+}
+
+fn record_of(parts: &Parts, body: &Bytes) -> RecordedRequest {
+    let mut headers: Vec<(String, String)> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    if !parts.headers.contains_key(HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            headers.push(("host".into(), authority.as_str().to_owned()));
+        }
+    }
+    RecordedRequest {
+        method: parts.method.as_str().to_owned(),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
+        headers,
+        body: String::from_utf8_lossy(body).into_owned(),
+    }
+}
+
+async fn v2(shared: &Shared, parts: Parts, body: Bytes) -> Result<Resp, Reset> {
+    let _flight = InFlight::enter(shared);
+    let path = parts.uri.path();
+    let query = parts.uri.query().unwrap_or("");
+    let route = Route::parse(&parts.method, path);
+    let json: Option<Value> = serde_json::from_slice(&body).ok();
+    let named = route.named_account(json.as_ref(), query);
+    let record = record_of(&parts, &body);
+    let (latency_ms, fault, slow_ms) = {
+        let mut st = shared.lock();
+        st.record(record, path, &route, json.as_ref());
+        st.take_fault(named.as_deref())
+    };
+    if latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(latency_ms)).await;
+    }
+    let action = route.action(json.as_ref());
+    let (status, code, message) = match fault {
+        FaultMode::None => (StatusCode::OK, "", ""),
+        FaultMode::Reset => return Err(Reset),
+        FaultMode::BadGatewayHtml => return Ok(bad_gateway_html()),
+        FaultMode::SlowHeaders => {
+            tokio::time::sleep(Duration::from_millis(slow_ms)).await;
+            (StatusCode::OK, "", "")
+        }
+        FaultMode::Error5xx => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL_ERROR",
+            "an unexpected error occurred",
+        ),
+        FaultMode::RateLimited => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "RATE_LIMITED",
+            "too many requests, retry after a short delay",
+        ),
+        FaultMode::InsufficientCredits => (
+            StatusCode::PAYMENT_REQUIRED,
+            "INSUFFICIENT_CREDITS",
+            "not enough credits for this action",
+        ),
+    };
+    if status != StatusCode::OK {
+        return Ok(error_response(status, code, message, &action));
+    }
+    let key_ok = parts
+        .headers
+        .get("x-api-key")
+        .is_some_and(|k| k.as_bytes() == shared.cfg.api_key.as_bytes());
+    if !key_ok {
+        let message = "the API key is missing, invalid or expired";
+        return Ok(error_response(
+            StatusCode::FORBIDDEN,
+            "INVALID_API_KEY",
+            message,
+            &action,
+        ));
+    }
+    let answer = shared
+        .lock()
+        .dispatch(&shared.cfg.checkpoint_code, &route, json.as_ref(), query);
+    Ok(match answer {
+        Ok((data, credits)) => json_response(
+            StatusCode::OK,
+            &json!({
+                "success": true,
+                "data": data,
+                "metadata": {"action": action, "credits_consumed": credits, "timestamp": now_ts()},
+            }),
+        ),
+        Err(ApiErr {
+            status,
+            code,
+            message,
+        }) => error_response(status, code, &message, &action),
+    })
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Resp {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn error_response(status: StatusCode, code: &str, message: &str, action: &str) -> Resp {
+    json_response(
+        status,
+        &json!({
+            "success": false,
+            "error": {"code": code, "message": message},
+            "metadata": {"action": action, "credits_consumed": 0, "timestamp": now_ts()},
+        }),
+    )
+}
+
+fn bad_gateway_html() -> Resp {
+    const PAGE: &str = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n\
+        <center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
+    let mut resp = Response::new(Full::new(Bytes::from_static(PAGE.as_bytes())));
+    *resp.status_mut() = StatusCode::BAD_GATEWAY;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/html"));
+    resp
+}
+
+/// A control route's refusal.
+type Refusal = (StatusCode, String);
+
+/// A control body: `{}` when empty, otherwise JSON for `T`.
+fn control_body<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Refusal> {
+    let bytes: &[u8] = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        body
+    };
+    serde_json::from_slice(bytes).map_err(|e| (StatusCode::BAD_REQUEST, format!("bad body: {e}")))
+}
+
+#[derive(serde::Deserialize)]
+struct ActiveBody {
+    active: bool,
+}
+
+#[derive(serde::Deserialize)]
+struct BalanceBody {
+    balance: i64,
+}
+
+fn control(shared: &Shared, parts: &Parts, body: &Bytes) -> Resp {
+    match control_route(shared, parts, body) {
+        Ok(v) => json_response(StatusCode::OK, &v),
+        Err((status, message)) => json_response(status, &json!({ "error": message })),
+    }
+}
+
+fn control_route(shared: &Shared, parts: &Parts, body: &Bytes) -> Result<Value, Refusal> {
+    let rest = parts.uri.path().trim_start_matches("/_emulator");
+    let segs: Vec<&str> = rest.trim_start_matches('/').split('/').collect();
+    let found = |yes: bool, id: &str| match yes {
+        true => Ok(json!({"ok": true})),
+        false => Err((StatusCode::NOT_FOUND, format!("no account {id}"))),
+    };
+    let value = match (&parts.method, segs.as_slice()) {
+        (&Method::GET, ["stats"]) => serde_json::to_value(shared.stats()),
+        (&Method::GET, ["faults"]) => serde_json::to_value(&shared.lock().faults),
+        (&Method::POST, ["faults"]) => {
+            let faults: Faults = control_body(body)?;
+            let v = serde_json::to_value(&faults);
+            shared.lock().faults = faults;
+            v
+        }
+        (&Method::POST, ["accounts", id, "approve"]) => {
+            let id = decode(id);
+            return found(shared.lock().approve(&id), &id);
+        }
+        (&Method::POST, ["accounts", id, "active"]) => {
+            let b: ActiveBody = control_body(body)?;
+            let id = decode(id);
+            return found(shared.lock().set_active(&id, b.active), &id);
+        }
+        (&Method::POST, ["credits"]) => {
+            let b: BalanceBody = control_body(body)?;
+            shared.lock().balance = b.balance;
+            Ok(json!({ "balance": b.balance }))
+        }
+        (&Method::GET, ["requests"]) => serde_json::to_value(&shared.lock().requests),
+        (&Method::POST, ["reset"]) => {
+            shared.reset();
+            Ok(json!({"ok": true}))
+        }
+        _ => return Err((StatusCode::NOT_FOUND, "no such control route".into())),
+    };
+    value.map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use hyper_util::client::legacy::{connect::HttpConnector, Client};
+
+    const KEY: &str = "test-key";
+
+    struct Emu {
+        h: EmulatorHandle,
+        c: Client<HttpConnector, Full<Bytes>>,
+    }
+
+    struct Got {
+        status: u16,
+        content_type: String,
+        json: Value,
+    }
+
+    impl Got {
+        fn code(&self) -> &str {
+            self.json["error"]["code"].as_str().unwrap_or("")
+        }
+        fn credits(&self) -> i64 {
+            self.json["metadata"]["credits_consumed"].as_i64().unwrap()
+        }
+        fn data(&self, field: &str) -> &Value {
+            &self.json["data"][field]
+        }
+    }
+
+    async fn emu() -> Emu {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let cfg = EmulatorConfig {
+            api_key: KEY.into(),
+            ..Default::default()
+        };
+        let h = start(listener, cfg).await.unwrap();
+        Emu {
+            h,
+            c: Client::builder(TokioExecutor::new()).build_http(),
+        }
+    }
+
+    impl Emu {
+        async fn call(&self, m: Method, path: &str, key: Option<&str>, body: &str) -> Option<Got> {
+            let mut b = Request::builder()
+                .method(m)
+                .uri(format!("{}{path}", self.h.url()));
+            if let Some(k) = key {
+                b = b.header("x-api-key", k);
+            }
+            let resp = self
+                .c
+                .request(b.body(Full::new(Bytes::from(body.to_owned()))).unwrap());
+            let resp = resp.await.ok()?;
+            let status = resp.status().as_u16();
+            let ct = resp
+                .headers()
+                .get(CONTENT_TYPE)
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let json = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            Some(Got {
+                status,
+                content_type: ct.unwrap_or_default(),
+                json,
+            })
+        }
+        async fn post(&self, path: &str, body: &str) -> Got {
+            self.call(Method::POST, path, Some(KEY), body)
+                .await
+                .unwrap()
+        }
+        async fn get(&self, path: &str) -> Got {
+            self.call(Method::GET, path, Some(KEY), "").await.unwrap()
+        }
+        async fn connected(&self, token: &str) -> String {
+            let a = self
+                .post("/v2/login", &format!(r#"{{"login_token":"{token}"}}"#))
+                .await;
+            assert_eq!(
+                (a.status, a.data("status").as_str()),
+                (200, Some("connected"))
+            );
+            a.data("account_id").as_str().unwrap().to_owned()
+        }
+        async fn pending(&self, email: &str, challenge: &str) -> String {
+            let body =
+                format!(r#"{{"email":"{email}","password":"p","challenge_type":"{challenge}"}}"#);
+            let a = self.post("/v2/login", &body).await;
+            assert_eq!(a.data("status"), "checkpoint_required");
+            assert_eq!(a.data("challenge_type"), challenge);
+            a.data("account_id").as_str().unwrap().to_owned()
+        }
+    }
+
+    #[tokio::test]
+    async fn login_then_checkpoint_with_code() {
+        let e = emu().await;
+        let a = e
+            .post(
+                "/v2/login",
+                r#"{"platform":"linkedin","email":"Ada@x.io","password":"p"}"#,
+            )
+            .await;
+        assert_eq!(
+            (a.status, a.content_type.as_str()),
+            (200, "application/json")
+        );
+        assert_eq!((a.json["success"].as_bool(), a.credits()), (Some(true), 0));
+        assert_eq!(a.json["metadata"]["action"], "login");
+        assert_eq!(a.data("challenge_type"), "code_challenge");
+        let id = a.data("account_id").as_str().unwrap().to_owned();
+        assert_eq!(id.len(), 24);
+        assert_eq!(
+            e.pending("ada@x.io", "code_challenge").await,
+            id,
+            "deterministic from email"
+        );
+        let acc = format!("/v2/accounts/{id}");
+        assert_eq!(e.get(&acc).await.data("status"), "checkpoint_required");
+        let get = format!(r#"{{"account_id":"{id}","action":"get"}}"#);
+        assert_eq!(
+            e.post("/v2/profiles", &get).await.code(),
+            "ACCOUNT_INACTIVE"
+        );
+
+        let cp = |code: &str| format!(r#"{{"account_id":"{id}","code":"{code}"}}"#);
+        let a = e.post("/v2/checkpoint", &cp("000000")).await;
+        assert_eq!(
+            (a.status, a.code(), a.credits()),
+            (400, "INVALID_PARAMS", 0)
+        );
+        assert_eq!(a.json["metadata"]["action"], "checkpoint");
+        let a = e
+            .post("/v2/checkpoint", &format!(r#"{{"account_id":"{id}"}}"#))
+            .await;
+        assert_eq!(a.code(), "INVALID_PARAMS");
+        assert_eq!(e.h.stats().credits_charged, 0);
+        let a = e.post("/v2/checkpoint", &cp("123456")).await;
+        assert_eq!((a.status, a.credits()), (200, 1));
+        assert_eq!(
+            a.json["data"],
+            json!({"account_id": id, "status": "connected"})
+        );
+        // Already connected: answered and billed again.
+        assert_eq!(e.post("/v2/checkpoint", &cp("x")).await.credits(), 1);
+        assert_eq!(e.get(&acc).await.data("status"), "active");
+        assert_eq!(e.post("/v2/profiles", &get).await.status, 200);
+
+        let s = e.h.stats();
+        assert_eq!((s.credits_charged, s.balance), (3, 9_997));
+        assert_eq!(s.checkpoint_calls_by_account[&id], 4);
+        assert_eq!(s.calls_by_path["POST /v2/checkpoint"], 4);
+        assert_eq!(*e.get("/v2/credits").await.data("credits"), 9_997);
+
+        let a = e.post("/v2/checkpoint", "not json").await;
+        assert_eq!((a.status, a.code()), (400, "INVALID_PARAMS"));
+        let a = e
+            .post("/v2/checkpoint", r#"{"account_id":"nope","code":"1"}"#)
+            .await;
+        assert_eq!((a.status, a.code()), (404, "INVALID_ACCOUNT"));
+        assert!(e.h.set_active(&id, false));
+        let a = e.post("/v2/checkpoint", &cp("123456")).await;
+        assert_eq!((a.status, a.code()), (403, "ACCOUNT_INACTIVE"));
+
+        let t = e.connected("li_at_abc").await;
+        assert_eq!(
+            e.connected("li_at_abc").await,
+            t,
+            "re-login returns the same id"
+        );
+        assert_ne!(e.connected("li_at_other").await, t);
+        let a = e.post("/v2/login", r#"{"email":"a@b.c"}"#).await;
+        assert_eq!((a.status, a.code()), (400, "INVALID_PARAMS"));
+        e.h.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn app_challenge_needs_approval() {
+        let e = emu().await;
+        let id = e.pending("bob@x.io", "app_challenge").await;
+        let cp = format!(r#"{{"account_id":"{id}"}}"#);
+        let a = e.post("/v2/checkpoint", &cp).await;
+        assert_eq!((a.status, a.credits()), (200, 1));
+        assert_eq!(a.data("status"), "checkpoint_required");
+        assert_eq!(
+            e.post(&format!("/_emulator/accounts/{id}/approve"), "")
+                .await
+                .status,
+            200
+        );
+        assert_eq!(
+            e.post("/_emulator/accounts/nobody/approve", "")
+                .await
+                .status,
+            404
+        );
+        assert!(!e.h.approve("nobody"));
+        assert_eq!(
+            e.post("/v2/checkpoint", &cp).await.data("status"),
+            "connected"
+        );
+        assert_eq!(e.h.stats().credits_charged, 2);
+        e.h.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn actions_charge_and_insufficient_balance_refuses() {
+        let e = emu().await;
+        let id = e.connected("tok").await;
+        let act =
+            |a: &str| format!(r#"{{"account_id":"{id}","action":"{a}","params":{{"k":"x"}}}}"#);
+        let a = e.post("/v2/profiles", &act("search_people")).await;
+        assert_eq!((a.status, a.credits()), (200, 2));
+        assert_eq!(a.json["metadata"]["action"], "search_people");
+        assert_eq!(
+            (a.data("account_id"), a.data("params")),
+            (&json!(id), &json!({"k": "x"}))
+        );
+        assert_eq!(e.post("/v2/network", &act("decline")).await.credits(), 0);
+        let a = e.post("/v2/profiles", &act("fly")).await;
+        assert_eq!((a.status, a.code()), (400, "INVALID_ACTION"));
+        let a = e
+            .post("/v2/profiles", r#"{"account_id":"ghost","action":"get"}"#)
+            .await;
+        assert_eq!((a.status, a.code()), (404, "INVALID_ACCOUNT"));
+        let a = e
+            .post("/v2/enrich", r#"{"action":"find_email","params":{}}"#)
+            .await;
+        assert_eq!((a.status, a.credits()), (200, 2));
+        assert_eq!(e.h.stats().credits_charged, 4);
+
+        e.h.set_balance(2);
+        let a = e.post("/v2/recruiter", &act("get_cv")).await;
+        assert_eq!(
+            (a.status, a.code(), a.credits()),
+            (402, "INSUFFICIENT_CREDITS", 0)
+        );
+        assert_eq!(e.post("/v2/content", &act("create")).await.status, 200);
+        let s = e.h.stats();
+        assert_eq!((s.balance, s.credits_charged), (0, 6));
+        let cp = format!(r#"{{"account_id":"{id}"}}"#);
+        assert_eq!(
+            e.post("/v2/checkpoint", &cp).await.code(),
+            "INSUFFICIENT_CREDITS"
+        );
+
+        for key in [None, Some("wrong")] {
+            let a = e.call(Method::GET, "/v2/credits", key, "").await.unwrap();
+            assert_eq!((a.status, a.code()), (403, "INVALID_API_KEY"));
+        }
+        let a = e.post("/v2/inbox", "{}").await;
+        assert_eq!((a.status, a.code()), (404, "INVALID_ACCOUNT"));
+        let a = e.get("/v1/profile/me").await;
+        assert_eq!((a.status, a.code()), (404, "NOT_FOUND"));
+        e.h.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn accounts_list_and_webhooks() {
+        let e = emu().await;
+        let ids = [e.connected("a").await, e.connected("b").await];
+        let a = e.get("/v2/accounts?limit=1&offset=1").await;
+        assert_eq!(a.json["metadata"]["action"], "list_accounts");
+        assert_eq!((a.data("total"), a.data("limit")), (&json!(2), &json!(1)));
+        assert_eq!(a.data("items")[0]["account_id"], ids[1].as_str());
+        assert_eq!(a.data("items")[0]["status"], "active");
+        assert_eq!(e.get("/v2/accounts?limit=0").await.code(), "INVALID_PARAMS");
+        e.h.set_active(&ids[0], false);
+        let a = e.get(&format!("/v2/accounts/{}", ids[0])).await;
+        assert_eq!(
+            (a.data("status"), a.data("is_active")),
+            (&json!("inactive"), &json!(false))
+        );
+        let send = format!(r#"{{"account_id":"{}","action":"send"}}"#, ids[0]);
+        assert_eq!(
+            e.post("/v2/messages", &send).await.code(),
+            "ACCOUNT_INACTIVE"
+        );
+
+        let body = format!(r#"{{"account_id":"{}","enable_signature":true}}"#, ids[1]);
+        let a = e.post("/v2/webhooks", &body).await;
+        assert_eq!((a.status, a.credits()), (200, 0));
+        assert!(a.data("secret").is_string());
+        let wh = a.data("webhook_id").as_str().unwrap().to_owned();
+        assert_eq!(e.get("/v2/webhooks").await.data("total"), 1);
+        let a = e.post(&format!("/v2/webhooks/{wh}/stop"), "").await;
+        assert_eq!(a.data("is_active"), false);
+        let del = e
+            .call(Method::DELETE, &format!("/v2/webhooks/{wh}"), Some(KEY), "")
+            .await;
+        assert_eq!(del.unwrap().status, 200);
+        assert_eq!(
+            e.get(&format!("/v2/webhooks/{wh}/events")).await.status,
+            404
+        );
+        assert_eq!(e.post("/v2/webhooks", "{}").await.code(), "INVALID_PARAMS");
+        e.h.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn faults_are_played_and_counted() {
+        let e = emu().await;
+        let id = e.connected("f").await;
+        let before = e.h.stats();
+        let a = e
+            .post("/_emulator/faults", r#"{"mode":"error_5xx","count":1}"#)
+            .await;
+        assert_eq!(a.status, 200);
+        let a = e.get("/v2/credits").await;
+        assert_eq!(
+            (a.status, a.code(), a.credits()),
+            (500, "INTERNAL_ERROR", 0)
+        );
+        assert_eq!(e.get("/v2/credits").await.status, 200, "count 1: used up");
+
+        e.h.set_faults(Faults {
+            mode: FaultMode::BadGatewayHtml,
+            count: 1,
+            ..Default::default()
+        });
+        let a = e.get("/v2/credits").await;
+        assert_eq!((a.status, a.content_type.as_str()), (502, "text/html"));
+        assert!(a.json.is_null());
+
+        // Reset: no answer, counted, nothing charged; the next call works.
+        e.h.set_faults(Faults {
+            mode: FaultMode::Reset,
+            count: 1,
+            ..Default::default()
+        });
+        let get = format!(r#"{{"account_id":"{id}","action":"get"}}"#);
+        assert!(e
+            .call(Method::POST, "/v2/profiles", Some(KEY), &get)
+            .await
+            .is_none());
+        assert_eq!(e.post("/v2/profiles", &get).await.status, 200);
+
+        // Scoped to one account (body or path); other requests pass.
+        let only = Some(id.clone());
+        e.h.set_faults(Faults {
+            mode: FaultMode::RateLimited,
+            account_id: only,
+            ..Default::default()
+        });
+        let a = e.post("/v2/profiles", &get).await;
+        assert_eq!((a.status, a.code()), (429, "RATE_LIMITED"));
+        assert_eq!(a.json["metadata"]["action"], "get");
+        assert_eq!(e.get(&format!("/v2/accounts/{id}")).await.status, 429);
+        assert_eq!(e.get("/v2/credits").await.status, 200);
+        e.h.set_faults(Faults {
+            mode: FaultMode::InsufficientCredits,
+            ..Default::default()
+        });
+        assert_eq!(e.get("/v2/credits").await.code(), "INSUFFICIENT_CREDITS");
+        let s = e.h.stats();
+        assert_eq!(s.total_calls - before.total_calls, 9);
+        assert_eq!(s.credits_charged - before.credits_charged, 1);
+
+        // Latency: concurrent requests show in max_in_flight.
+        e.post("/_emulator/reset", "").await;
+        e.h.set_faults(Faults {
+            latency_ms: 200,
+            ..Default::default()
+        });
+        let (a, b, c) = tokio::join!(
+            e.get("/v2/credits"),
+            e.get("/v2/credits"),
+            e.get("/v2/credits")
+        );
+        assert_eq!((a.status, b.status, c.status), (200, 200, 200));
+        let s = e.h.stats();
+        assert_eq!((s.total_calls, s.in_flight, s.max_in_flight), (3, 0, 3));
+        e.h.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn records_requests_and_serves_h2c() {
+        let e = emu().await;
+        let h2: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .build_http();
+        let req = Request::post(format!("{}/v2/login?x=1", e.h.url()))
+            .header("x-api-key", KEY)
+            .header("X-Custom", "kept")
+            .body(Full::new(Bytes::from_static(br#"{"login_token":"h2"}"#)))
+            .unwrap();
+        let resp = h2.request(req).await.unwrap();
+        assert_eq!(
+            (resp.version(), resp.status().as_u16()),
+            (http::Version::HTTP_2, 200)
+        );
+        let seen = e.h.requests();
+        let last = seen.last().unwrap();
+        assert_eq!(
+            (last.method.as_str(), last.path_and_query.as_str()),
+            ("POST", "/v2/login?x=1")
+        );
+        assert!(last
+            .headers
+            .iter()
+            .any(|(k, v)| k == "x-custom" && v == "kept"));
+        assert!(last.headers.iter().any(|(k, _)| k == "host"));
+        assert_eq!(last.body, r#"{"login_token":"h2"}"#);
+        let a = e.get("/_emulator/requests").await;
+        assert_eq!(a.json[0]["path_and_query"], "/v2/login?x=1");
+        let a = e.get("/_emulator/stats").await;
+        assert_eq!(
+            (
+                &a.json["total_calls"],
+                &a.json["calls_by_path"]["POST /v2/login"]
+            ),
+            (&json!(1), &json!(1))
+        );
+        e.post("/_emulator/reset", "").await;
+        assert!(e.h.requests().is_empty());
+        assert_eq!(e.h.stats().total_calls, 0);
+        e.h.shutdown().await;
+    }
+}

@@ -109,7 +109,10 @@ mod tests {
 
     #[test]
     fn key_from_x_api_key_or_bearer() {
-        let r = Request::get("/v2/credits").header("x-api-key", "k1").body(()).unwrap();
+        let r = Request::get("/v2/credits")
+            .header("x-api-key", "k1")
+            .body(())
+            .unwrap();
         assert_eq!(presented_key(&r), Some(&b"k1"[..]));
         let r = Request::get("/v2/credits")
             .header("authorization", "Bearer  k2 ")

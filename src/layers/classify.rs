@@ -33,9 +33,24 @@ enum Account {
 /// The upstream's surface: route name and where its account is, or 404/405.
 fn resolve(method: &Method, path: &str) -> Result<(&'static str, Account), GatewayError> {
     let rest = path.strip_prefix("/v2/").unwrap_or("");
-    let segs: Vec<&str> = rest.split('/').collect();
+    // At most four segments matter; no allocation on the hot path.
+    let mut buf = [""; 4];
+    let mut n = 0;
+    for seg in rest.split('/') {
+        if n == buf.len() {
+            n += 1;
+            break;
+        }
+        buf[n] = seg;
+        n += 1;
+    }
+    let segs: &[&str] = if n > buf.len() {
+        &["", "", "", "", ""]
+    } else {
+        &buf[..n]
+    };
     let m = method.as_str();
-    let (route, allowed, account): (&'static str, &[&str], Account) = match segs.as_slice() {
+    let (route, allowed, account): (&'static str, &[&str], Account) = match segs {
         ["login"] => ("login", &["POST"], Account::None),
         ["checkpoint"] => ("checkpoint", &["POST"], Account::Body),
         ["accounts"] => ("accounts", &["GET"], Account::None),
@@ -71,14 +86,19 @@ fn resolve(method: &Method, path: &str) -> Result<(&'static str, Account), Gatew
     Ok((route, account))
 }
 
-/// The route's name for labels and envelopes, without checking the method.
-pub fn route_name(path: &str) -> &'static str {
-    for m in [Method::POST, Method::GET, Method::PUT, Method::DELETE] {
-        if let Ok((name, _)) = resolve(&m, path) {
-            return name;
+/// The route's name for labels and envelopes, whatever the method (`other` off the surface).
+pub fn route_name(method: &Method, path: &str) -> &'static str {
+    match resolve(method, path) {
+        Ok((name, _)) => name,
+        Err(GatewayError::MethodNotAllowed(_)) => {
+            // Known path, wrong method: still name the route.
+            [Method::GET, Method::POST, Method::PUT, Method::DELETE]
+                .iter()
+                .find_map(|m| resolve(m, path).ok().map(|(name, _)| name))
+                .unwrap_or("other")
         }
+        Err(_) => "other",
     }
-    "other"
 }
 
 /// The two top-level fields the gateway cares about; everything else is skipped without
@@ -110,7 +130,9 @@ impl<'de> de::Deserialize<'de> for TopLevel {
                             match v {
                                 serde_json::Value::String(s) => out.account_id = Some(s),
                                 serde_json::Value::Null => {}
-                                _ => return Err(de::Error::custom("`account_id` must be a string")),
+                                _ => {
+                                    return Err(de::Error::custom("`account_id` must be a string"))
+                                }
                             }
                         }
                         "action" => {
@@ -136,14 +158,52 @@ impl<'de> de::Deserialize<'de> for TopLevel {
     }
 }
 
+/// No LinkupAPI body nests deeper than a few levels; a deep one is an attack on whoever parses
+/// it next (the gateway skips values without recursion, the upstream may not).
+const MAX_JSON_DEPTH: usize = 32;
+
+/// The deepest nesting of arrays and objects, counting only outside strings. One pass.
+fn json_depth_exceeds(body: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_str, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_str {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_str = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
 fn parse_body(body: &[u8]) -> Result<TopLevel, GatewayError> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(GatewayError::InvalidParams(
             "the body must be a JSON object with account_id".into(),
         ));
     }
-    serde_json::from_slice::<TopLevel>(body)
-        .map_err(|e| GatewayError::InvalidParams(format!("the body is not valid JSON for this endpoint: {e}")))
+    if json_depth_exceeds(body, MAX_JSON_DEPTH) {
+        return Err(GatewayError::InvalidParams(format!(
+            "the body nests deeper than {MAX_JSON_DEPTH} levels"
+        )));
+    }
+    serde_json::from_slice::<TopLevel>(body).map_err(|e| {
+        GatewayError::InvalidParams(format!("the body is not valid JSON for this endpoint: {e}"))
+    })
 }
 
 fn query_account(query: Option<&str>) -> Result<Option<String>, GatewayError> {
@@ -171,7 +231,12 @@ fn path_account(path: &str) -> Result<String, GatewayError> {
 }
 
 /// Route, action and account of a request, or why it is refused.
-pub fn classify(method: &Method, path: &str, query: Option<&str>, body: &[u8]) -> Result<RequestContext, GatewayError> {
+pub fn classify(
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<RequestContext, GatewayError> {
     let (route, source) = resolve(method, path)?;
     let mut action = None;
     let mut account = match source {
@@ -201,7 +266,11 @@ pub fn classify(method: &Method, path: &str, query: Option<&str>, body: &[u8]) -
 }
 
 /// The caller's scopes: may it use this path, and act for this account?
-pub fn check_scope(client: &ClientSettings, path: &str, ctx: &RequestContext) -> Result<(), GatewayError> {
+pub fn check_scope(
+    client: &ClientSettings,
+    path: &str,
+    ctx: &RequestContext,
+) -> Result<(), GatewayError> {
     if !client.paths.iter().any(|p| p.matches(path)) {
         return Err(GatewayError::Forbidden(format!(
             "client `{}` may not use {path}",
@@ -278,7 +347,11 @@ mod tests {
 
     #[test]
     fn account_and_action_from_the_body() {
-        let c = post("/v2/network", r#"{"account_id":"acc_1","action":"invite","params":{"account_id":"nested"}}"#).unwrap();
+        let c = post(
+            "/v2/network",
+            r#"{"account_id":"acc_1","action":"invite","params":{"account_id":"nested"}}"#,
+        )
+        .unwrap();
         assert_eq!(c.route, "network");
         assert_eq!(c.account_id.as_deref(), Some("acc_1"));
         assert_eq!(c.action.as_deref(), Some("invite"));
@@ -287,12 +360,27 @@ mod tests {
     #[test]
     fn account_from_path_and_query() {
         let c = classify(&Method::GET, "/v2/accounts/acc%5F2", None, b"").unwrap();
-        assert_eq!((c.route, c.account_id.as_deref()), ("account", Some("acc_2")));
-        let c = classify(&Method::GET, "/v2/logs", Some("limit=5&account_id=acc_3"), b"").unwrap();
+        assert_eq!(
+            (c.route, c.account_id.as_deref()),
+            ("account", Some("acc_2"))
+        );
+        let c = classify(
+            &Method::GET,
+            "/v2/logs",
+            Some("limit=5&account_id=acc_3"),
+            b"",
+        )
+        .unwrap();
         assert_eq!(c.account_id.as_deref(), Some("acc_3"));
         let e = classify(&Method::GET, "/v2/accounts/a", Some("account_id=b"), b"").unwrap_err();
         assert_eq!(e.code(), "INVALID_PARAMS");
-        let e = classify(&Method::GET, "/v2/logs", Some("account_id=a&account_id=b"), b"").unwrap_err();
+        let e = classify(
+            &Method::GET,
+            "/v2/logs",
+            Some("account_id=a&account_id=b"),
+            b"",
+        )
+        .unwrap_err();
         assert_eq!(e.code(), "INVALID_PARAMS");
     }
 
@@ -311,13 +399,26 @@ mod tests {
             assert_eq!(e.code(), "INVALID_PARAMS", "{body}");
         }
         let deep = format!("{{\"a\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
-        assert_eq!(post("/v2/checkpoint", &deep).unwrap_err().code(), "INVALID_PARAMS");
+        assert_eq!(
+            post("/v2/checkpoint", &deep).unwrap_err().code(),
+            "INVALID_PARAMS"
+        );
+        // Brackets inside strings are not nesting.
+        let brackets = format!(
+            r#"{{"account_id":"a","t":"{}\"{}"}}"#,
+            "[".repeat(100),
+            "{".repeat(100)
+        );
+        assert!(post("/v2/checkpoint", &brackets).is_ok());
     }
 
     #[test]
     fn unknown_paths_and_methods() {
         assert_eq!(post("/v2/inbox", "{}").unwrap_err().code(), "NOT_FOUND");
-        assert_eq!(post("/v2//checkpoint", "{}").unwrap_err().code(), "NOT_FOUND");
+        assert_eq!(
+            post("/v2//checkpoint", "{}").unwrap_err().code(),
+            "NOT_FOUND"
+        );
         let e = classify(&Method::GET, "/v2/checkpoint", None, b"").unwrap_err();
         assert_eq!(e.code(), "METHOD_NOT_ALLOWED");
         assert!(classify(&Method::DELETE, "/v2/webhooks/w1", None, b"").is_ok());
@@ -330,7 +431,10 @@ mod tests {
             name: Arc::from("crm"),
             key_sha256: [0; 32],
             accounts: AccountScope::Only(vec!["acc_1".into()]),
-            paths: vec![PathPattern::new("/v2/checkpoint"), PathPattern::new("/v2/accounts/*")],
+            paths: vec![
+                PathPattern::new("/v2/checkpoint"),
+                PathPattern::new("/v2/accounts/*"),
+            ],
             daily_credit_budget: None,
             requests_per_second: None,
             shadow: false,
@@ -338,8 +442,18 @@ mod tests {
         let ok = post("/v2/checkpoint", r#"{"account_id":"acc_1"}"#).unwrap();
         assert!(check_scope(&client, "/v2/checkpoint", &ok).is_ok());
         let other = post("/v2/checkpoint", r#"{"account_id":"acc_2"}"#).unwrap();
-        assert_eq!(check_scope(&client, "/v2/checkpoint", &other).unwrap_err().code(), "FORBIDDEN");
+        assert_eq!(
+            check_scope(&client, "/v2/checkpoint", &other)
+                .unwrap_err()
+                .code(),
+            "FORBIDDEN"
+        );
         let msg = post("/v2/messages", r#"{"account_id":"acc_1"}"#).unwrap();
-        assert_eq!(check_scope(&client, "/v2/messages", &msg).unwrap_err().code(), "FORBIDDEN");
+        assert_eq!(
+            check_scope(&client, "/v2/messages", &msg)
+                .unwrap_err()
+                .code(),
+            "FORBIDDEN"
+        );
     }
 }

@@ -98,7 +98,9 @@ pub fn check_target<B>(req: &Request<B>) -> Result<(), GatewayError> {
         )));
     }
     if path.contains('\\') {
-        return Err(GatewayError::InvalidParams("backslashes are not allowed in paths".into()));
+        return Err(GatewayError::InvalidParams(
+            "backslashes are not allowed in paths".into(),
+        ));
     }
     for seg in path.split('/') {
         if seg == "." || seg == ".." {
@@ -223,7 +225,12 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn times_out_with_504() {
-        let layer = GuardLayer::new(Arc::new(Process::default()), 10, 100, Duration::from_secs(1));
+        let layer = GuardLayer::new(
+            Arc::new(Process::default()),
+            10,
+            100,
+            Duration::from_secs(1),
+        );
         let svc = layer.layer(tower::service_fn(|_r: Request<Bytes>| async {
             tokio::time::sleep(Duration::from_secs(10)).await;
             Ok::<_, GatewayError>(Response::new(Bytes::new()))
@@ -239,7 +246,11 @@ mod tests {
             Ok::<_, GatewayError>(Response::new(Bytes::new()))
         }));
         let mut r = req("/v2/checkpoint");
-        r.headers_mut().insert(header::CONTENT_LENGTH, "5".parse().unwrap());
-        assert_eq!(svc.oneshot(r).await.unwrap_err().code(), "PAYLOAD_TOO_LARGE");
+        r.headers_mut()
+            .insert(header::CONTENT_LENGTH, "5".parse().unwrap());
+        assert_eq!(
+            svc.oneshot(r).await.unwrap_err().code(),
+            "PAYLOAD_TOO_LARGE"
+        );
     }
 }

@@ -129,7 +129,10 @@ mod tests {
             .body(Bytes::from_static(b"{}"))
             .unwrap();
         rewrite(&mut req, &s.upstream).unwrap();
-        assert_eq!(req.uri().to_string(), "https://api.linkupapi.com/v2/checkpoint?x=1");
+        assert_eq!(
+            req.uri().to_string(),
+            "https://api.linkupapi.com/v2/checkpoint?x=1"
+        );
         let h = req.headers();
         assert_eq!(h["host"], "api.linkupapi.com");
         assert_eq!(h["x-api-key"], "upstream-secret");

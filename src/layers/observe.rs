@@ -65,7 +65,8 @@ where
             Some(v) if crate::util::acceptable_request_id(v) => v.clone(),
             _ => self.process.request_ids.next(),
         };
-        let log = Arc::new(RequestLog::new(request_id.clone()));
+        let route = crate::layers::classify::route_name(req.method(), req.uri().path());
+        let log = Arc::new(RequestLog::new(request_id.clone(), route));
         req.extensions_mut().insert(log.clone());
         let method = req.method().clone();
         let span = tracing::info_span!("request", request_id = %log_id(&request_id));
@@ -78,7 +79,7 @@ where
                 let elapsed = started.elapsed();
                 let status = resp.status().as_u16();
                 let ctx = log.context.get();
-                let route = ctx.map(|c| c.route).unwrap_or("other");
+                let route = log.route;
                 let client = log
                     .client_name()
                     .cloned()

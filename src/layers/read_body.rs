@@ -96,7 +96,10 @@ mod tests {
         let r = Request::post("/v2/checkpoint")
             .body(Full::new(Bytes::from_static(b"12345")))
             .unwrap();
-        assert_eq!(svc.oneshot(r).await.unwrap_err().code(), "PAYLOAD_TOO_LARGE");
+        assert_eq!(
+            svc.oneshot(r).await.unwrap_err().code(),
+            "PAYLOAD_TOO_LARGE"
+        );
     }
 
     #[tokio::test]
@@ -107,6 +110,9 @@ mod tests {
         let r = Request::post("/v2/checkpoint")
             .body(Full::new(Bytes::from_static(b"12345")))
             .unwrap();
-        assert_eq!(svc.oneshot(r).await.unwrap().body(), &Bytes::from_static(b"12345"));
+        assert_eq!(
+            svc.oneshot(r).await.unwrap().body(),
+            &Bytes::from_static(b"12345")
+        );
     }
 }

@@ -9,7 +9,9 @@ use http::{Request, Response};
 use tower::{Layer, Service};
 
 use super::BoxFuture;
+use crate::context::{RequestContext, RequestLog};
 use crate::error::GatewayError;
+use std::sync::Arc;
 
 #[derive(Clone, Default)]
 pub struct RespondLayer;
@@ -44,7 +46,9 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let action = envelope_action(req.uri().path());
+        // `metadata.action` of a gateway error: the body's action when classify got that far,
+        // else the route's name (`checkpoint`, `profiles`, ...).
+        let log = req.extensions().get::<Arc<RequestLog>>().cloned();
         let fut = self.inner.call(req);
         Box::pin(async move {
             match fut.await {
@@ -56,16 +60,18 @@ where
                     } else {
                         tracing::debug!(code = e.code(), message = %e, "refused");
                     }
+                    let action = log.as_ref().map(|l| match l.context.get() {
+                        Some(RequestContext {
+                            action: Some(a), ..
+                        }) => a.to_string(),
+                        _ => l.route.to_owned(),
+                    });
+                    let action = action.as_deref().unwrap_or("other");
                     Ok(e.into_response(action))
                 }
             }
         })
     }
-}
-
-/// `metadata.action` of a gateway error: the route's name (`checkpoint`, `profiles`, ...).
-fn envelope_action(path: &str) -> &'static str {
-    crate::layers::classify::route_name(path)
 }
 
 #[cfg(test)]
@@ -79,7 +85,9 @@ mod tests {
         let svc = RespondLayer.layer(tower::service_fn(|_r: Request<Bytes>| async {
             Err::<Response<Bytes>, _>(GatewayError::Forbidden("no".into()))
         }));
-        let req = Request::post("/v2/checkpoint").body(Bytes::new()).unwrap();
+        let mut req = Request::post("/v2/checkpoint").body(Bytes::new()).unwrap();
+        let log = RequestLog::new(http::HeaderValue::from_static("id"), "checkpoint");
+        req.extensions_mut().insert(Arc::new(log));
         let resp = svc.oneshot(req).await.unwrap();
         assert_eq!(resp.status(), 403);
         let v: serde_json::Value = serde_json::from_slice(resp.body()).unwrap();

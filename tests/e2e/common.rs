@@ -10,7 +10,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use linkup_gateway::config::{self, Settings};
+use linkup_gateway::config;
 use linkup_gateway::emulator::{self, EmulatorConfig, EmulatorHandle};
 use linkup_gateway::server::Gateway;
 use serde_json::Value;
@@ -70,10 +70,16 @@ impl Answer {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
     pub fn code(&self) -> String {
-        self.json()["error"]["code"].as_str().unwrap_or("").to_owned()
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
     }
     pub fn source(&self) -> String {
-        self.json()["error"]["source"].as_str().unwrap_or("").to_owned()
+        self.json()["error"]["source"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
     }
 }
 
@@ -85,7 +91,6 @@ pub fn config_text(upstream_url: &str, key_file: &str, server: &str, extra: &str
 listen = "127.0.0.1:0"
 admin_listen = "127.0.0.1:0"
 max_body_bytes = 4096
-request_timeout = "2s"
 shutdown_grace = "5s"
 {server}
 
@@ -105,6 +110,11 @@ accounts = ["acc_allowed"]
 paths = ["/v2/checkpoint", "/v2/accounts/*"]
 {extra}
 "#,
+        server = if server.contains("request_timeout") {
+            server.to_owned()
+        } else {
+            format!("request_timeout = \"5s\"\n{server}")
+        },
         alpha = sha(ALPHA_KEY),
         scoped = sha(SCOPED_KEY),
     )
@@ -149,10 +159,6 @@ impl Harness {
 
     pub fn config_path(&self) -> std::path::PathBuf {
         self.dir.path().join("gateway.toml")
-    }
-
-    pub fn settings(&self) -> Arc<Settings> {
-        self.gw.settings()
     }
 
     pub fn url(&self, path: &str) -> String {

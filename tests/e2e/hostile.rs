@@ -18,7 +18,10 @@ async fn raw(h: &Harness, bytes: &[u8]) -> String {
 }
 
 fn status_of(resp: &str) -> u16 {
-    resp.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+    resp.split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -26,10 +29,19 @@ async fn open_proxy_attempts_are_refused_and_never_forwarded() {
     let h = Harness::start().await;
     let before = h.upstream_calls();
     let cases: &[(&str, u16)] = &[
-        ("GET http://evil.example/v2/credits HTTP/1.1\r\nHost: evil.example\r\n", 400),
-        ("CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n", 405),
+        (
+            "GET http://evil.example/v2/credits HTTP/1.1\r\nHost: evil.example\r\n",
+            400,
+        ),
+        (
+            "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n",
+            405,
+        ),
         ("GET /v2/accounts/../credits HTTP/1.1\r\nHost: x\r\n", 400),
-        ("GET /v2/accounts/%2e%2e/credits HTTP/1.1\r\nHost: x\r\n", 400),
+        (
+            "GET /v2/accounts/%2e%2e/credits HTTP/1.1\r\nHost: x\r\n",
+            400,
+        ),
         ("GET /v2/accounts/a%2fb HTTP/1.1\r\nHost: x\r\n", 400),
         ("GET /v2/accounts/a%252e HTTP/1.1\r\nHost: x\r\n", 400),
         ("GET /v2/accounts/a\\..\\b HTTP/1.1\r\nHost: x\r\n", 400),
@@ -40,7 +52,10 @@ async fn open_proxy_attempts_are_refused_and_never_forwarded() {
         let resp = raw(&h, req.as_bytes()).await;
         let got = status_of(&resp);
         // hyper itself may refuse some targets with a bare 400 before the gateway sees them.
-        assert!(got == *want || (got == 400 && *want != 404), "{head:?}: {resp}");
+        assert!(
+            got == *want || (got == 400 && *want != 404),
+            "{head:?}: {resp}"
+        );
     }
     assert_eq!(h.upstream_calls(), before);
 }
@@ -93,10 +108,17 @@ async fn malformed_http_is_refused_and_the_gateway_keeps_serving() {
     for g in garbage {
         let resp = raw(&h, g).await;
         let st = status_of(&resp);
-        assert!(st == 0 || (400..500).contains(&st), "{:?} -> {resp}", String::from_utf8_lossy(g));
+        assert!(
+            st == 0 || (400..500).contains(&st),
+            "{:?} -> {resp}",
+            String::from_utf8_lossy(g)
+        );
     }
     // A header section far over the limit.
-    let big = format!("GET /v2/credits HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n", "a".repeat(200_000));
+    let big = format!(
+        "GET /v2/credits HTTP/1.1\r\nHost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(200_000)
+    );
     let st = status_of(&raw(&h, big.as_bytes()).await);
     assert!(st == 0 || st == 431 || st == 400, "{st}");
     assert_eq!(h.upstream_calls(), before);
@@ -107,10 +129,15 @@ async fn malformed_http_is_refused_and_the_gateway_keeps_serving() {
 async fn slow_headers_are_cut_by_the_header_read_timeout() {
     let h = Harness::start_with("header_read_timeout = \"300ms\"", "").await;
     let mut s = TcpStream::connect(h.gw.data_addr).await.unwrap();
-    s.write_all(b"GET /v2/credits HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    s.write_all(b"GET /v2/credits HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
     // Never finish the headers: the gateway must close the connection by itself.
     let mut buf = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
-    assert!(closed.is_ok(), "connection still open after the header read timeout");
+    assert!(
+        closed.is_ok(),
+        "connection still open after the header read timeout"
+    );
     assert_eq!(h.get("/v2/credits").await.status, 200);
 }

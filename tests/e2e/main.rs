@@ -1,5 +1,7 @@
 //! End-to-end tests: the real gateway against the real emulator over loopback.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 mod hostile;
 mod operations;

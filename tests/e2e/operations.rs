@@ -77,25 +77,52 @@ async fn drain_finishes_in_flight_requests_and_turns_readyz_503() {
 async fn reload_applies_a_valid_config_and_keeps_the_old_on_error() {
     let h = Harness::start().await;
     let newcomer = "lgw_newcomer_key_123";
-    assert_eq!(h.call(http::Method::GET, "/v2/credits", Some(newcomer), "").await.status, 403);
+    assert_eq!(
+        h.call(http::Method::GET, "/v2/credits", Some(newcomer), "")
+            .await
+            .status,
+        403
+    );
 
     let key_file = h.dir.path().join("upstream.key");
-    let extra = format!("[[clients]]\nname = \"newcomer\"\nkey_sha256 = \"{}\"\n", sha(newcomer));
+    let extra = format!(
+        "[[clients]]\nname = \"newcomer\"\nkey_sha256 = \"{}\"\n",
+        sha(newcomer)
+    );
     let good = config_text(&h.emu.url(), &key_file.display().to_string(), "", &extra);
     std::fs::write(h.config_path(), &good).unwrap();
     h.gw.reload().unwrap();
-    assert_eq!(h.call(http::Method::GET, "/v2/credits", Some(newcomer), "").await.status, 200);
-
-    std::fs::write(h.config_path(), format!("{good}\n[rate_limit]\nper_account = \"fast\"\n")).unwrap();
-    let problems = h.gw.reload().unwrap_err();
-    assert!(problems.iter().any(|p| p.starts_with("rate_limit.per_account")), "{problems:?}");
     assert_eq!(
-        h.call(http::Method::GET, "/v2/credits", Some(newcomer), "").await.status,
+        h.call(http::Method::GET, "/v2/credits", Some(newcomer), "")
+            .await
+            .status,
+        200
+    );
+
+    std::fs::write(
+        h.config_path(),
+        format!("{good}\n[rate_limit]\nper_account = \"fast\"\n"),
+    )
+    .unwrap();
+    let problems = h.gw.reload().unwrap_err();
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("rate_limit.per_account")),
+        "{problems:?}"
+    );
+    assert_eq!(
+        h.call(http::Method::GET, "/v2/credits", Some(newcomer), "")
+            .await
+            .status,
         200,
         "the old config stays"
     );
     let m = String::from_utf8(h.admin("/metrics").await.body.to_vec()).unwrap();
-    assert!(m.contains(r#"linkup_gateway_config_reloads_total{result="rejected"} 1"#), "{m}");
+    assert!(
+        m.contains(r#"linkup_gateway_config_reloads_total{result="rejected"} 1"#),
+        "{m}"
+    );
 }
 
 #[tokio::test]
@@ -114,7 +141,9 @@ async fn reload_rotates_the_upstream_key_without_dropping_the_connection() {
     let h = Harness::start_against(emu, "", "").await;
     // One keep-alive connection for the whole test.
     let (mut sender, conn) = {
-        let stream = tokio::net::TcpStream::connect(h.gw.data_addr).await.unwrap();
+        let stream = tokio::net::TcpStream::connect(h.gw.data_addr)
+            .await
+            .unwrap();
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
             .await
             .unwrap()
@@ -129,7 +158,9 @@ async fn reload_rotates_the_upstream_key_without_dropping_the_connection() {
     };
     let r = sender.send_request(credits()).await.unwrap();
     assert_eq!(r.status(), 403, "old key refused by the upstream");
-    http_body_util::BodyExt::collect(r.into_body()).await.unwrap();
+    http_body_util::BodyExt::collect(r.into_body())
+        .await
+        .unwrap();
 
     std::fs::write(h.dir.path().join("upstream.key"), "rotated-upstream-key\n").unwrap();
     h.gw.reload().unwrap();

@@ -17,10 +17,32 @@ async fn keys_never_leak_into_logs_errors_or_admin_answers() {
     };
     let account = h.connected_account("tok-secrets").await;
     record(&h.get("/v2/credits").await);
-    record(&h.post("/v2/profiles", &format!(r#"{{"account_id":"{account}","action":"get"}}"#)).await);
+    record(
+        &h.post(
+            "/v2/profiles",
+            &format!(r#"{{"account_id":"{account}","action":"get"}}"#),
+        )
+        .await,
+    );
     record(&h.post("/v2/checkpoint", "not json").await);
-    record(&h.call(Method::GET, "/v2/credits", Some("lgw_wrong_DO_NOT_LEAK"), "").await);
-    record(&h.call(Method::POST, "/v2/checkpoint", Some(SCOPED_KEY), r#"{"account_id":"x"}"#).await);
+    record(
+        &h.call(
+            Method::GET,
+            "/v2/credits",
+            Some("lgw_wrong_DO_NOT_LEAK"),
+            "",
+        )
+        .await,
+    );
+    record(
+        &h.call(
+            Method::POST,
+            "/v2/checkpoint",
+            Some(SCOPED_KEY),
+            r#"{"account_id":"x"}"#,
+        )
+        .await,
+    );
     record(&h.post("/v2/inbox", "{}").await);
     h.emu.set_faults(linkup_gateway::emulator::Faults {
         mode: linkup_gateway::emulator::FaultMode::Reset,
@@ -40,7 +62,13 @@ async fn keys_never_leak_into_logs_errors_or_admin_answers() {
     assert!(logs.contains("\"request\""), "logs were captured");
     exposed.push(logs);
     let all = exposed.join("\n");
-    for secret in [UPSTREAM_KEY, ALPHA_KEY, SCOPED_KEY, "lgw_wrong_DO_NOT_LEAK", &sha(ALPHA_KEY)] {
+    for secret in [
+        UPSTREAM_KEY,
+        ALPHA_KEY,
+        SCOPED_KEY,
+        "lgw_wrong_DO_NOT_LEAK",
+        &sha(ALPHA_KEY),
+    ] {
         assert!(!all.contains(secret), "leaked: {secret}");
     }
 }
