@@ -15,7 +15,8 @@ pub enum Blame {
     Upstream,
 }
 
-#[derive(Debug, thiserror::Error)]
+/// `Clone` so one failure can be shared with every caller waiting on the same upstream call.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum GatewayError {
     #[error("{0}")]
     InvalidApiKey(&'static str),

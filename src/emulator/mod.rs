@@ -452,11 +452,12 @@ async fn v2(shared: &Shared, parts: Parts, body: Bytes) -> Result<Resp, Reset> {
     Ok(match answer {
         Ok((data, credits)) => json_response(
             StatusCode::OK,
-            &json!({
-                "success": true,
-                "data": data,
-                "metadata": {"action": action, "credits_consumed": credits, "timestamp": now_ts()},
-            }),
+            &Envelope {
+                success: true,
+                data: Some(&data),
+                error: None,
+                metadata: Metadata::new(&action, credits),
+            },
         ),
         Err(ApiErr {
             status,
@@ -466,8 +467,44 @@ async fn v2(shared: &Shared, parts: Parts, body: Bytes) -> Result<Resp, Reset> {
     })
 }
 
-fn json_response(status: StatusCode, body: &Value) -> Resp {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+/// The v2 envelope, fields in the upstream's order.
+#[derive(serde::Serialize)]
+struct Envelope<'a> {
+    success: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<EnvelopeError<'a>>,
+    metadata: Metadata<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct EnvelopeError<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct Metadata<'a> {
+    action: &'a str,
+    credits_consumed: i64,
+    timestamp: String,
+}
+
+impl<'a> Metadata<'a> {
+    fn new(action: &'a str, credits_consumed: i64) -> Self {
+        Metadata {
+            action,
+            credits_consumed,
+            timestamp: now_ts(),
+        }
+    }
+}
+
+fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Resp {
+    // Serializing these types cannot fail (string keys only).
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -475,14 +512,14 @@ fn json_response(status: StatusCode, body: &Value) -> Resp {
 }
 
 fn error_response(status: StatusCode, code: &str, message: &str, action: &str) -> Resp {
-    json_response(
-        status,
-        &json!({
-            "success": false,
-            "error": {"code": code, "message": message},
-            "metadata": {"action": action, "credits_consumed": 0, "timestamp": now_ts()},
-        }),
-    )
+    let error = Some(EnvelopeError { code, message });
+    let envelope = Envelope {
+        success: false,
+        data: None,
+        error,
+        metadata: Metadata::new(action, 0),
+    };
+    json_response(status, &envelope)
 }
 
 fn bad_gateway_html() -> Resp {
