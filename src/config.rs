@@ -139,6 +139,8 @@ pub struct RawClient {
     pub paths: Vec<String>,
     pub daily_credit_budget: Option<u64>,
     pub requests_per_second: Option<f64>,
+    /// Burst of the per-client limit; default: `requests_per_second` rounded up.
+    pub burst: Option<u32>,
     #[serde(default)]
     pub shadow: bool,
 }
@@ -402,6 +404,7 @@ pub struct ClientSettings {
     pub paths: Vec<PathPattern>,
     pub daily_credit_budget: Option<u64>,
     pub requests_per_second: Option<f64>,
+    pub burst: u32,
     pub shadow: bool,
 }
 
@@ -828,10 +831,24 @@ fn validate(
             }
         }
         if let Some(r) = c.requests_per_second {
-            if !(r.is_finite() && r > 0.0) {
-                p.push(key("requests_per_second"), "must be a positive number");
+            if !(r.is_finite() && r > 0.0 && r <= 1e6) {
+                p.push(
+                    key("requests_per_second"),
+                    "must be a number above 0 (at most 1000000)",
+                );
             }
         }
+        if c.burst == Some(0) {
+            p.push(key("burst"), "must be at least 1");
+        }
+        let client_burst = c.burst.unwrap_or_else(|| {
+            let r = c.requests_per_second.unwrap_or(1.0);
+            if r.is_finite() && r >= 1.0 {
+                r.ceil().min(1e6) as u32
+            } else {
+                1
+            }
+        });
         clients.push(Arc::new(ClientSettings {
             name: Arc::from(c.name.as_str()),
             key_sha256: sha,
@@ -839,6 +856,7 @@ fn validate(
             paths: c.paths.iter().map(|s| PathPattern::new(s)).collect(),
             daily_credit_budget: c.daily_credit_budget,
             requests_per_second: c.requests_per_second,
+            burst: client_burst.max(1),
             shadow: c.shadow,
         }));
     }

@@ -26,10 +26,13 @@ pub enum GatewayError {
     InvalidParams(String),
     #[error("request body is larger than {limit} bytes")]
     PayloadTooLarge { limit: usize },
+    /// `policy`/`state`: the `RateLimit-Policy` and `RateLimit` header items of the limit.
     #[error("{message}")]
     RateLimited {
         message: String,
         retry_after: Duration,
+        policy: Option<HeaderValue>,
+        state: Option<HeaderValue>,
     },
     #[error("{0}")]
     InsufficientCredits(String),
@@ -120,10 +123,22 @@ impl GatewayError {
         if let Some(secs) = self.retry_after() {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if let GatewayError::RateLimited { policy, state, .. } = self {
+            if let Some(p) = policy {
+                h.append(RATELIMIT_POLICY, p.clone());
+            }
+            if let Some(s) = state {
+                h.append(RATELIMIT, s.clone());
+            }
+        }
         resp.extensions_mut().insert(GatewayAnswered(self.code()));
         resp
     }
 }
+
+/// IETF `RateLimit-Policy` / `RateLimit` response headers (draft-ietf-httpapi-ratelimit-headers).
+pub const RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
+pub const RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
 
 /// Marks a response the gateway wrote itself (refusal or failure), with its error code.
 #[derive(Debug, Clone, Copy)]
@@ -151,13 +166,20 @@ mod tests {
         let e = GatewayError::RateLimited {
             message: "x".into(),
             retry_after: Duration::from_millis(1),
+            policy: None,
+            state: None,
         };
         assert_eq!(e.into_response("a").headers()["retry-after"], "1");
         let e = GatewayError::RateLimited {
             message: "x".into(),
             retry_after: Duration::from_millis(12_001),
+            policy: Some(HeaderValue::from_static("\"account\";q=60;w=60")),
+            state: Some(HeaderValue::from_static("\"account\";r=0;t=13")),
         };
-        assert_eq!(e.into_response("a").headers()["retry-after"], "13");
+        let r = e.into_response("a");
+        assert_eq!(r.headers()["retry-after"], "13");
+        assert_eq!(r.headers()["ratelimit-policy"], "\"account\";q=60;w=60");
+        assert_eq!(r.headers()["ratelimit"], "\"account\";r=0;t=13");
         let e = GatewayError::Overloaded { limit: 1 };
         assert_eq!(e.into_response("a").status(), 503);
         assert!(e.into_response("a").headers().contains_key("retry-after"));

@@ -10,6 +10,7 @@ pub mod error;
 pub mod headers;
 pub mod keygen;
 pub mod layers;
+pub mod limits;
 pub mod metrics;
 pub mod server;
 pub mod shared;

@@ -41,6 +41,14 @@ pub struct RefusalLabels {
     pub code: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitedLabels {
+    pub client: Label,
+    /// `client`, `account` (the default), a rule's name, or `cooldown`.
+    pub reason: Label,
+    pub shadow: bool,
+}
+
 type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -59,6 +67,8 @@ pub struct Metrics {
     pub refusals: Family<RefusalLabels, Counter>,
     pub in_flight: Gauge,
     pub config_reloads: Family<ReloadLabels, Counter>,
+    pub rate_limited: Family<RateLimitedLabels, Counter>,
+    pub rate_limit_tracked: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -107,7 +117,21 @@ impl Default for Metrics {
             "SIGHUP config reloads, by result (ok, rejected)",
             config_reloads.clone(),
         );
+        let rate_limited = Family::<RateLimitedLabels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests over a rate limit, by client and reason (client, account, rule name, cooldown); shadow=true: counted, not refused",
+            rate_limited.clone(),
+        );
+        let rate_limit_tracked = Gauge::default();
+        registry.register(
+            "rate_limit_tracked_subjects",
+            "Accounts and clients with a live rate-limit bucket (idle ones are evicted every minute)",
+            rate_limit_tracked.clone(),
+        );
         Metrics {
+            rate_limited,
+            rate_limit_tracked,
             registry,
             requests,
             request_duration,

@@ -42,7 +42,12 @@ impl Generation {
             Some(p) if p.shared.upstream.reuse_for(&settings.upstream) => p.shared.upstream.clone(),
             _ => UpstreamClient::new(&settings.upstream)?,
         };
-        let shared = Arc::new(Shared::new(Arc::new(settings), process.clone(), upstream));
+        let shared = Arc::new(Shared::next(
+            Arc::new(settings),
+            process.clone(),
+            upstream,
+            previous.map(|p| &*p.shared),
+        ));
         let stack = build_stack(&shared);
         Ok(Generation { shared, stack })
     }
@@ -109,7 +114,8 @@ impl Gateway {
         let current = Arc::new(ArcSwap::from_pointee(generation));
         let (stop_data, data_rx) = watch::channel(false);
         let (stop_admin, admin_rx) = watch::channel(false);
-        let data_task = tokio::spawn(serve_data(data, current.clone(), data_rx));
+        let data_task = tokio::spawn(serve_data(data, current.clone(), data_rx.clone()));
+        tokio::spawn(evict_idle(current.clone(), data_rx));
         let admin_task = tokio::spawn(crate::admin::serve(
             admin,
             process.clone(),
@@ -192,6 +198,28 @@ impl Gateway {
         let _ = self.data_task.await;
         let _ = self.stop_admin.send(true);
         let _ = self.admin_task.await;
+    }
+}
+
+/// Every minute, forget rate-limit buckets that are full again and expired cooldowns, so
+/// millions of accounts over time cost memory only while they are active.
+async fn evict_idle(current: Arc<ArcSwap<Generation>>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let generation = current.load_full();
+                let tracked = generation.shared.limits.evict_idle();
+                generation
+                    .shared
+                    .process
+                    .metrics
+                    .rate_limit_tracked
+                    .set(i64::try_from(tracked).unwrap_or(i64::MAX));
+            }
+            _ = stop.changed() => return,
+        }
     }
 }
 

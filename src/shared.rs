@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
 use crate::config::{AccountScope, ClientSettings, PathPattern, Settings};
+use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::upstream::UpstreamClient;
 use crate::util::RequestIds;
@@ -29,10 +30,23 @@ pub struct Shared {
     /// The caller identity used when no `[[clients]]` are configured (loopback only).
     pub anonymous: Option<Arc<ClientSettings>>,
     pub upstream: UpstreamClient,
+    /// Rate limits; their buckets carry over to the next generation where unchanged.
+    pub limits: Limits,
 }
 
 impl Shared {
     pub fn new(settings: Arc<Settings>, process: Arc<Process>, upstream: UpstreamClient) -> Shared {
+        Self::next(settings, process, upstream, None)
+    }
+
+    /// A new generation after `previous` (SIGHUP): unchanged limits keep their buckets.
+    pub fn next(
+        settings: Arc<Settings>,
+        process: Arc<Process>,
+        upstream: UpstreamClient,
+        previous: Option<&Shared>,
+    ) -> Shared {
+        let limits = Limits::build(&settings, previous.map(|p| &p.limits));
         let clients = settings
             .clients
             .iter()
@@ -46,6 +60,7 @@ impl Shared {
                 paths: vec![PathPattern::new("/v2/*")],
                 daily_credit_budget: None,
                 requests_per_second: None,
+                burst: 1,
                 shadow: false,
             })
         });
@@ -55,6 +70,7 @@ impl Shared {
             clients,
             anonymous,
             upstream,
+            limits,
         }
     }
 }

@@ -10,8 +10,10 @@ use http_body::Body;
 use tower::util::BoxCloneSyncService;
 use tower::ServiceBuilder;
 
+use crate::layers::account_limit::AccountLimitLayer;
 use crate::layers::authenticate::AuthenticateLayer;
 use crate::layers::classify::ClassifyLayer;
+use crate::layers::client_limit::ClientLimitLayer;
 use crate::layers::guard::GuardLayer;
 use crate::layers::inject_key::InjectKeyLayer;
 use crate::layers::observe::ObserveLayer;
@@ -46,9 +48,9 @@ where
         ))
         // authenticate: before any work on the caller's behalf, and before its body is read.
         .layer(AuthenticateLayer::new(shared.clone()))
-        // client_limit (rate-limit issue): per-client rate, here so that it runs before the
-        // body is read or parsed: a flood of malformed bodies is limited too.
-        //
+        // client_limit: per-client rate, here so that it runs before the body is read or
+        // parsed: a flood of malformed bodies is limited too.
+        .layer(ClientLimitLayer::new(shared.clone()))
         // read_body: collect the body once, bounded; below here requests are `Request<Bytes>`.
         .layer(ReadBodyLayer::new(s.max_body_bytes))
         // classify: route, action, account_id from body/path/query, and the caller's scopes.
@@ -60,9 +62,9 @@ where
         // coalesce (coalescing/cache issue): identical in-flight checkpoints share one upstream
         // call; above the limits and credits so that followers are neither limited nor charged.
         //
-        // account_limit (rate-limit issue): governor per account_id and rule; it sees only
-        // requests that will reach the upstream.
-        //
+        // account_limit: governor per account_id and rule, and the upstream-429 cooldown; below
+        // the cache and coalescing so it counts only requests that will reach the upstream.
+        .layer(AccountLimitLayer::new(shared.clone()))
         // credits (credits issue): reserve the budget just before forwarding, settle and write
         // the ledger row when the answer comes; below the limits so that a refused request
         // never holds a reservation.

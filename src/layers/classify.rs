@@ -437,6 +437,7 @@ mod tests {
             ],
             daily_credit_budget: None,
             requests_per_second: None,
+            burst: 1,
             shadow: false,
         };
         let ok = post("/v2/checkpoint", r#"{"account_id":"acc_1"}"#).unwrap();

@@ -3,8 +3,10 @@
 use std::future::Future;
 use std::pin::Pin;
 
+pub mod account_limit;
 pub mod authenticate;
 pub mod classify;
+pub mod client_limit;
 pub mod guard;
 pub mod inject_key;
 pub mod observe;

@@ -108,8 +108,15 @@ name = "scoped"
 key_sha256 = "{scoped}"
 accounts = ["acc_allowed"]
 paths = ["/v2/checkpoint", "/v2/accounts/*"]
+{limits}
 {extra}
 "#,
+        // Generous limits unless a test sets its own, so only limit tests meet limits.
+        limits = if extra.contains("[rate_limit]") {
+            ""
+        } else {
+            "[rate_limit]\nper_account = \"100000/sec\"\nburst = 100000\n"
+        },
         server = if server.contains("request_timeout") {
             server.to_owned()
         } else {

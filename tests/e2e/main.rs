@@ -4,6 +4,7 @@
 
 mod common;
 mod hostile;
+mod limits;
 mod operations;
 mod proxy;
 mod secrets;
