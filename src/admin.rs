@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::config::{AccountScope, Settings};
+use crate::layers::status_cache::StatusStore;
 use crate::server::Generation;
 use crate::shared::Process;
 
@@ -35,8 +36,20 @@ pub async fn serve(
                 let process = process.clone();
                 let current = current.clone();
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let resp = route(&req, &process, &current);
-                    async move { Ok::<_, Infallible>(resp) }
+                    let (process, current) = (process.clone(), current.clone());
+                    async move {
+                        if let Some(resp) = purge_cache(&req, &current).await {
+                            return Ok::<_, Infallible>(resp);
+                        }
+                        if req.method() == Method::GET {
+                            match req.uri().path() {
+                                "/usage" => return Ok(usage(req.uri().query(), &process).await),
+                                "/dashboard" => return Ok(dashboard(&process, &current).await),
+                                _ => {}
+                            }
+                        }
+                        Ok::<_, Infallible>(route(&req, &process, &current))
+                    }
                 });
                 let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
                 tokio::spawn(async move { let _ = conn.await; });
@@ -55,6 +68,140 @@ fn text(status: StatusCode, ct: &'static str, body: impl Into<Bytes>) -> Respons
     r
 }
 
+/// `DELETE /cache/accounts/{id}`: forget an account's cached status. 204 whether or not it was
+/// cached (and when the cache is off): afterwards it is not, which is what the caller asked.
+/// `None`: not this route.
+async fn purge_cache(
+    req: &Request<Incoming>,
+    current: &ArcSwap<Generation>,
+) -> Option<Response<Full<Bytes>>> {
+    let id = req.uri().path().strip_prefix("/cache/accounts/")?;
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    if id.is_empty() || id.contains('/') {
+        return Some(text(StatusCode::NOT_FOUND, PLAIN, "not found\n"));
+    }
+    if req.method() != Method::DELETE {
+        return Some(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            PLAIN,
+            "method not allowed\n",
+        ));
+    }
+    let Ok(id) = percent_encoding::percent_decode_str(id).decode_utf8() else {
+        return Some(text(
+            StatusCode::BAD_REQUEST,
+            PLAIN,
+            "the account id is not UTF-8\n",
+        ));
+    };
+    let store = current.load().shared.status_store.clone();
+    let forgotten = match store {
+        Some(store) => store.forget(&id).await,
+        None => false,
+    };
+    tracing::info!(account = %id, forgotten, "status cache entry purged");
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    Some(resp)
+}
+
+/// Run a ledger read off the async threads.
+async fn read_ledger<T: Send + 'static>(
+    process: &Process,
+    f: impl FnOnce(&dyn crate::ledger::Ledger) -> Result<T, crate::ledger::LedgerError> + Send + 'static,
+) -> Result<T, String> {
+    let ledger = process.ledger.clone();
+    match tokio::task::spawn_blocking(move || f(ledger.as_ref())).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `GET /usage?from=&to=&by=&format=json|csv`: ledger aggregates; default range today (UTC).
+async fn usage(query: Option<&str>, process: &Process) -> Response<Full<Bytes>> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    let params: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .into_owned()
+        .collect();
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let format = match get("format").map(crate::usage::Format::parse).transpose() {
+        Ok(Some(crate::usage::Format::Table)) => crate::usage::Format::Csv,
+        Ok(f) => f.unwrap_or(crate::usage::Format::Json),
+        Err(e) => return text(StatusCode::BAD_REQUEST, PLAIN, format!("{e}\n")),
+    };
+    let q = match crate::usage::query(get("from"), get("to"), get("by")) {
+        Ok(q) => q,
+        Err(e) => return text(StatusCode::BAD_REQUEST, PLAIN, format!("{e}\n")),
+    };
+    let by = q.by.clone();
+    match read_ledger(process, move |l| l.usage(&q)).await {
+        Ok(rows) => match format {
+            crate::usage::Format::Csv => text(
+                StatusCode::OK,
+                "text/csv; charset=utf-8",
+                crate::usage::csv(&rows, &by),
+            ),
+            _ => text(
+                StatusCode::OK,
+                "application/json",
+                crate::usage::json(&rows),
+            ),
+        },
+        Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, format!("{e}\n")),
+    }
+}
+
+/// `GET /dashboard`: the last 30 days of credits, and today's budgets.
+async fn dashboard(process: &Process, current: &ArcSwap<Generation>) -> Response<Full<Bytes>> {
+    use crate::ledger::{GroupBy, UsageQuery};
+    let to_day = crate::usage::today();
+    let from_day = to_day.saturating_sub(time::Duration::days(29));
+    let days: Vec<String> = (0..30)
+        .map(|i| crate::ledger::day_key(from_day.saturating_add(time::Duration::days(i))))
+        .collect();
+    let q = |by: Vec<GroupBy>| UsageQuery {
+        from_day,
+        to_day,
+        by,
+    };
+    let (a, b, c) = (
+        q(vec![GroupBy::Client, GroupBy::Day]),
+        q(vec![GroupBy::Action, GroupBy::Day]),
+        q(vec![GroupBy::Outcome]),
+    );
+    let result = read_ledger(process, move |l| {
+        Ok((l.usage(&a)?, l.usage(&b)?, l.usage(&c)?))
+    })
+    .await;
+    let (by_client, by_action, by_outcome) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain; charset=utf-8",
+                format!("{e}\n"),
+            )
+        }
+    };
+    let settings = current.load().shared.settings.clone();
+    let day = crate::budgets::utc_day(crate::budgets::now_ms());
+    let budgets: Vec<crate::dashboard::BudgetLine> = settings
+        .clients
+        .iter()
+        .map(|c| {
+            let st = process.budgets.standing(&c.name, day);
+            crate::dashboard::BudgetLine {
+                client: c.name.to_string(),
+                budget: c.daily_credit_budget,
+                spent: st.spent,
+                reserved: st.reserved,
+            }
+        })
+        .collect();
+    let html = crate::dashboard::render(&days, &by_client, &by_action, &by_outcome, &budgets);
+    text(StatusCode::OK, "text/html; charset=utf-8", html)
+}
+
 fn route(
     req: &Request<Incoming>,
     process: &Process,
@@ -70,17 +217,22 @@ fn route(
                 text(StatusCode::OK, PLAIN, "ready\n")
             }
         }
-        (&Method::GET, "/metrics") => text(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            process.metrics.encode(),
-        ),
+        (&Method::GET, "/metrics") => {
+            // Counted at scrape time: one pass over the cache, never per request.
+            let store = current.load().shared.status_store.clone();
+            StatusStore::export(store.as_deref(), &process.metrics);
+            text(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                process.metrics.encode(),
+            )
+        }
         (&Method::GET, "/config") => {
             let v = redacted_config(&current.load().shared.settings);
             let body = serde_json::to_vec_pretty(&v).unwrap_or_default();
             text(StatusCode::OK, "application/json", body)
         }
-        (_, "/healthz" | "/readyz" | "/metrics" | "/config") => text(
+        (_, "/healthz" | "/readyz" | "/metrics" | "/config" | "/usage" | "/dashboard") => text(
             StatusCode::METHOD_NOT_ALLOWED,
             PLAIN,
             "method not allowed\n",

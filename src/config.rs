@@ -560,10 +560,27 @@ pub struct CostSettings {
     pub by_key: BTreeMap<String, u64>,
 }
 
+/// Endpoints the upstream documents as free; `[costs]` entries override them.
+pub const FREE_BY_DEFAULT: [&str; 6] = [
+    "/v2/credits",
+    "/v2/accounts",
+    "/v2/accounts/*",
+    "/v2/logs",
+    "/v2/webhooks",
+    "/v2/webhooks/*",
+];
+
 impl CostSettings {
+    /// The cost to reserve: an exact path key, else a path pattern key (`/v2/accounts/*`),
+    /// else the action's key (`invite`), else `default`.
     pub fn expected(&self, path: &str, action: Option<&str>) -> u64 {
         if let Some(c) = self.by_key.get(path) {
             return *c;
+        }
+        for (k, c) in &self.by_key {
+            if k.contains('*') && PathPattern::new(k).matches(path) {
+                return *c;
+            }
         }
         if let Some(c) = action.and_then(|a| self.by_key.get(a)) {
             return *c;
@@ -634,21 +651,25 @@ pub fn load_str(
     env: &[(String, String)],
     base_dir: Option<&Path>,
 ) -> Result<Settings, ConfigError> {
+    let raw = parse_raw(text, env)?;
+    validate(raw, env, base_dir)
+}
+
+/// TOML text plus environment overrides into the raw surface; unknown keys are errors.
+fn parse_raw(text: &str, env: &[(String, String)]) -> Result<RawConfig, ConfigError> {
     let mut value: toml::Table = text
         .parse()
         .map_err(|e: toml::de::Error| ConfigError::Syntax(format!("TOML: {e}")))?;
     apply_env_overrides(&mut value, env)?;
-    let raw: RawConfig =
-        serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner().to_string();
-            let inner = inner.trim().to_string();
-            ConfigError::Invalid(vec![Problem {
-                key: if path == "." { "(top)".into() } else { path },
-                message: inner,
-            }])
-        })?;
-    validate(raw, env, base_dir)
+    serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner().to_string();
+        let inner = inner.trim().to_string();
+        ConfigError::Invalid(vec![Problem {
+            key: if path == "." { "(top)".into() } else { path },
+            message: inner,
+        }])
+    })
 }
 
 fn apply_env_overrides(
@@ -913,36 +934,13 @@ fn validate(
     }
 
     // [ledger]
-    let sync = match raw.ledger.sync.as_str() {
-        "before_response" => LedgerSync::BeforeResponse,
-        "async" => LedgerSync::Async,
-        other => {
-            p.push(
-                "ledger.sync",
-                format!("`{other}`: expected \"before_response\" or \"async\""),
-            );
-            LedgerSync::BeforeResponse
-        }
-    };
-    let reconcile_every = p.duration("ledger.reconcile_every", &raw.ledger.reconcile_every);
-    if raw.ledger.path.is_some() && raw.ledger.postgres_url.is_some() {
-        p.push("ledger", "set either path or postgres_url, not both");
+    let ledger = validate_ledger(&raw.ledger, &resolve, &mut p);
+    if raw.fleet.as_ref().is_some_and(|f| f.redis_url.is_some()) {
+        p.push(
+            "fleet.redis_url",
+            "fleet mode (shared limits, budgets and cache in Redis) is not available in this version; remove [fleet] to run embedded",
+        );
     }
-    let ledger = LedgerSettings {
-        path: resolve(
-            raw.ledger
-                .path
-                .as_deref()
-                .unwrap_or(Path::new("data/ledger.sqlite3")),
-        ),
-        postgres_url: raw
-            .ledger
-            .postgres_url
-            .map(|u| Redacted(SecretString::from(u))),
-        sync,
-        reconcile_every,
-    };
-
     // [fleet]
     let fleet = raw.fleet.map(|f| {
         let on = |key: &str, v: &str, p: &mut Problems| match v {
@@ -968,7 +966,9 @@ fn validate(
     });
 
     // [costs]
-    let mut by_key = raw.costs;
+    let mut by_key: BTreeMap<String, u64> =
+        FREE_BY_DEFAULT.iter().map(|k| (k.to_string(), 0)).collect();
+    by_key.extend(raw.costs);
     let default = by_key.remove("default").unwrap_or(1);
 
     match upstream {
@@ -1005,6 +1005,73 @@ fn validate(
             costs: CostSettings { default, by_key },
         }),
         _ => Err(ConfigError::Invalid(p.0)),
+    }
+}
+
+fn validate_ledger(
+    l: &RawLedger,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    p: &mut Problems,
+) -> LedgerSettings {
+    let sync = match l.sync.as_str() {
+        "before_response" => LedgerSync::BeforeResponse,
+        "async" => LedgerSync::Async,
+        other => {
+            p.push(
+                "ledger.sync",
+                format!("`{other}`: expected \"before_response\" or \"async\""),
+            );
+            LedgerSync::BeforeResponse
+        }
+    };
+    let reconcile_every = p.duration("ledger.reconcile_every", &l.reconcile_every);
+    if l.path.is_some() && l.postgres_url.is_some() {
+        p.push("ledger", "set either path or postgres_url, not both");
+    } else if l.postgres_url.is_some() {
+        // Refused rather than ignored: a fleet that believes it shares one ledger must not
+        // silently write to a local file.
+        p.push(
+            "ledger.postgres_url",
+            "the PostgreSQL ledger comes with fleet mode and is not available in this version; use ledger.path",
+        );
+    }
+    LedgerSettings {
+        path: resolve(
+            l.path
+                .as_deref()
+                .unwrap_or(Path::new("data/ledger.sqlite3")),
+        ),
+        postgres_url: l
+            .postgres_url
+            .clone()
+            .map(|u| Redacted(SecretString::from(u))),
+        sync,
+        reconcile_every,
+    }
+}
+
+/// Only the `[ledger]` section of a config file, validated: for `usage`, which reads the
+/// ledger and needs neither the upstream key nor the rest.
+pub fn load_ledger(path: &Path) -> Result<LedgerSettings, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let raw = parse_raw(&text, &env)?;
+    let base = path.parent();
+    let resolve = |f: &Path| -> PathBuf {
+        match base {
+            Some(b) if f.is_relative() && !b.as_os_str().is_empty() => b.join(f),
+            _ => f.to_owned(),
+        }
+    };
+    let mut p = Problems(Vec::new());
+    let ledger = validate_ledger(&raw.ledger, &resolve, &mut p);
+    if p.0.is_empty() {
+        Ok(ledger)
+    } else {
+        Err(ConfigError::Invalid(p.0))
     }
 }
 
@@ -1299,6 +1366,10 @@ mod tests {
         assert_eq!(s.costs.expected("/v2/checkpoint", None), 1);
         assert_eq!(s.costs.expected("/v2/network", Some("invite")), 3);
         assert_eq!(s.costs.expected("/v2/profiles", Some("get")), 2);
+        // Documented-free endpoints cost nothing unless configured.
+        assert_eq!(s.costs.expected("/v2/credits", None), 0);
+        assert_eq!(s.costs.expected("/v2/accounts/acc_1", None), 0);
+        assert_eq!(s.costs.expected("/v2/webhooks/w1/stop", None), 0);
     }
 }
 

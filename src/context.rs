@@ -13,6 +13,19 @@ pub struct RequestContext {
     pub route: &'static str,
     pub action: Option<Arc<str>>,
     pub account_id: Option<Arc<str>>,
+    /// The 2FA `code` of a `POST /v2/checkpoint` body (a number is kept as its JSON text);
+    /// `None` elsewhere, and for an app-approval checkpoint. Coalescing keys on it.
+    pub code: Option<Arc<str>>,
+}
+
+/// Who answered a request, as a response extension for the credits ledger. The gateway's own
+/// answers say so (`Cache`: the status cache; `Coalesced`: a copy of another caller's
+/// upstream call, 0 credits); an answer without one came from the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnsweredBy {
+    Upstream,
+    Cache,
+    Coalesced,
 }
 
 /// Filled in by the layers as the request goes down, read by `observe` when the answer comes

@@ -44,6 +44,8 @@ pub enum GatewayError {
     UpstreamUnavailable { message: String, maybe_sent: bool },
     #[error("the request took longer than {}s", .0.as_secs_f64())]
     UpstreamTimeout(Duration),
+    #[error("the credit ledger cannot be written; requests that cost credits are refused until it recovers")]
+    LedgerUnavailable,
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -58,7 +60,9 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::InsufficientCredits(_) => StatusCode::PAYMENT_REQUIRED,
-            GatewayError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::Overloaded { .. } | GatewayError::LedgerUnavailable => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             GatewayError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -77,6 +81,7 @@ impl GatewayError {
             GatewayError::Overloaded { .. } => "OVERLOADED",
             GatewayError::UpstreamUnavailable { .. } => "UPSTREAM_UNAVAILABLE",
             GatewayError::UpstreamTimeout(_) => "UPSTREAM_TIMEOUT",
+            GatewayError::LedgerUnavailable => "LEDGER_UNAVAILABLE",
             GatewayError::NotFound(_) => "NOT_FOUND",
             GatewayError::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
         }
@@ -84,7 +89,7 @@ impl GatewayError {
 
     pub fn blame(&self) -> Blame {
         match self {
-            GatewayError::Overloaded { .. } => Blame::Gateway,
+            GatewayError::Overloaded { .. } | GatewayError::LedgerUnavailable => Blame::Gateway,
             GatewayError::UpstreamUnavailable { .. } | GatewayError::UpstreamTimeout(_) => {
                 Blame::Upstream
             }
@@ -100,6 +105,7 @@ impl GatewayError {
                 Some(u64::try_from(ms.div_ceil(1000)).unwrap_or(u64::MAX).max(1))
             }
             GatewayError::Overloaded { .. } => Some(1),
+            GatewayError::LedgerUnavailable => Some(5),
             _ => None,
         }
     }

@@ -2,18 +2,23 @@
 //! in front of LinkupAPI v2. See README.md for the tour and `stack.rs` for the onion.
 
 pub mod admin;
+pub mod budgets;
 pub mod config;
 pub mod context;
+pub mod dashboard;
 pub mod demo;
 pub mod emulator;
 pub mod error;
 pub mod headers;
 pub mod keygen;
 pub mod layers;
+pub mod ledger;
 pub mod limits;
 pub mod metrics;
+pub mod reconcile;
 pub mod server;
 pub mod shared;
 pub mod stack;
 pub mod upstream;
+pub mod usage;
 pub mod util;

@@ -32,6 +32,13 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum UsageFormat {
+    Table,
+    Csv,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
@@ -49,6 +56,22 @@ enum Command {
         /// The client's name, as it will appear in metrics, logs and usage reports.
         #[arg(long)]
         name: String,
+    },
+    /// Credit usage from the ledger: grouped, over a range of UTC days (default: today).
+    Usage {
+        #[arg(long, default_value = "config/gateway.toml")]
+        config: PathBuf,
+        /// First day, YYYY-MM-DD (default: today, UTC).
+        #[arg(long)]
+        from: Option<String>,
+        /// Last day, inclusive (default: today).
+        #[arg(long)]
+        to: Option<String>,
+        /// Grouping keys: any of client,account,action,day,outcome.
+        #[arg(long, default_value = "client")]
+        by: String,
+        #[arg(long, value_enum, default_value = "table")]
+        format: UsageFormat,
     },
     /// Run a local LinkupAPI v2 emulator (costs nothing; for development, demos and tests).
     Emulator {
@@ -112,6 +135,56 @@ fn load_or_report(path: &Path) -> Option<config::Settings> {
     }
 }
 
+fn usage(
+    config: &Path,
+    from: Option<&str>,
+    to: Option<&str>,
+    by: &str,
+    format: UsageFormat,
+) -> ExitCode {
+    use linkup_gateway::ledger::{Ledger, SqliteLedger};
+    let q = match linkup_gateway::usage::query(from, to, Some(by)) {
+        Ok(q) => q,
+        Err(e) => {
+            eprintln!("usage: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let settings = match config::load_ledger(config) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{}: invalid configuration:", config.display());
+            for p in e.problems() {
+                eprintln!("  {p}");
+            }
+            return ExitCode::from(1);
+        }
+    };
+    if !settings.path.exists() {
+        eprintln!(
+            "usage: no ledger at {} (ledger.path): nothing recorded yet",
+            settings.path.display()
+        );
+        return ExitCode::from(1);
+    }
+    let rows = SqliteLedger::open(&settings.path, settings.sync).and_then(|l| l.usage(&q));
+    match rows {
+        Ok(rows) => {
+            let out = match format {
+                UsageFormat::Table => linkup_gateway::usage::table(&rows, &q.by),
+                UsageFormat::Csv => linkup_gateway::usage::csv(&rows, &q.by),
+                UsageFormat::Json => linkup_gateway::usage::json(&rows) + "\n",
+            };
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("usage: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -144,6 +217,13 @@ fn main() -> ExitCode {
             }
             None => ExitCode::from(1),
         },
+        Command::Usage {
+            config,
+            from,
+            to,
+            by,
+            format,
+        } => usage(&config, from.as_deref(), to.as_deref(), &by, format),
         Command::Serve { config } => {
             init_logging(cli.log_format, cli.log_level.as_deref());
             let Some(settings) = load_or_report(&config) else {

@@ -41,6 +41,28 @@ pub struct RefusalLabels {
     pub code: &'static str,
 }
 
+/// `connected` or `checkpoint_required`: the statuses the status cache keeps.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabels {
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientLabels {
+    pub client: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub client: Label,
+    pub action: Label,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RateLimitedLabels {
     pub client: Label,
@@ -67,8 +89,21 @@ pub struct Metrics {
     pub refusals: Family<RefusalLabels, Counter>,
     pub in_flight: Gauge,
     pub config_reloads: Family<ReloadLabels, Counter>,
+    pub checkpoint_coalesced: Counter,
+    pub status_cache_hits: Counter,
+    pub status_cache_misses: Counter,
+    pub status_cache_entries: Family<StatusLabels, Gauge>,
     pub rate_limited: Family<RateLimitedLabels, Counter>,
     pub rate_limit_tracked: Gauge,
+    pub credits_consumed: Family<ActionLabels, Counter>,
+    pub credits_unknown: Family<ClientLabels, Counter>,
+    pub credits_reserved: Family<ClientLabels, Gauge>,
+    pub budget_remaining: Family<ClientLabels, Gauge>,
+    pub budget_shadow_refusals: Family<ClientLabels, Counter>,
+    pub ledger_rows: Family<OutcomeLabels, Counter>,
+    pub ledger_errors: Counter,
+    pub upstream_balance: Gauge,
+    pub credits_drift: Gauge,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -117,6 +152,85 @@ impl Default for Metrics {
             "SIGHUP config reloads, by result (ok, rejected)",
             config_reloads.clone(),
         );
+        // prometheus-client appends `_total` to counters.
+        let checkpoint_coalesced = Counter::default();
+        registry.register(
+            "checkpoint_coalesced",
+            "Checkpoint submits answered with a copy of an identical in-flight upstream call",
+            checkpoint_coalesced.clone(),
+        );
+        let status_cache_hits = Counter::default();
+        registry.register(
+            "status_cache_hits",
+            "Checkpoints answered from the status cache (account known to be connected)",
+            status_cache_hits.clone(),
+        );
+        let status_cache_misses = Counter::default();
+        registry.register(
+            "status_cache_misses",
+            "Checkpoints looked up in the status cache and passed on",
+            status_cache_misses.clone(),
+        );
+        let status_cache_entries = Family::<StatusLabels, Gauge>::default();
+        registry.register(
+            "status_cache_entries",
+            "Accounts in the status cache, by remembered status (counted at scrape time)",
+            status_cache_entries.clone(),
+        );
+        let credits_consumed = Family::<ActionLabels, Counter>::default();
+        registry.register(
+            "credits_consumed",
+            "Credits the upstream reported in metadata.credits_consumed (ambiguous answers: the reserved cost), by client and action",
+            credits_consumed.clone(),
+        );
+        let credits_unknown = Family::<ClientLabels, Counter>::default();
+        registry.register(
+            "credits_unknown",
+            "Upstream answers without a numeric metadata.credits_consumed (recorded as 0)",
+            credits_unknown.clone(),
+        );
+        let credits_reserved = Family::<ClientLabels, Gauge>::default();
+        registry.register(
+            "credits_reserved",
+            "Credits reserved by requests in flight",
+            credits_reserved.clone(),
+        );
+        let budget_remaining = Family::<ClientLabels, Gauge>::default();
+        registry.register(
+            "budget_remaining_credits",
+            "What is left of a client's daily credit budget (UTC day)",
+            budget_remaining.clone(),
+        );
+        let budget_shadow_refusals = Family::<ClientLabels, Counter>::default();
+        registry.register(
+            "budget_shadow_refusals",
+            "Requests a shadow budget would have refused",
+            budget_shadow_refusals.clone(),
+        );
+        let ledger_rows = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "ledger_rows",
+            "Ledger rows written, by outcome (settled, cached, coalesced, ambiguous)",
+            ledger_rows.clone(),
+        );
+        let ledger_errors = Counter::default();
+        registry.register(
+            "ledger_errors",
+            "Ledger writes that failed (costly requests are refused until one succeeds)",
+            ledger_errors.clone(),
+        );
+        let upstream_balance = Gauge::default();
+        registry.register(
+            "upstream_balance_credits",
+            "LinkupAPI's credit balance at the last reconciliation (GET /v2/credits)",
+            upstream_balance.clone(),
+        );
+        let credits_drift = Gauge::default();
+        registry.register(
+            "credits_drift",
+            "Credits the upstream charged minus credits the ledger recorded, since the gateway started",
+            credits_drift.clone(),
+        );
         let rate_limited = Family::<RateLimitedLabels, Counter>::default();
         registry.register(
             "rate_limited",
@@ -132,6 +246,15 @@ impl Default for Metrics {
         Metrics {
             rate_limited,
             rate_limit_tracked,
+            credits_consumed,
+            credits_unknown,
+            credits_reserved,
+            budget_remaining,
+            budget_shadow_refusals,
+            ledger_rows,
+            ledger_errors,
+            upstream_balance,
+            credits_drift,
             registry,
             requests,
             request_duration,
@@ -140,6 +263,10 @@ impl Default for Metrics {
             refusals,
             in_flight,
             config_reloads,
+            checkpoint_coalesced,
+            status_cache_hits,
+            status_cache_misses,
+            status_cache_entries,
         }
     }
 }

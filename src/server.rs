@@ -82,7 +82,19 @@ impl Gateway {
     /// Bind both listeners and start serving. `settings.server.listen` may use port 0.
     pub async fn start(settings: Settings) -> Result<Gateway, StartError> {
         let config_path = settings.source.clone();
-        let process = Arc::new(Process::default());
+        let ledger = crate::ledger::SqliteLedger::open(&settings.ledger.path, settings.ledger.sync)
+            .map_err(|e| StartError::Setup(format!("ledger.path: {e}")))?;
+        let process = Arc::new(Process::with_ledger(Arc::new(ledger)));
+        // Today's budgets resume where the ledger says they were.
+        let today = crate::usage::today();
+        let ledger = process.ledger.clone();
+        match tokio::task::spawn_blocking(move || ledger.spent_on(today)).await {
+            Ok(Ok(spent)) => process
+                .budgets
+                .restore(&spent, crate::budgets::utc_day(crate::budgets::now_ms())),
+            Ok(Err(e)) => return Err(StartError::Setup(format!("ledger.path: {e}"))),
+            Err(e) => return Err(StartError::Setup(format!("ledger: {e}"))),
+        }
         let generation = Generation::build(settings, &process, None).map_err(StartError::Setup)?;
         let s = generation.shared.settings.server.clone();
         if generation.shared.anonymous.is_some() {
@@ -115,7 +127,8 @@ impl Gateway {
         let (stop_data, data_rx) = watch::channel(false);
         let (stop_admin, admin_rx) = watch::channel(false);
         let data_task = tokio::spawn(serve_data(data, current.clone(), data_rx.clone()));
-        tokio::spawn(evict_idle(current.clone(), data_rx));
+        tokio::spawn(evict_idle(current.clone(), data_rx.clone()));
+        tokio::spawn(crate::reconcile::run(current.clone(), data_rx));
         let admin_task = tokio::spawn(crate::admin::serve(
             admin,
             process.clone(),
@@ -196,6 +209,10 @@ impl Gateway {
         self.process.draining.store(true, Ordering::SeqCst);
         let _ = self.stop_data.send(true);
         let _ = self.data_task.await;
+        // Every row of every answer given is durable before the process goes.
+        if let Err(e) = self.process.ledger.flush().await {
+            tracing::error!(error = %e, "ledger flush at shutdown failed");
+        }
         let _ = self.stop_admin.send(true);
         let _ = self.admin_task.await;
     }

@@ -8,18 +8,55 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize};
 use std::sync::Arc;
 
+use crate::budgets::Budgets;
 use crate::config::{AccountScope, ClientSettings, PathPattern, Settings};
+use crate::layers::coalesce::Flights;
+use crate::layers::credits::CreditState;
+use crate::layers::status_cache::{StatusStore, StatusStoreSlot};
+use crate::ledger::{Ledger, MemoryLedger};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::upstream::UpstreamClient;
 use crate::util::RequestIds;
 
-#[derive(Default)]
 pub struct Process {
     pub metrics: Metrics,
     pub in_flight: AtomicUsize,
     pub draining: AtomicBool,
     pub request_ids: RequestIds,
+    /// The status cache outlives config generations (a reload must not forget which accounts
+    /// are connected); each generation takes it from here.
+    pub status_store: StatusStoreSlot,
+    /// Checkpoint calls in flight, by account: process-wide, so a reload does not split them.
+    pub checkpoint_flights: Flights,
+    /// The durable credit ledger (one per process; `ledger.path` changes need a restart).
+    pub ledger: Arc<dyn Ledger>,
+    /// Daily budgets: spent and reserved credits per client, kept across reloads.
+    pub budgets: Budgets,
+    pub credit_state: CreditState,
+}
+
+impl Default for Process {
+    /// A process with an in-memory ledger (unit tests, benches).
+    fn default() -> Self {
+        Process::with_ledger(Arc::new(MemoryLedger::default()))
+    }
+}
+
+impl Process {
+    pub fn with_ledger(ledger: Arc<dyn Ledger>) -> Process {
+        Process {
+            metrics: Metrics::default(),
+            in_flight: AtomicUsize::new(0),
+            draining: AtomicBool::new(false),
+            request_ids: RequestIds::default(),
+            status_store: StatusStoreSlot::default(),
+            checkpoint_flights: Flights::default(),
+            ledger,
+            budgets: Budgets::default(),
+            credit_state: CreditState::default(),
+        }
+    }
 }
 
 pub struct Shared {
@@ -32,6 +69,8 @@ pub struct Shared {
     pub upstream: UpstreamClient,
     /// Rate limits; their buckets carry over to the next generation where unchanged.
     pub limits: Limits,
+    /// `None` when `status_cache.enabled = false`.
+    pub status_store: Option<Arc<StatusStore>>,
 }
 
 impl Shared {
@@ -47,6 +86,7 @@ impl Shared {
         previous: Option<&Shared>,
     ) -> Shared {
         let limits = Limits::build(&settings, previous.map(|p| &p.limits));
+        let status_store = process.status_store.for_settings(&settings.status_cache);
         let clients = settings
             .clients
             .iter()
@@ -71,6 +111,7 @@ impl Shared {
             anonymous,
             upstream,
             limits,
+            status_store,
         }
     }
 }

@@ -14,11 +14,14 @@ use crate::layers::account_limit::AccountLimitLayer;
 use crate::layers::authenticate::AuthenticateLayer;
 use crate::layers::classify::ClassifyLayer;
 use crate::layers::client_limit::ClientLimitLayer;
+use crate::layers::coalesce::CoalesceLayer;
+use crate::layers::credits::{CreditsLayer, RecordSavedLayer};
 use crate::layers::guard::GuardLayer;
 use crate::layers::inject_key::InjectKeyLayer;
 use crate::layers::observe::ObserveLayer;
 use crate::layers::read_body::ReadBodyLayer;
 use crate::layers::respond::RespondLayer;
+use crate::layers::status_cache::StatusCacheLayer;
 use crate::shared::Shared;
 use crate::upstream::Upstream;
 
@@ -56,19 +59,37 @@ where
         // classify: route, action, account_id from body/path/query, and the caller's scopes.
         // Everything below needs to know the account.
         .layer(ClassifyLayer)
-        // status_cache (coalescing/cache issue): a checkpoint for an account known to be
-        // connected is answered here, free, before anything below counts it.
-        //
-        // coalesce (coalescing/cache issue): identical in-flight checkpoints share one upstream
-        // call; above the limits and credits so that followers are neither limited nor charged.
-        //
+        // record_saved: the 0-credit ledger rows of the answers the two layers below give
+        // themselves (cached, coalesced): what the gateway saved.
+        .layer(RecordSavedLayer::new(shared.process.clone()))
+        // status_cache: a checkpoint for an account known to be connected is answered here,
+        // free, before anything below counts it; above coalesce so a hit never waits on a call
+        // in flight. It learns from upstream answers on their way back up.
+        .layer(StatusCacheLayer::new(
+            shared.status_store.clone(),
+            shared.process.clone(),
+        ))
+        // coalesce: identical in-flight checkpoints share one upstream call, and one account
+        // never has two in flight; above the limits and credits so that followers are neither
+        // limited nor charged, and the one call is counted and charged once. The call runs on
+        // its own task, so everything below it (limit, credits, ledger row) completes even when
+        // its first caller hangs up; that task teaches the status cache before it releases
+        // anyone, so a submit waiting behind it may be answered from the cache.
+        .layer(CoalesceLayer::new(
+            shared.settings.checkpoint_coalesce,
+            shared.process.checkpoint_flights.clone(),
+            shared.status_store.clone(),
+            shared.process.clone(),
+            s.request_timeout,
+        ))
         // account_limit: governor per account_id and rule, and the upstream-429 cooldown; below
         // the cache and coalescing so it counts only requests that will reach the upstream.
         .layer(AccountLimitLayer::new(shared.clone()))
-        // credits (credits issue): reserve the budget just before forwarding, settle and write
-        // the ledger row when the answer comes; below the limits so that a refused request
-        // never holds a reservation.
-        //
+        // credits: reserve the budget just before forwarding, settle with
+        // metadata.credits_consumed and write the ledger row before the answer goes back;
+        // below the limits so that a refused request never holds a reservation. The call runs
+        // on its own task, so a caller that hangs up or times out never loses a charge.
+        .layer(CreditsLayer::new(shared.clone()))
         // inject_key: the last rewrite before the wire: caller credentials out, stored key in.
         .layer(InjectKeyLayer::new(Arc::new(
             shared.settings.upstream.clone(),

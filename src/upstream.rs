@@ -87,6 +87,33 @@ impl UpstreamClient {
         })
     }
 
+    /// A request the gateway makes on its own behalf (the `/v2/credits` probe), with the
+    /// stored key; the whole answer, bounded.
+    pub async fn get(
+        &self,
+        s: &UpstreamSettings,
+        path: &'static str,
+    ) -> Result<(http::StatusCode, Bytes), String> {
+        let uri = http::Uri::builder()
+            .scheme(s.scheme.clone())
+            .authority(s.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut req = Request::new(Full::new(Bytes::new()));
+        *req.uri_mut() = uri;
+        req.headers_mut()
+            .insert("x-api-key", s.api_key.header().clone());
+        let resp = self.client.request(req).await.map_err(|e| root_cause(&e))?;
+        let status = resp.status();
+        let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
+        Ok((status, body))
+    }
+
     /// Keep this client (and its warm pool) for new settings when nothing it depends on changed.
     pub fn reuse_for(&self, s: &UpstreamSettings) -> bool {
         self.identity == (s.url.clone(), s.connect_timeout, s.ca_file.clone())

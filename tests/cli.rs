@@ -310,3 +310,81 @@ async fn demo_walkthrough_works_as_printed() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn usage_reports_the_ledger_as_table_csv_and_json() {
+    use linkup_gateway::ledger::{Ledger, Outcome, Row, SqliteLedger};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    // `usage` needs only [ledger]: no upstream key in sight.
+    let cfg = write(
+        dir.path(),
+        "g.toml",
+        "[upstream]\nurl = \"https://api.linkupapi.com\"\napi_key_env = \"NOT_SET_ANYWHERE\"\n[ledger]\npath = \"l.sqlite3\"\n",
+    );
+    {
+        let ledger = SqliteLedger::open(
+            &dir.path().join("l.sqlite3"),
+            linkup_gateway::config::LedgerSync::BeforeResponse,
+        )
+        .unwrap();
+        let now = linkup_gateway::budgets::now_ms();
+        for (client, action, credits, outcome) in [
+            ("crm", "get", 1, Outcome::Settled),
+            ("crm", "search_people", 2, Outcome::Settled),
+            ("crm", "checkpoint", 0, Outcome::Cached),
+            ("outreach", "invite", 1, Outcome::Settled),
+        ] {
+            ledger
+                .record(Row {
+                    at_ms: now,
+                    request_id: "r".into(),
+                    client: Arc::from(client),
+                    account_id: Some(Arc::from("acc_1")),
+                    path: "/v2/profiles".into(),
+                    action: Some(Arc::from(action)),
+                    status: 200,
+                    credits,
+                    credits_known: true,
+                    outcome,
+                })
+                .await
+                .unwrap();
+        }
+    }
+    let (code, out, err) = run(&["usage", "--config", &cfg]);
+    assert_eq!(code, 0, "{err}");
+    let last = out.lines().last().unwrap();
+    assert!(
+        last.starts_with("TOTAL") && last.trim_end().ends_with('4'),
+        "{out}"
+    );
+    assert!(out.contains("crm") && out.contains("outreach"), "{out}");
+    let (code, out, _) = run(&[
+        "usage",
+        "--config",
+        &cfg,
+        "--by",
+        "client,outcome",
+        "--format",
+        "csv",
+    ]);
+    assert_eq!(code, 0);
+    assert!(
+        out.starts_with("client,outcome,requests,credits\n"),
+        "{out}"
+    );
+    assert!(out.contains("crm,cached,1,0"), "{out}");
+    let (code, out, _) = run(&[
+        "usage", "--config", &cfg, "--by", "action", "--format", "json",
+    ]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["rows"].as_array().unwrap().len(), 4);
+    assert_eq!(run(&["usage", "--config", &cfg, "--by", "colour"]).0, 2);
+    assert_eq!(
+        run(&["usage", "--config", &cfg, "--from", "2026-13-01"]).0,
+        2
+    );
+}

@@ -101,13 +101,81 @@ pub fn route_name(method: &Method, path: &str) -> &'static str {
     }
 }
 
-/// The two top-level fields the gateway cares about; everything else is skipped without
+/// The top-level fields the gateway cares about; everything else is skipped without
 /// building a tree. A repeated `account_id` or `action` is refused: two parsers taking
 /// different copies is how scope checks get bypassed.
 #[derive(Default, Debug)]
 struct TopLevel {
     account_id: Option<String>,
     action: Option<String>,
+    /// Only checkpoint cares about it (coalescing key); elsewhere a bad `code` is not ours to
+    /// refuse.
+    code: Code,
+}
+
+/// A body's top-level `code`: a string, or a number kept as its JSON text.
+#[derive(Default, Debug, PartialEq)]
+enum Code {
+    #[default]
+    Absent,
+    Value(String),
+    /// Not a string or number, or given twice.
+    Invalid(&'static str),
+}
+
+/// Reads a `code` value without building a tree: strings and numbers are kept, anything else
+/// is skipped and marked invalid.
+struct CodeValue(Code);
+
+impl<'de> de::Deserialize<'de> for CodeValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = CodeValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a code")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<CodeValue, E> {
+                Ok(CodeValue(Code::Value(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<CodeValue, E> {
+                Ok(CodeValue(Code::Value(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<CodeValue, E> {
+                Ok(CodeValue(Code::Value(v.to_string())))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<CodeValue, E> {
+                Ok(CodeValue(Code::Value(v.to_string())))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<CodeValue, E> {
+                Ok(CodeValue(Code::Value(
+                    serde_json::Number::from_f64(v)
+                        .map_or_else(|| v.to_string(), |n| n.to_string()),
+                )))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<CodeValue, E> {
+                Ok(CodeValue(Code::Absent))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<CodeValue, E> {
+                Ok(CodeValue(Code::Invalid(
+                    "`code` must be a string or a number",
+                )))
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<CodeValue, A::Error> {
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(CodeValue(Code::Invalid(
+                    "`code` must be a string or a number",
+                )))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<CodeValue, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(CodeValue(Code::Invalid(
+                    "`code` must be a string or a number",
+                )))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 impl<'de> de::Deserialize<'de> for TopLevel {
@@ -134,6 +202,13 @@ impl<'de> de::Deserialize<'de> for TopLevel {
                                     return Err(de::Error::custom("`account_id` must be a string"))
                                 }
                             }
+                        }
+                        "code" => {
+                            let v: CodeValue = map.next_value()?;
+                            out.code = match out.code {
+                                Code::Absent => v.0,
+                                _ => Code::Invalid("`code` appears twice"),
+                            };
                         }
                         "action" => {
                             if out.action.is_some() {
@@ -239,10 +314,20 @@ pub fn classify(
 ) -> Result<RequestContext, GatewayError> {
     let (route, source) = resolve(method, path)?;
     let mut action = None;
+    let mut code = None;
     let mut account = match source {
         Account::Body | Account::ActionOnly => {
             let top = parse_body(body)?;
             action = top.action;
+            if route == "checkpoint" {
+                // Two copies or an object: the gateway's coalescing key and the upstream's
+                // reading could differ, so it is refused rather than guessed.
+                match top.code {
+                    Code::Absent => {}
+                    Code::Value(c) => code = Some(Arc::from(c)),
+                    Code::Invalid(why) => return Err(GatewayError::InvalidParams(why.into())),
+                }
+            }
             top.account_id
         }
         Account::Path => Some(path_account(path)?),
@@ -262,6 +347,7 @@ pub fn classify(
         route,
         action: action.map(Arc::from),
         account_id: account.map(Arc::from),
+        code,
     })
 }
 
@@ -355,6 +441,41 @@ mod tests {
         assert_eq!(c.route, "network");
         assert_eq!(c.account_id.as_deref(), Some("acc_1"));
         assert_eq!(c.action.as_deref(), Some("invite"));
+    }
+
+    #[test]
+    fn checkpoint_code_is_read_as_text_and_a_bad_one_refused() {
+        let code = |body: &str| post("/v2/checkpoint", body).map(|c| c.code);
+        let a = r#""account_id":"acc_1""#;
+        assert_eq!(
+            code(&format!(r#"{{{a},"code":"0123"}}"#))
+                .unwrap()
+                .as_deref(),
+            Some("0123")
+        );
+        assert_eq!(
+            code(&format!(r#"{{{a},"code":123456}}"#))
+                .unwrap()
+                .as_deref(),
+            Some("123456")
+        );
+        assert_eq!(code(&format!("{{{a}}}")).unwrap(), None);
+        assert_eq!(code(&format!(r#"{{{a},"code":null}}"#)).unwrap(), None);
+        for bad in [
+            r#""code":{"x":1}"#,
+            r#""code":[1]"#,
+            r#""code":"1","code":"2""#,
+        ] {
+            let e = code(&format!("{{{a},{bad}}}")).unwrap_err();
+            assert_eq!(e.code(), "INVALID_PARAMS", "{bad}");
+        }
+        // Only checkpoint reads it; elsewhere any `code` passes untouched.
+        let c = post(
+            "/v2/messages",
+            r#"{"account_id":"acc_1","code":{"x":[1]},"action":"send"}"#,
+        )
+        .unwrap();
+        assert_eq!((c.code, c.action.as_deref()), (None, Some("send")));
     }
 
     #[test]

@@ -7,11 +7,14 @@ pub mod account_limit;
 pub mod authenticate;
 pub mod classify;
 pub mod client_limit;
+pub mod coalesce;
+pub mod credits;
 pub mod guard;
 pub mod inject_key;
 pub mod observe;
 pub mod read_body;
 pub mod respond;
+pub mod status_cache;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 

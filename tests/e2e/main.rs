@@ -2,7 +2,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod checkpoint;
 mod common;
+mod credits;
 mod hostile;
 mod limits;
 mod operations;

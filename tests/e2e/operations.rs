@@ -101,14 +101,14 @@ async fn reload_applies_a_valid_config_and_keeps_the_old_on_error() {
 
     std::fs::write(
         h.config_path(),
-        format!("{good}\n[rate_limit]\nper_account = \"fast\"\n"),
+        format!("{good}\n[ledger]\nreconcile_every = \"often\"\n"),
     )
     .unwrap();
     let problems = h.gw.reload().unwrap_err();
     assert!(
         problems
             .iter()
-            .any(|p| p.starts_with("rate_limit.per_account")),
+            .any(|p| p.starts_with("ledger.reconcile_every")),
         "{problems:?}"
     );
     assert_eq!(

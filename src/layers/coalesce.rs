@@ -1,0 +1,662 @@
+//! coalesce: single flight for `POST /v2/checkpoint`. A 2FA code is single-use upstream and
+//! every submit costs a credit, so while a checkpoint for account A with code C (no code: app
+//! approval) is in flight, every identical submit waits for it and gets a copy of its status,
+//! headers and body with `x-gateway-coalesced: true` (or the same error). One upstream call,
+//! one credit, one ledger row.
+//!
+//! A submit for A with another code waits until the call in flight has finished, then goes on
+//! (and is answered from the status cache if that call connected A): the upstream never has
+//! two checkpoints for one account in flight.
+//!
+//! The upstream call belongs to no caller: it runs on its own task, bounded by
+//! `request_timeout`, so the first caller hanging up neither cancels it for the others nor
+//! stops it from being recorded; that task also teaches the status cache, before it releases
+//! anyone. A waiter gives up after `request_timeout` too. The map of
+//! calls in flight ([`Flights`]) lives in the process, so a SIGHUP reload does not split it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use super::status_cache::{self, StatusStore};
+use super::{take_ready, BoxFuture};
+use crate::context::{AnsweredBy, RequestContext, RequestLog};
+use crate::error::GatewayError;
+use crate::shared::Process;
+
+pub const X_GATEWAY_COALESCED: &str = "x-gateway-coalesced";
+
+/// A finished upstream call as every waiter gets it: `Response` is not `Clone`, its parts are
+/// (and the body is a cheap `Bytes` clone).
+enum Outcome {
+    Answer {
+        status: StatusCode,
+        version: Version,
+        headers: HeaderMap,
+        body: Bytes,
+    },
+    Failed(GatewayError),
+}
+
+impl Outcome {
+    fn of(result: &Result<Response<Bytes>, GatewayError>) -> Outcome {
+        match result {
+            Ok(r) => Outcome::Answer {
+                status: r.status(),
+                version: r.version(),
+                headers: r.headers().clone(),
+                body: r.body().clone(),
+            },
+            Err(e) => Outcome::Failed(e.clone()),
+        }
+    }
+
+    /// The follower's copy.
+    fn copy(&self) -> Result<Response<Bytes>, GatewayError> {
+        match self {
+            Outcome::Answer {
+                status,
+                version,
+                headers,
+                body,
+            } => {
+                let mut resp = Response::new(body.clone());
+                *resp.status_mut() = *status;
+                *resp.version_mut() = *version;
+                *resp.headers_mut() = headers.clone();
+                resp.headers_mut()
+                    .insert(X_GATEWAY_COALESCED, HeaderValue::from_static("true"));
+                resp.extensions_mut().insert(AnsweredBy::Coalesced);
+                Ok(resp)
+            }
+            Outcome::Failed(e) => Err(e.clone()),
+        }
+    }
+}
+
+/// `None` until the call has finished.
+type Done = watch::Receiver<Option<Arc<Outcome>>>;
+
+struct Flight {
+    code: Option<Arc<str>>,
+    done: Done,
+    /// Submits that joined this call, and submits with another code waiting for it to end
+    /// (for tests and logs).
+    joined: usize,
+    waiting: usize,
+}
+
+/// Checkpoint calls in flight, one at most per account. A std `Mutex`: it is held for a map
+/// operation, never across an `.await`.
+#[derive(Clone, Default)]
+pub struct Flights(Arc<Mutex<HashMap<Arc<str>, Flight>>>);
+
+enum Role {
+    /// Nothing in flight for the account: this submit makes the call. The guard takes the
+    /// entry out again, whatever happens to the call.
+    Lead(watch::Sender<Option<Arc<Outcome>>>, FlightGuard),
+    /// The same code is in flight: share its answer.
+    Follow(Done),
+    /// Another code is in flight: wait for it to finish, then try again.
+    Wait(Done),
+}
+
+impl Flights {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Arc<str>, Flight>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn join(&self, account: &Arc<str>, code: &Option<Arc<str>>) -> Role {
+        let mut map = self.lock();
+        match map.get_mut(account) {
+            Some(f) if f.code == *code => {
+                f.joined += 1;
+                Role::Follow(f.done.clone())
+            }
+            Some(f) => {
+                f.waiting += 1;
+                Role::Wait(f.done.clone())
+            }
+            None => {
+                let (tx, done) = watch::channel(None);
+                map.insert(
+                    account.clone(),
+                    Flight {
+                        code: code.clone(),
+                        done,
+                        joined: 0,
+                        waiting: 0,
+                    },
+                );
+                let guard = FlightGuard {
+                    flights: self.clone(),
+                    account: account.clone(),
+                };
+                Role::Lead(tx, guard)
+            }
+        }
+    }
+
+    /// Accounts with a checkpoint in flight.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// How many submits have joined the call in flight for `account` (`None`: nothing in
+    /// flight).
+    pub fn joined(&self, account: &str) -> Option<usize> {
+        self.lock().get(account).map(|f| f.joined)
+    }
+
+    /// How many submits with another code have waited for the call in flight for `account`.
+    pub fn waiting(&self, account: &str) -> Option<usize> {
+        self.lock().get(account).map(|f| f.waiting)
+    }
+}
+
+/// Takes the account's entry out of the map when dropped: after the call (answer, error,
+/// timeout), and also when the task panics or is cancelled, so no account is ever stuck.
+struct FlightGuard {
+    flights: Flights,
+    account: Arc<str>,
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        self.flights.lock().remove(&self.account);
+    }
+}
+
+/// Until the call has finished: its outcome, or `None` when it ended without one (its task
+/// panicked or the runtime is going down).
+async fn finished(mut done: Done) -> Option<Arc<Outcome>> {
+    let r = done.wait_for(Option::is_some).await;
+    r.ok().and_then(|v| v.clone())
+}
+
+fn abandoned() -> GatewayError {
+    GatewayError::UpstreamUnavailable {
+        message: "the shared checkpoint call ended without an answer".into(),
+        maybe_sent: true,
+    }
+}
+
+#[derive(Clone)]
+pub struct CoalesceLayer {
+    enabled: bool,
+    flights: Flights,
+    /// Re-checked after waiting for another code's call, which may have connected the account.
+    store: Option<Arc<StatusStore>>,
+    process: Arc<Process>,
+    request_timeout: Duration,
+}
+
+impl CoalesceLayer {
+    pub fn new(
+        enabled: bool,
+        flights: Flights,
+        store: Option<Arc<StatusStore>>,
+        process: Arc<Process>,
+        request_timeout: Duration,
+    ) -> Self {
+        CoalesceLayer {
+            enabled,
+            flights,
+            store,
+            process,
+            request_timeout,
+        }
+    }
+}
+
+impl<S> Layer<S> for CoalesceLayer {
+    type Service = Coalesce<S>;
+    fn layer(&self, inner: S) -> Coalesce<S> {
+        Coalesce {
+            inner,
+            cfg: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Coalesce<S> {
+    inner: S,
+    cfg: CoalesceLayer,
+}
+
+impl<S> Service<Request<Bytes>> for Coalesce<S>
+where
+    S: Service<Request<Bytes>, Response = Response<Bytes>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Bytes>;
+    type Error = GatewayError;
+    type Future = BoxFuture<Result<Response<Bytes>, GatewayError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        if !self.cfg.enabled {
+            return Box::pin(self.inner.call(req));
+        }
+        let (account, code) = match req.extensions().get::<RequestContext>() {
+            Some(RequestContext {
+                route: "checkpoint",
+                account_id: Some(account),
+                code,
+                ..
+            }) => (account.clone(), code.clone()),
+            _ => return Box::pin(self.inner.call(req)),
+        };
+        let mut inner = take_ready(&mut self.inner);
+        let cfg = self.cfg.clone();
+        Box::pin(async move {
+            let timeout = cfg.request_timeout;
+            let deadline = Instant::now() + timeout;
+            let log = req.extensions().get::<Arc<RequestLog>>().cloned();
+            loop {
+                match cfg.flights.join(&account, &code) {
+                    Role::Lead(tx, guard) => {
+                        let (mine_tx, mine) = oneshot::channel();
+                        let call = inner.call(req);
+                        let (store, account) = (cfg.store.clone(), account.clone());
+                        let task = async move {
+                            let result = match tokio::time::timeout(timeout, call).await {
+                                Ok(r) => r,
+                                Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
+                            };
+                            // The call's owner teaches the cache before anyone is released: a
+                            // waiter re-checking it must see what this call learnt, and a
+                            // first caller that hung up must not take the lesson with it.
+                            if let (Some(store), Ok(resp)) = (&store, &result) {
+                                store.learn("checkpoint", Some(&account), resp).await;
+                            }
+                            let outcome = Arc::new(Outcome::of(&result));
+                            // The entry goes before the answer: a submit arriving from now on
+                            // starts afresh instead of taking a finished answer.
+                            drop(guard);
+                            tx.send_replace(Some(outcome));
+                            let _ = mine_tx.send(result);
+                        };
+                        tokio::spawn(task.in_current_span());
+                        return match tokio::time::timeout_at(deadline, mine).await {
+                            Ok(Ok(result)) => result,
+                            Ok(Err(_)) => Err(abandoned()),
+                            Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
+                        };
+                    }
+                    Role::Follow(done) => {
+                        cfg.process.metrics.checkpoint_coalesced.inc();
+                        if let Some(log) = &log {
+                            log.set_credits(0);
+                        }
+                        tracing::debug!(account = %account, "checkpoint coalesced");
+                        return match tokio::time::timeout_at(deadline, finished(done)).await {
+                            Ok(Some(outcome)) => outcome.copy(),
+                            Ok(None) => Err(abandoned()),
+                            Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
+                        };
+                    }
+                    Role::Wait(done) => {
+                        tracing::debug!(
+                            account = %account,
+                            "another code is in flight for this account; waiting for it"
+                        );
+                        if tokio::time::timeout_at(deadline, finished(done))
+                            .await
+                            .is_err()
+                        {
+                            return Err(GatewayError::UpstreamTimeout(timeout));
+                        }
+                        if let Some(store) = &cfg.store {
+                            if store.is_connected(&account).await {
+                                return Ok(status_cache::hit(&account, log.as_ref(), &cfg.process));
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::layers::status_cache::CachedStatus;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::sync::Semaphore;
+    use tower::ServiceExt;
+
+    type TestSvc = tower::util::BoxCloneService<Request<Bytes>, Response<Bytes>, GatewayError>;
+
+    fn req(account: &str, code: Option<&str>) -> Request<Bytes> {
+        let mut r = Request::post("/v2/checkpoint").body(Bytes::new()).unwrap();
+        r.extensions_mut().insert(RequestContext {
+            route: "checkpoint",
+            action: None,
+            account_id: Some(Arc::from(account)),
+            code: code.map(Arc::from),
+        });
+        r.extensions_mut().insert(Arc::new(RequestLog::new(
+            HeaderValue::from_static("id"),
+            "checkpoint",
+        )));
+        r
+    }
+
+    /// A stub upstream that holds every call until the test adds a permit to `gate`, counts
+    /// calls and the most in flight at once, and answers with the call's number.
+    struct Upstream {
+        gate: Arc<Semaphore>,
+        calls: Arc<AtomicUsize>,
+        in_flight: Arc<AtomicUsize>,
+        max_in_flight: Arc<AtomicUsize>,
+    }
+
+    impl Upstream {
+        fn new() -> Upstream {
+            Upstream {
+                gate: Arc::new(Semaphore::new(0)),
+                calls: Arc::new(AtomicUsize::new(0)),
+                in_flight: Arc::new(AtomicUsize::new(0)),
+                max_in_flight: Arc::new(AtomicUsize::new(0)),
+            }
+        }
+
+        fn service(&self, answer: fn(usize) -> Result<Response<Bytes>, GatewayError>) -> TestSvc {
+            let (gate, calls, in_flight, max) = (
+                self.gate.clone(),
+                self.calls.clone(),
+                self.in_flight.clone(),
+                self.max_in_flight.clone(),
+            );
+            TestSvc::new(tower::service_fn(move |_r: Request<Bytes>| {
+                let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                max.fetch_max(now, Ordering::SeqCst);
+                let (gate, in_flight) = (gate.clone(), in_flight.clone());
+                async move {
+                    gate.acquire().await.unwrap().forget();
+                    in_flight.fetch_sub(1, Ordering::SeqCst);
+                    answer(n)
+                }
+            }))
+        }
+
+        async fn until_called(&self, n: usize) {
+            while self.calls.load(Ordering::SeqCst) < n {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    fn ok(n: usize) -> Result<Response<Bytes>, GatewayError> {
+        let mut r = Response::new(Bytes::from(format!(r#"{{"call":{n}}}"#)));
+        r.headers_mut().insert("x-upstream", HeaderValue::from(n));
+        Ok(r)
+    }
+
+    fn layer(flights: &Flights, store: Option<Arc<StatusStore>>, timeout_s: u64) -> CoalesceLayer {
+        CoalesceLayer::new(
+            true,
+            flights.clone(),
+            store,
+            Arc::new(Process::default()),
+            Duration::from_secs(timeout_s),
+        )
+    }
+
+    async fn until_joined(flights: &Flights, account: &str, n: usize) {
+        while flights.joined(account) != Some(n) {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn identical_checkpoints_share_the_first_upstream_call() {
+        let up = Upstream::new();
+        let flights = Flights::default();
+        let l = layer(&flights, None, 30);
+        let process = l.process.clone();
+        let svc = l.layer(up.service(ok));
+        let leader = tokio::spawn(svc.clone().oneshot(req("a", Some("1"))));
+        up.until_called(1).await;
+        let followers: Vec<_> = (0..50)
+            .map(|_| {
+                let r = req("a", Some("1"));
+                let log = r.extensions().get::<Arc<RequestLog>>().cloned().unwrap();
+                (tokio::spawn(svc.clone().oneshot(r)), log)
+            })
+            .collect();
+        until_joined(&flights, "a", 50).await;
+        up.gate.add_permits(1);
+        let first = leader.await.unwrap().unwrap();
+        assert!(!first.headers().contains_key(X_GATEWAY_COALESCED));
+        assert_eq!(first.extensions().get::<AnsweredBy>(), None);
+        for (f, log) in followers {
+            let r = f.await.unwrap().unwrap();
+            assert_eq!(r.body(), first.body());
+            assert_eq!(r.headers()["x-upstream"], "1");
+            assert_eq!(r.headers()[X_GATEWAY_COALESCED], "true");
+            assert_eq!(
+                r.extensions().get::<AnsweredBy>(),
+                Some(&AnsweredBy::Coalesced)
+            );
+            assert_eq!(log.credits(), Some(0));
+        }
+        assert_eq!(up.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(process.metrics.checkpoint_coalesced.get(), 50);
+        assert!(flights.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_submit_after_the_call_finished_starts_a_new_one() {
+        let up = Upstream::new();
+        up.gate.add_permits(2);
+        let flights = Flights::default();
+        let svc = layer(&flights, None, 30).layer(up.service(ok));
+        svc.clone().oneshot(req("a", Some("1"))).await.unwrap();
+        let r = svc.oneshot(req("a", Some("1"))).await.unwrap();
+        assert_eq!(r.headers()["x-upstream"], "2");
+        assert!(flights.is_empty());
+    }
+
+    async fn until_waiting(flights: &Flights, account: &str, n: usize) {
+        while flights.waiting(account) != Some(n) {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn another_code_waits_for_the_call_in_flight_then_goes_on() {
+        let up = Upstream::new();
+        let flights = Flights::default();
+        let svc = layer(&flights, None, 30).layer(up.service(ok));
+        let wrong = tokio::spawn(svc.clone().oneshot(req("a", Some("000000"))));
+        up.until_called(1).await;
+        let right = tokio::spawn(svc.clone().oneshot(req("a", Some("123456"))));
+        until_waiting(&flights, "a", 1).await;
+        assert_eq!(up.calls.load(Ordering::SeqCst), 1);
+        up.gate.add_permits(1);
+        assert_eq!(wrong.await.unwrap().unwrap().headers()["x-upstream"], "1");
+        up.until_called(2).await;
+        up.gate.add_permits(1);
+        let r = right.await.unwrap().unwrap();
+        assert_eq!(r.headers()["x-upstream"], "2");
+        assert!(!r.headers().contains_key(X_GATEWAY_COALESCED));
+        assert_eq!(up.max_in_flight.load(Ordering::SeqCst), 1);
+        assert!(flights.is_empty());
+    }
+
+    #[tokio::test]
+    async fn other_accounts_are_not_held_up() {
+        let up = Upstream::new();
+        let flights = Flights::default();
+        let svc = layer(&flights, None, 30).layer(up.service(ok));
+        let a = tokio::spawn(svc.clone().oneshot(req("a", Some("1"))));
+        up.until_called(1).await;
+        let b = tokio::spawn(svc.clone().oneshot(req("b", Some("1"))));
+        up.until_called(2).await;
+        assert_eq!(flights.len(), 2);
+        up.gate.add_permits(2);
+        a.await.unwrap().unwrap();
+        b.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn after_waiting_a_connected_account_is_answered_from_the_cache() {
+        let up = Upstream::new();
+        let flights = Flights::default();
+        let store = Arc::new(StatusStore::new(Duration::from_secs(60), 10));
+        let svc = layer(&flights, Some(store.clone()), 30).layer(up.service(|_| {
+            Ok(Response::new(Bytes::from_static(
+                br#"{"success":true,"data":{"account_id":"a","status":"connected"}}"#,
+            )))
+        }));
+        let right = tokio::spawn(svc.clone().oneshot(req("a", Some("123456"))));
+        up.until_called(1).await;
+        let late = tokio::spawn(svc.clone().oneshot(req("a", Some("654321"))));
+        until_waiting(&flights, "a", 1).await;
+        up.gate.add_permits(1);
+        right.await.unwrap().unwrap();
+        let r = late.await.unwrap().unwrap();
+        assert_eq!(r.headers()[status_cache::X_GATEWAY_CACHE], "hit");
+        assert_eq!(r.extensions().get::<AnsweredBy>(), Some(&AnsweredBy::Cache));
+        assert_eq!(up.calls.load(Ordering::SeqCst), 1);
+        assert_eq!(store.get("a").await, Some(CachedStatus::Connected));
+    }
+
+    #[tokio::test]
+    async fn the_call_goes_on_when_the_leader_hangs_up() {
+        let up = Upstream::new();
+        let flights = Flights::default();
+        let svc = layer(&flights, None, 30).layer(up.service(ok));
+        let leader = tokio::spawn(svc.clone().oneshot(req("a", None)));
+        up.until_called(1).await;
+        let follower = tokio::spawn(svc.clone().oneshot(req("a", None)));
+        until_joined(&flights, "a", 1).await;
+        leader.abort();
+        assert!(leader.await.unwrap_err().is_cancelled());
+        up.gate.add_permits(1);
+        let r = follower.await.unwrap().unwrap();
+        assert_eq!(r.headers()["x-upstream"], "1");
+        assert_eq!(r.headers()[X_GATEWAY_COALESCED], "true");
+        assert!(flights.is_empty());
+    }
+
+    #[tokio::test]
+    async fn errors_are_shared_like_answers() {
+        let up = Upstream::new();
+        let flights = Flights::default();
+        let svc = layer(&flights, None, 30).layer(up.service(|_| {
+            Err(GatewayError::UpstreamUnavailable {
+                message: "reset".into(),
+                maybe_sent: true,
+            })
+        }));
+        let leader = tokio::spawn(svc.clone().oneshot(req("a", Some("1"))));
+        up.until_called(1).await;
+        let follower = tokio::spawn(svc.clone().oneshot(req("a", Some("1"))));
+        until_joined(&flights, "a", 1).await;
+        up.gate.add_permits(1);
+        for r in [leader.await.unwrap(), follower.await.unwrap()] {
+            assert_eq!(r.unwrap_err().code(), "UPSTREAM_UNAVAILABLE");
+        }
+        assert!(flights.is_empty());
+    }
+
+    fn explode() -> Result<Response<Bytes>, GatewayError> {
+        panic!("the upstream stub panics (on purpose)")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_call_leaves_no_entry_behind() {
+        let up = Upstream::new();
+        let flights = Flights::default();
+        let svc = layer(&flights, None, 30).layer(up.service(|_| explode()));
+        let leader = tokio::spawn(svc.clone().oneshot(req("a", None)));
+        up.until_called(1).await;
+        let follower = tokio::spawn(svc.clone().oneshot(req("a", None)));
+        until_joined(&flights, "a", 1).await;
+        up.gate.add_permits(1);
+        for r in [leader.await.unwrap(), follower.await.unwrap()] {
+            assert_eq!(r.unwrap_err().code(), "UPSTREAM_UNAVAILABLE");
+        }
+        assert!(flights.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nobody_waits_longer_than_the_request_timeout() {
+        let up = Upstream::new();
+        let flights = Flights::default();
+        let svc = layer(&flights, None, 5).layer(up.service(ok));
+        let leader = tokio::spawn(svc.clone().oneshot(req("a", Some("1"))));
+        up.until_called(1).await;
+        let follower = tokio::spawn(svc.clone().oneshot(req("a", Some("1"))));
+        let waiter = tokio::spawn(svc.clone().oneshot(req("a", Some("2"))));
+        until_joined(&flights, "a", 1).await;
+        until_waiting(&flights, "a", 1).await;
+        // The stub never answers; paused time runs on to the timeouts.
+        for r in [
+            leader.await.unwrap(),
+            follower.await.unwrap(),
+            waiter.await.unwrap(),
+        ] {
+            assert_eq!(r.unwrap_err().code(), "UPSTREAM_TIMEOUT");
+        }
+        // The calls' own tasks give up too (the waiter's went on after the first ended), so
+        // the account is free again.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(flights.is_empty());
+    }
+
+    #[tokio::test]
+    async fn switched_off_or_not_a_checkpoint_it_passes_through() {
+        let up = Upstream::new();
+        let flights = Flights::default();
+        let mut l = layer(&flights, None, 30);
+        l.enabled = false;
+        let svc = l.layer(up.service(ok));
+        let a = tokio::spawn(svc.clone().oneshot(req("a", Some("1"))));
+        let b = tokio::spawn(svc.clone().oneshot(req("a", Some("1"))));
+        up.until_called(2).await;
+        assert!(flights.is_empty());
+        up.gate.add_permits(2);
+        a.await.unwrap().unwrap();
+        b.await.unwrap().unwrap();
+
+        let svc = layer(&flights, None, 30).layer(up.service(ok));
+        let mut r = req("a", Some("1"));
+        r.extensions_mut().insert(RequestContext {
+            route: "profiles",
+            action: None,
+            account_id: Some(Arc::from("a")),
+            code: None,
+        });
+        let a = tokio::spawn(svc.clone().oneshot(r));
+        up.until_called(3).await;
+        assert!(flights.is_empty());
+        up.gate.add_permits(1);
+        a.await.unwrap().unwrap();
+    }
+}

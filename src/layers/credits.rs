@@ -1,0 +1,511 @@
+//! credits: reserve the expected cost against the caller's daily budget just before forwarding,
+//! then settle it with `metadata.credits_consumed` and write the ledger row before the answer
+//! goes back. Also `record_saved`, which writes the 0-credit rows of answers the gateway gave
+//! itself (status cache, coalesced copies): what the gateway saved.
+//!
+//! The upstream call runs on its own task: it belongs to no caller. If the caller hangs up or
+//! the whole-request timeout answers 504 first, the call still completes and its real charge is
+//! recorded; only a call that never answers within `request_timeout` is recorded `ambiguous`
+//! with its reserved cost.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use serde::Deserialize;
+use tower::{Layer, Service};
+
+use super::{take_ready, BoxFuture};
+use crate::budgets::{now_ms, utc_day};
+use crate::config::ClientSettings;
+use crate::context::{AnsweredBy, RequestContext, RequestLog};
+use crate::error::GatewayError;
+use crate::ledger::{Outcome, Row};
+use crate::metrics::{ActionLabels, ClientLabels, Label, OutcomeLabels};
+use crate::shared::{Process, Shared};
+
+/// Process-wide credit state: upstream exhaustion and ledger health.
+#[derive(Debug, Default)]
+pub struct CreditState {
+    /// LinkupAPI said INSUFFICIENT_CREDITS: refuse costly requests until a probe shows a balance.
+    pub upstream_exhausted: AtomicBool,
+    /// A probe task is running.
+    pub probing: AtomicBool,
+    /// The last ledger write failed: fail closed for costly requests until one succeeds.
+    pub ledger_failing: AtomicBool,
+}
+
+/// What an upstream answer says about credits. Only the fields the gateway needs are read.
+#[derive(Debug, Default, PartialEq)]
+pub struct Charge {
+    /// `metadata.credits_consumed` when it is a non-negative integer.
+    pub credits: Option<u64>,
+    /// `metadata.action`.
+    pub action: Option<String>,
+    /// `error.code`.
+    pub error: Option<String>,
+}
+
+impl Charge {
+    pub fn of(body: &[u8]) -> Charge {
+        #[derive(Deserialize)]
+        struct Envelope {
+            metadata: Option<Meta>,
+            error: Option<ErrorBody>,
+        }
+        #[derive(Deserialize)]
+        struct Meta {
+            credits_consumed: Option<serde_json::Value>,
+            action: Option<serde_json::Value>,
+        }
+        #[derive(Deserialize)]
+        struct ErrorBody {
+            code: Option<serde_json::Value>,
+        }
+        let Ok(env) = serde_json::from_slice::<Envelope>(body) else {
+            return Charge::default();
+        };
+        let (credits, action) = match env.metadata {
+            Some(m) => (
+                m.credits_consumed.and_then(|v| v.as_u64()),
+                m.action.and_then(|v| v.as_str().map(str::to_owned)),
+            ),
+            None => (None, None),
+        };
+        Charge {
+            credits,
+            action,
+            error: env
+                .error
+                .and_then(|e| e.code)
+                .and_then(|c| c.as_str().map(str::to_owned)),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct CreditsLayer {
+    shared: Arc<Shared>,
+}
+
+impl CreditsLayer {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        CreditsLayer { shared }
+    }
+}
+
+impl<S> Layer<S> for CreditsLayer {
+    type Service = Credits<S>;
+    fn layer(&self, inner: S) -> Credits<S> {
+        Credits {
+            inner,
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Credits<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+/// The facts a ledger row needs, taken from the request before it goes down.
+struct Pending {
+    client: Arc<ClientSettings>,
+    account: Option<Arc<str>>,
+    action: Option<Arc<str>>,
+    path: String,
+    request_id: String,
+    cost: u64,
+    day: i64,
+}
+
+impl<S> Service<Request<Bytes>> for Credits<S>
+where
+    S: Service<Request<Bytes>, Response = Response<Bytes>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Bytes>;
+    type Error = GatewayError;
+    type Future = BoxFuture<Result<Response<Bytes>, GatewayError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let shared = self.shared.clone();
+        let Some(client) = req.extensions().get::<Arc<ClientSettings>>().cloned() else {
+            return Box::pin(self.inner.call(req));
+        };
+        let ctx = req.extensions().get::<RequestContext>();
+        let log = req.extensions().get::<Arc<RequestLog>>().cloned();
+        let action = ctx.and_then(|c| c.action.clone());
+        let cost = shared
+            .settings
+            .costs
+            .expected(req.uri().path(), action.as_deref());
+        let process = &shared.process;
+
+        if cost > 0 {
+            if process.credit_state.ledger_failing.load(Ordering::Acquire) {
+                return Box::pin(async { Err(GatewayError::LedgerUnavailable) });
+            }
+            if process
+                .credit_state
+                .upstream_exhausted
+                .load(Ordering::Acquire)
+            {
+                return Box::pin(async {
+                    Err(GatewayError::InsufficientCredits(
+                        "LinkupAPI reported insufficient credits; requests that cost credits are refused until a balance shows again".into(),
+                    ))
+                });
+            }
+        }
+        let day = utc_day(now_ms());
+        let budget = client.daily_credit_budget;
+        if let Err(e) = process
+            .budgets
+            .reserve(&client.name, cost, budget, !client.shadow, day)
+        {
+            let message = format!(
+                "client `{}` has a daily budget of {} credits; {} spent and {} reserved today, and this request would cost {cost}",
+                client.name, e.budget, e.spent, e.reserved
+            );
+            if client.shadow {
+                process
+                    .metrics
+                    .budget_shadow_refusals
+                    .get_or_create(&ClientLabels {
+                        client: Label(client.name.clone()),
+                    })
+                    .inc();
+                tracing::info!(shadow = true, "would refuse: {message}");
+            } else {
+                return Box::pin(async move { Err(GatewayError::InsufficientCredits(message)) });
+            }
+        }
+        publish_budget(process, &client, day);
+        let pending = Pending {
+            account: ctx.and_then(|c| c.account_id.clone()),
+            action,
+            path: req.uri().path().to_owned(),
+            request_id: log
+                .as_ref()
+                .and_then(|l| l.request_id.to_str().ok())
+                .unwrap_or("")
+                .to_owned(),
+            client,
+            cost,
+            day,
+        };
+        let inner = take_ready(&mut self.inner);
+        let timeout = shared.settings.server.request_timeout;
+        // The call belongs to no caller: it runs to the end and is recorded even when the
+        // caller is gone or answered 504 first.
+        let task = tokio::spawn(call_and_record(shared, inner, req, pending, timeout, log));
+        Box::pin(async move {
+            match task.await {
+                Ok(r) => r,
+                Err(e) => Err(GatewayError::UpstreamUnavailable {
+                    message: format!("the upstream call failed inside the gateway: {e}"),
+                    maybe_sent: true,
+                }),
+            }
+        })
+    }
+}
+
+async fn call_and_record<S>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    req: Request<Bytes>,
+    p: Pending,
+    timeout: Duration,
+    log: Option<Arc<RequestLog>>,
+) -> Result<Response<Bytes>, GatewayError>
+where
+    S: Service<Request<Bytes>, Response = Response<Bytes>, Error = GatewayError>,
+{
+    let process = &shared.process;
+    let result = match tokio::time::timeout(timeout, inner.call(req)).await {
+        Ok(r) => r,
+        Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
+    };
+    let (status, charged, known, meta_action, outcome) = match &result {
+        Ok(resp) => {
+            let charge = Charge::of(resp.body());
+            if resp.status() == StatusCode::PAYMENT_REQUIRED
+                && charge.error.as_deref() == Some("INSUFFICIENT_CREDITS")
+            {
+                upstream_exhausted(&shared);
+            }
+            (
+                resp.status().as_u16(),
+                charge.credits.unwrap_or(0),
+                charge.credits.is_some(),
+                charge.action,
+                Outcome::Settled,
+            )
+        }
+        // Sent, then lost: the upstream may have acted and charged. Keep the reservation.
+        Err(GatewayError::UpstreamUnavailable {
+            maybe_sent: true, ..
+        })
+        | Err(GatewayError::UpstreamTimeout(_)) => {
+            let status = result
+                .as_ref()
+                .err()
+                .map(|e| e.status().as_u16())
+                .unwrap_or(502);
+            (status, p.cost, true, None, Outcome::Ambiguous)
+        }
+        // Never sent: nothing charged, no row.
+        Err(_) => {
+            process.budgets.settle(&p.client.name, p.cost, 0, p.day);
+            publish_budget(process, &p.client, p.day);
+            return result;
+        }
+    };
+    process
+        .budgets
+        .settle(&p.client.name, p.cost, charged, p.day);
+    publish_budget(process, &p.client, p.day);
+    if let Some(log) = &log {
+        log.set_credits(charged);
+    }
+    let action: Option<Arc<str>> = p.action.clone().or(meta_action.map(Arc::from));
+    let m = &process.metrics;
+    let action_label = Label(action.clone().unwrap_or_else(|| Arc::from("unknown")));
+    if charged > 0 {
+        m.credits_consumed
+            .get_or_create(&ActionLabels {
+                client: Label(p.client.name.clone()),
+                action: action_label,
+            })
+            .inc_by(charged);
+    }
+    if !known {
+        m.credits_unknown
+            .get_or_create(&ClientLabels {
+                client: Label(p.client.name.clone()),
+            })
+            .inc();
+    }
+    let row = Row {
+        at_ms: now_ms(),
+        request_id: p.request_id,
+        client: p.client.name.clone(),
+        account_id: p.account,
+        path: p.path,
+        action,
+        status,
+        credits: charged,
+        credits_known: known,
+        outcome,
+    };
+    record(process, row).await;
+    result
+}
+
+/// Write a ledger row and wait for it to be durable (or queued, with `sync = "async"`). A
+/// failure is logged and counted, and fails closed for costly requests until a write succeeds.
+pub async fn record(process: &Process, row: Row) {
+    let outcome = row.outcome;
+    match process.ledger.record(row).await {
+        Ok(()) => {
+            process
+                .credit_state
+                .ledger_failing
+                .store(false, Ordering::Release);
+            process
+                .metrics
+                .ledger_rows
+                .get_or_create(&OutcomeLabels {
+                    outcome: outcome.as_str(),
+                })
+                .inc();
+        }
+        Err(e) => {
+            process
+                .credit_state
+                .ledger_failing
+                .store(true, Ordering::Release);
+            process.metrics.ledger_errors.inc();
+            tracing::error!(error = %e, "ledger write failed: refusing requests that cost credits until it recovers");
+        }
+    }
+}
+
+fn publish_budget(process: &Process, client: &ClientSettings, day: i64) {
+    let standing = process.budgets.standing(&client.name, day);
+    let labels = ClientLabels {
+        client: Label(client.name.clone()),
+    };
+    let m = &process.metrics;
+    m.credits_reserved
+        .get_or_create(&labels)
+        .set(i64::try_from(standing.reserved).unwrap_or(i64::MAX));
+    if let Some(budget) = client.daily_credit_budget {
+        let left = budget.saturating_sub(standing.spent.saturating_add(standing.reserved));
+        m.budget_remaining
+            .get_or_create(&labels)
+            .set(i64::try_from(left).unwrap_or(i64::MAX));
+    }
+}
+
+/// LinkupAPI is out of credits: refuse costly requests, and probe `GET /v2/credits` (free)
+/// until it shows a balance again.
+fn upstream_exhausted(shared: &Arc<Shared>) {
+    let state = &shared.process.credit_state;
+    state.upstream_exhausted.store(true, Ordering::Release);
+    if state.probing.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    tracing::warn!("LinkupAPI answered INSUFFICIENT_CREDITS: refusing requests that cost credits until a balance shows");
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.tick().await;
+        loop {
+            every.tick().await;
+            match crate::reconcile::balance(&shared).await {
+                Ok(b) if b > 0 => {
+                    tracing::info!(balance = b, "LinkupAPI shows credits again");
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "credits probe failed"),
+            }
+        }
+        let state = &shared.process.credit_state;
+        state.upstream_exhausted.store(false, Ordering::Release);
+        state.probing.store(false, Ordering::Release);
+    });
+}
+
+/// record_saved: the ledger rows of answers the gateway gave itself (0 credits): it sits just
+/// above status_cache and coalesce, which mark their answers with `AnsweredBy`.
+#[derive(Clone)]
+pub struct RecordSavedLayer {
+    process: Arc<Process>,
+}
+
+impl RecordSavedLayer {
+    pub fn new(process: Arc<Process>) -> Self {
+        RecordSavedLayer { process }
+    }
+}
+
+impl<S> Layer<S> for RecordSavedLayer {
+    type Service = RecordSaved<S>;
+    fn layer(&self, inner: S) -> RecordSaved<S> {
+        RecordSaved {
+            inner,
+            process: self.process.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RecordSaved<S> {
+    inner: S,
+    process: Arc<Process>,
+}
+
+impl<S> Service<Request<Bytes>> for RecordSaved<S>
+where
+    S: Service<Request<Bytes>, Response = Response<Bytes>, Error = GatewayError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<Bytes>;
+    type Error = GatewayError;
+    type Future = BoxFuture<Result<Response<Bytes>, GatewayError>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        let client = req.extensions().get::<Arc<ClientSettings>>().cloned();
+        let ctx = req.extensions().get::<RequestContext>().cloned();
+        let request_id = req
+            .extensions()
+            .get::<Arc<RequestLog>>()
+            .and_then(|l| l.request_id.to_str().ok().map(str::to_owned))
+            .unwrap_or_default();
+        let path = req.uri().path().to_owned();
+        let process = self.process.clone();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            let outcome = match resp.extensions().get::<AnsweredBy>() {
+                Some(AnsweredBy::Cache) => Outcome::Cached,
+                Some(AnsweredBy::Coalesced) => Outcome::Coalesced,
+                _ => return Ok(resp),
+            };
+            if let Some(client) = client {
+                let action = ctx
+                    .as_ref()
+                    .and_then(|c| c.action.clone())
+                    .or_else(|| Charge::of(resp.body()).action.map(Arc::from));
+                let row = Row {
+                    at_ms: now_ms(),
+                    request_id,
+                    client: client.name.clone(),
+                    account_id: ctx.and_then(|c| c.account_id),
+                    path,
+                    action,
+                    status: resp.status().as_u16(),
+                    credits: 0,
+                    credits_known: true,
+                    outcome,
+                };
+                record(&process, row).await;
+            }
+            Ok(resp)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charge_reads_credits_action_and_error() {
+        let c = Charge::of(
+            br#"{"success":true,"data":{},"metadata":{"action":"get","credits_consumed":2}}"#,
+        );
+        assert_eq!(c.credits, Some(2));
+        assert_eq!(c.action.as_deref(), Some("get"));
+        let c = Charge::of(br#"{"success":false,"error":{"code":"INSUFFICIENT_CREDITS"},"metadata":{"credits_consumed":0}}"#);
+        assert_eq!(
+            (c.credits, c.error.as_deref()),
+            (Some(0), Some("INSUFFICIENT_CREDITS"))
+        );
+        for unknown in [
+            &b"<html>502</html>"[..],
+            br#"{"metadata":{"credits_consumed":"2"}}"#,
+            br#"{"metadata":{"credits_consumed":-1}}"#,
+            br#"{"metadata":{"credits_consumed":1.5}}"#,
+            br#"{"data":{}}"#,
+            b"",
+        ] {
+            assert_eq!(
+                Charge::of(unknown).credits,
+                None,
+                "{}",
+                String::from_utf8_lossy(unknown)
+            );
+        }
+    }
+}

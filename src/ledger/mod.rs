@@ -1,0 +1,291 @@
+//! The credits ledger: one row per answer given on the upstream's behalf (SPEC §4 "Credits"),
+//! and the aggregates `/usage`, the CLI and the dashboard read (SPEC §5).
+//!
+//! [`Ledger`] is the seam: the credits layer and the admin listener only see the trait, so a
+//! shared backend (Postgres, for fleets) can join later without touching them. [`SqliteLedger`]
+//! is the embedded default: WAL, one writer thread with group commit, a daily aggregate table.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use time::{Date, OffsetDateTime};
+
+use crate::layers::BoxFuture;
+
+mod memory;
+mod sqlite;
+
+pub use memory::MemoryLedger;
+pub use sqlite::SqliteLedger;
+
+/// How an answer came about; the ledger's `outcome` column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The upstream answered; `credits` is its `metadata.credits_consumed`.
+    Settled,
+    /// The gateway answered from the status cache: 0 credits, what the gateway saved.
+    Cached,
+    /// The answer was shared from another caller's in-flight call: 0 credits.
+    Coalesced,
+    /// A timeout or reset after the request was sent: `credits` is the reserved cost, which
+    /// stays counted until reconciliation.
+    Ambiguous,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Settled,
+        Outcome::Cached,
+        Outcome::Coalesced,
+        Outcome::Ambiguous,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Settled => "settled",
+            Outcome::Cached => "cached",
+            Outcome::Coalesced => "coalesced",
+            Outcome::Ambiguous => "ambiguous",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One ledger row.
+#[derive(Debug, Clone)]
+pub struct Row {
+    /// Unix epoch milliseconds (UTC).
+    pub at_ms: i64,
+    pub request_id: String,
+    pub client: Arc<str>,
+    pub account_id: Option<Arc<str>>,
+    /// E.g. `/v2/checkpoint`.
+    pub path: String,
+    /// The body's `action`, else the upstream's `metadata.action`.
+    pub action: Option<Arc<str>>,
+    pub status: u16,
+    /// Charged; for [`Outcome::Ambiguous`]: the reserved expected cost.
+    pub credits: u64,
+    /// False when `metadata.credits_consumed` was absent or not a number.
+    pub credits_known: bool,
+    pub outcome: Outcome,
+}
+
+/// A grouping key of `/usage?by=`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GroupBy {
+    Client,
+    Account,
+    Action,
+    Day,
+    Outcome,
+}
+
+impl GroupBy {
+    pub const ALL: [GroupBy; 5] = [
+        GroupBy::Client,
+        GroupBy::Account,
+        GroupBy::Action,
+        GroupBy::Day,
+        GroupBy::Outcome,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GroupBy::Client => "client",
+            GroupBy::Account => "account",
+            GroupBy::Action => "action",
+            GroupBy::Day => "day",
+            GroupBy::Outcome => "outcome",
+        }
+    }
+
+    /// A comma-separated list (`client,day`); empty items are skipped, duplicates kept once.
+    pub fn parse_list(s: &str) -> Result<Vec<GroupBy>, String> {
+        let mut by = Vec::new();
+        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+            let key = item.parse::<GroupBy>()?;
+            if !by.contains(&key) {
+                by.push(key);
+            }
+        }
+        Ok(by)
+    }
+}
+
+impl FromStr for GroupBy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<GroupBy, String> {
+        GroupBy::ALL
+            .into_iter()
+            .find(|g| g.as_str() == s)
+            .ok_or_else(|| {
+                format!("unknown grouping `{s}`: expected client, account, action, day or outcome")
+            })
+    }
+}
+
+impl fmt::Display for GroupBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UsageQuery {
+    pub from_day: Date,
+    /// Inclusive.
+    pub to_day: Date,
+    /// Grouping keys, in the order rows are sorted by. Empty: one row with the totals.
+    pub by: Vec<GroupBy>,
+}
+
+/// One aggregate row: the grouping keys asked for, and the sums. A row without an account
+/// (or an action) groups under `""`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct UsageRow {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// `2026-11-25`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub day: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    pub requests: u64,
+    pub credits: u64,
+}
+
+/// `Clone` so one failed group commit can answer every caller waiting on it.
+#[derive(Debug, thiserror::Error, Clone)]
+pub enum LedgerError {
+    #[error("cannot open the ledger at {path}: {reason}")]
+    Open { path: String, reason: String },
+    #[error("the ledger at {path} cannot grow: the disk is full ({detail})")]
+    DiskFull { path: String, detail: String },
+    #[error("the ledger at {path} is read-only ({detail})")]
+    ReadOnly { path: String, detail: String },
+    #[error("writing the ledger at {path} failed: {detail}")]
+    Write { path: String, detail: String },
+    #[error("the ledger writer has stopped; rows cannot be recorded")]
+    WriterGone,
+    #[error("reading the ledger at {path} failed: {detail}")]
+    Query { path: String, detail: String },
+}
+
+pub trait Ledger: Send + Sync + 'static {
+    /// Append a row. With sync = before_response the future resolves once the row is durable
+    /// (committed, fsynced); with async it resolves once queued. Errors are returned, never
+    /// swallowed: with async, a failed write surfaces through [`Ledger::flush`] and
+    /// [`Ledger::write_error`].
+    ///
+    /// A row whose write failed is kept by the ledger and written once the cause is gone (the
+    /// upstream may have charged for it): do not record it again.
+    fn record(&self, row: Row) -> BoxFuture<Result<(), LedgerError>>;
+
+    /// Credits per client for one UTC day (all outcomes; ambiguous rows count their reserved
+    /// cost): used at startup to restore today's budgets.
+    fn spent_on(&self, day: Date) -> Result<HashMap<String, u64>, LedgerError>;
+
+    /// Aggregates for /usage, the CLI and the dashboard; rows sorted by their keys.
+    fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, LedgerError>;
+
+    /// Wait until every row recorded so far is durable (SIGTERM, async mode).
+    fn flush(&self) -> BoxFuture<Result<(), LedgerError>>;
+
+    /// Rows written and their total credits, for reconciliation and tests.
+    fn totals(&self) -> Result<(u64, u64), LedgerError>;
+
+    /// The last write's error while rows are waiting to be retried; `None` when healthy
+    /// (for `/readyz` and logs).
+    fn write_error(&self) -> Option<LedgerError> {
+        None
+    }
+}
+
+/// The UTC day of a unix timestamp in milliseconds.
+pub fn day_of(at_ms: i64) -> Date {
+    OffsetDateTime::from_unix_timestamp(at_ms.div_euclid(1000))
+        .map(OffsetDateTime::date)
+        .unwrap_or(Date::MIN)
+}
+
+/// `2026-11-25`: the ledger's day keys, sortable as text.
+pub fn day_key(day: Date) -> String {
+    format!(
+        "{:04}-{:02}-{:02}",
+        day.year(),
+        u8::from(day.month()),
+        day.day()
+    )
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use time::macros::date;
+
+    #[test]
+    fn outcomes_and_groupings_round_trip_through_their_names() {
+        for o in Outcome::ALL {
+            assert_eq!(Outcome::parse(o.as_str()), Some(o));
+            assert_eq!(
+                serde_json::to_string(&o).unwrap(),
+                format!("\"{}\"", o.as_str())
+            );
+        }
+        for g in GroupBy::ALL {
+            assert_eq!(g.as_str().parse::<GroupBy>(), Ok(g));
+        }
+        assert_eq!(
+            GroupBy::parse_list("client, day,,client").unwrap(),
+            vec![GroupBy::Client, GroupBy::Day]
+        );
+        assert!(GroupBy::parse_list("client,week")
+            .unwrap_err()
+            .contains("`week`"));
+    }
+
+    #[test]
+    fn days_are_utc_and_keyed_as_sortable_text() {
+        // 2026-11-25T23:59:59.999Z and one millisecond later.
+        let last_ms = 1_795_651_199_999;
+        assert_eq!(day_of(last_ms), date!(2026 - 11 - 25));
+        assert_eq!(day_of(last_ms + 1), date!(2026 - 11 - 26));
+        assert_eq!(day_key(date!(2026 - 01 - 05)), "2026-01-05");
+    }
+
+    #[test]
+    fn usage_rows_serialize_only_their_keys() {
+        let row = UsageRow {
+            client: Some("crm".into()),
+            account: None,
+            action: None,
+            day: Some("2026-11-25".into()),
+            outcome: None,
+            requests: 3,
+            credits: 2,
+        };
+        assert_eq!(
+            serde_json::to_string(&row).unwrap(),
+            r#"{"client":"crm","day":"2026-11-25","requests":3,"credits":2}"#
+        );
+    }
+}

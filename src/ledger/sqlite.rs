@@ -1,0 +1,1154 @@
+//! The embedded ledger: one SQLite file in WAL mode.
+//!
+//! Writes go through one writer thread fed by a channel. It drains everything queued into one
+//! transaction (group commit): the rows, and the `usage_daily` aggregates upserted in the same
+//! transaction, so the aggregates never disagree with the rows. With `sync = "before_response"`
+//! the transaction commits with `synchronous = FULL` (the WAL is fsynced once for the whole
+//! batch) and every waiter is answered after it; with `"async"` it commits with `NORMAL` and the
+//! WAL is fsynced on `flush` and on drop.
+//!
+//! A failed write (disk full, read-only file) answers the waiting callers with the error, keeps
+//! the rows (the upstream may have charged for them) and retries them, on a fresh connection,
+//! with the next batch or after [`RETRY_EVERY`]. Reads use their own connection: WAL lets
+//! them run beside the writer.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, TransactionBehavior};
+use time::Date;
+use tokio::sync::oneshot;
+
+use super::{day_key, day_of, GroupBy, Ledger, LedgerError, Outcome, Row, UsageQuery, UsageRow};
+use crate::config::LedgerSync;
+use crate::layers::BoxFuture;
+
+/// Versioned schema: step `i` takes `PRAGMA user_version` from `i` to `i + 1`, in its own
+/// transaction. Append new steps; never edit a released one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the rows, one per answer given on the upstream's behalf. `at_ms` is indexed for
+    // audits by time window; it only grows, so the index costs little on insert.
+    "CREATE TABLE ledger_rows (
+        id            INTEGER PRIMARY KEY,
+        at_ms         INTEGER NOT NULL,
+        request_id    TEXT    NOT NULL,
+        client        TEXT    NOT NULL,
+        account_id    TEXT,
+        path          TEXT    NOT NULL,
+        action        TEXT,
+        status        INTEGER NOT NULL,
+        credits       INTEGER NOT NULL,
+        credits_known INTEGER NOT NULL,
+        outcome       TEXT    NOT NULL
+    );
+    CREATE INDEX ledger_rows_at_ms ON ledger_rows (at_ms);",
+    // 2: daily aggregates, upserted with the rows, so `/usage` over a year reads thousands of
+    // aggregate rows instead of millions. No account / no action is '' (key columns of a
+    // WITHOUT ROWID table cannot be NULL). Backfilled from the rows already there.
+    "CREATE TABLE usage_daily (
+        day      TEXT    NOT NULL,
+        client   TEXT    NOT NULL,
+        account  TEXT    NOT NULL,
+        action   TEXT    NOT NULL,
+        outcome  TEXT    NOT NULL,
+        requests INTEGER NOT NULL,
+        credits  INTEGER NOT NULL,
+        unknown  INTEGER NOT NULL,
+        PRIMARY KEY (day, client, account, action, outcome)
+    ) WITHOUT ROWID;
+    INSERT INTO usage_daily (day, client, account, action, outcome, requests, credits, unknown)
+    SELECT strftime('%Y-%m-%d', at_ms / 1000, 'unixepoch'), client, COALESCE(account_id, ''),
+           COALESCE(action, ''), outcome, COUNT(*), SUM(credits), SUM(credits_known = 0)
+    FROM ledger_rows
+    GROUP BY 1, 2, 3, 4, 5;",
+];
+
+const INSERT_ROW: &str = "INSERT INTO ledger_rows
+    (at_ms, request_id, client, account_id, path, action, status, credits, credits_known, outcome)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+
+const UPSERT_DAILY: &str = "INSERT INTO usage_daily
+    (day, client, account, action, outcome, requests, credits, unknown)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+    ON CONFLICT (day, client, account, action, outcome) DO UPDATE SET
+        requests = requests + excluded.requests,
+        credits = credits + excluded.credits,
+        unknown = unknown + excluded.unknown";
+
+/// Most commands one transaction takes: bounds the latency of the first waiter in a batch.
+const MAX_BATCH: usize = 16_384;
+/// How long the writer waits before retrying kept rows when no new row arrives.
+pub const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// Rows kept for retry while writes fail; beyond, the oldest are dropped (and logged), so a
+/// long outage cannot exhaust memory.
+const MAX_KEPT: usize = 100_000;
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The embedded ledger. Dropping it writes what is queued, fsyncs, and joins the writer.
+pub struct SqliteLedger {
+    display: String,
+    sync: LedgerSync,
+    /// `None` only while dropping: closing the channel tells the writer to finish.
+    commands: Option<Sender<Command>>,
+    writer: Option<JoinHandle<()>>,
+    reader: Mutex<Connection>,
+    state: Arc<WriterState>,
+}
+
+enum Command {
+    Record {
+        row: Row,
+        /// `None` with `sync = "async"`: nobody waits for this row.
+        done: Option<oneshot::Sender<Result<(), LedgerError>>>,
+    },
+    Flush(oneshot::Sender<Result<(), LedgerError>>),
+}
+
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    /// Open the file read-only, as SQLite does when the file is not writable.
+    ReadOnlyFile,
+    /// Cap the file at its current size: the next page it needs fails with SQLITE_FULL.
+    DiskFull,
+}
+
+/// What the writer shares with the handle.
+#[derive(Default)]
+struct WriterState {
+    commits: AtomicU64,
+    kept: AtomicUsize,
+    lost: AtomicU64,
+    /// The last write's error while rows wait for a retry.
+    error: Mutex<Option<LedgerError>>,
+    /// Tests: the fault the writer's next connection has, and a generation that tells the
+    /// writer to drop its current one.
+    #[cfg(test)]
+    fault: Mutex<(u64, Option<Fault>)>,
+}
+
+impl WriterState {
+    fn error(&self) -> MutexGuard<'_, Option<LedgerError>> {
+        self.error.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl SqliteLedger {
+    /// Create parent directories, open (or create) the file, run migrations, start the writer.
+    pub fn open(path: &Path, sync: LedgerSync) -> Result<SqliteLedger, LedgerError> {
+        let display = path.display().to_string();
+        let fail = |reason: String| LedgerError::Open {
+            path: display.clone(),
+            reason,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| fail(format!("cannot create {}: {e}", parent.display())))?;
+        }
+        let mut conn = open_writer(path, sync).map_err(|e| fail(e.to_string()))?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
+            .map_err(|e| fail(format!("cannot switch to WAL: {e}")))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(fail(format!(
+                "WAL mode is unavailable here (journal_mode stays `{mode}`)"
+            )));
+        }
+        migrate(&mut conn).map_err(fail)?;
+        let reader = open_reader(path).map_err(|e| fail(e.to_string()))?;
+
+        let state = Arc::new(WriterState::default());
+        let (commands, rx) = mpsc::channel();
+        let writer = Writer {
+            path: path.to_path_buf(),
+            display: display.clone(),
+            sync,
+            conn: Some(conn),
+            kept: Vec::new(),
+            unsynced: false,
+            state: state.clone(),
+            #[cfg(test)]
+            fault: None,
+            #[cfg(test)]
+            fault_generation: 0,
+        };
+        let handle = std::thread::Builder::new()
+            .name("ledger-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| fail(format!("cannot start the writer thread: {e}")))?;
+        Ok(SqliteLedger {
+            display,
+            sync,
+            commands: Some(commands),
+            writer: Some(handle),
+            reader: Mutex::new(reader),
+            state,
+        })
+    }
+
+    /// Transactions committed so far: with group commit, far fewer than rows.
+    pub fn commits(&self) -> u64 {
+        self.state.commits.load(Ordering::Relaxed)
+    }
+
+    /// Rows whose write failed and that wait for a retry.
+    pub fn rows_waiting(&self) -> usize {
+        self.state.kept.load(Ordering::Relaxed)
+    }
+
+    /// Rows dropped because writes failed for longer than [`MAX_KEPT`] rows.
+    pub fn rows_lost(&self) -> u64 {
+        self.state.lost.load(Ordering::Relaxed)
+    }
+
+    fn send(&self, command: Command) -> Result<(), LedgerError> {
+        self.commands
+            .as_ref()
+            .ok_or(LedgerError::WriterGone)?
+            .send(command)
+            .map_err(|_| LedgerError::WriterGone)
+    }
+
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves the connection usable.
+        self.reader.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn query_error(&self, e: rusqlite::Error) -> LedgerError {
+        LedgerError::Query {
+            path: self.display.clone(),
+            detail: e.to_string(),
+        }
+    }
+
+    /// Tests: from the next write on, fail as a read-only file or a full disk would.
+    #[cfg(test)]
+    fn fault(&self, fault: Option<Fault>) {
+        let mut current = self
+            .state
+            .fault
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *current = (current.0 + 1, fault);
+    }
+}
+
+impl Ledger for SqliteLedger {
+    fn record(&self, row: Row) -> BoxFuture<Result<(), LedgerError>> {
+        match self.sync {
+            LedgerSync::Async => Box::pin(std::future::ready(
+                self.send(Command::Record { row, done: None }),
+            )),
+            LedgerSync::BeforeResponse => {
+                let (tx, rx) = oneshot::channel();
+                if let Err(e) = self.send(Command::Record {
+                    row,
+                    done: Some(tx),
+                }) {
+                    return Box::pin(std::future::ready(Err(e)));
+                }
+                Box::pin(async move { rx.await.unwrap_or(Err(LedgerError::WriterGone)) })
+            }
+        }
+    }
+
+    fn spent_on(&self, day: Date) -> Result<HashMap<String, u64>, LedgerError> {
+        let conn = self.reader();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT client, SUM(credits) FROM usage_daily WHERE day = ?1 GROUP BY client",
+            )
+            .map_err(|e| self.query_error(e))?;
+        let rows = stmt
+            .query_map([day_key(day)], |r| {
+                Ok((r.get::<_, String>(0)?, to_u64(r.get::<_, i64>(1)?)))
+            })
+            .map_err(|e| self.query_error(e))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|e| self.query_error(e))
+    }
+
+    fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, LedgerError> {
+        let mut by: Vec<GroupBy> = Vec::with_capacity(q.by.len());
+        for key in &q.by {
+            if !by.contains(key) {
+                by.push(*key);
+            }
+        }
+        // Column names come from the enum, never from the caller's text.
+        let keys = by.iter().map(|g| column(*g)).collect::<Vec<_>>().join(", ");
+        let sql = if by.is_empty() {
+            "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(credits), 0) FROM usage_daily \
+             WHERE day BETWEEN ?1 AND ?2"
+                .to_string()
+        } else {
+            format!(
+                "SELECT {keys}, SUM(requests), SUM(credits) FROM usage_daily \
+                 WHERE day BETWEEN ?1 AND ?2 GROUP BY {keys} ORDER BY {keys}"
+            )
+        };
+        let conn = self.reader();
+        let mut stmt = conn.prepare_cached(&sql).map_err(|e| self.query_error(e))?;
+        let rows = stmt
+            .query_map([day_key(q.from_day), day_key(q.to_day)], |r| {
+                let mut row = UsageRow {
+                    client: None,
+                    account: None,
+                    action: None,
+                    day: None,
+                    outcome: None,
+                    requests: to_u64(r.get(by.len())?),
+                    credits: to_u64(r.get(by.len() + 1)?),
+                };
+                for (i, key) in by.iter().enumerate() {
+                    let value: String = r.get(i)?;
+                    let slot = match key {
+                        GroupBy::Client => &mut row.client,
+                        GroupBy::Account => &mut row.account,
+                        GroupBy::Action => &mut row.action,
+                        GroupBy::Day => &mut row.day,
+                        GroupBy::Outcome => &mut row.outcome,
+                    };
+                    *slot = Some(value);
+                }
+                Ok(row)
+            })
+            .map_err(|e| self.query_error(e))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(|e| self.query_error(e))
+    }
+
+    fn flush(&self) -> BoxFuture<Result<(), LedgerError>> {
+        let (tx, rx) = oneshot::channel();
+        if let Err(e) = self.send(Command::Flush(tx)) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        Box::pin(async move { rx.await.unwrap_or(Err(LedgerError::WriterGone)) })
+    }
+
+    fn totals(&self) -> Result<(u64, u64), LedgerError> {
+        // The aggregates are written in the rows' transaction, so they count the same, and
+        // are a few thousand rows to sum rather than millions.
+        self.reader()
+            .query_row(
+                "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(credits), 0) FROM usage_daily",
+                [],
+                |r| Ok((to_u64(r.get(0)?), to_u64(r.get(1)?))),
+            )
+            .map_err(|e| self.query_error(e))
+    }
+
+    fn write_error(&self) -> Option<LedgerError> {
+        self.state.error().clone()
+    }
+}
+
+impl Drop for SqliteLedger {
+    fn drop(&mut self) {
+        // Closing the channel makes the writer commit what is queued, fsync, and return.
+        drop(self.commands.take());
+        if let Some(writer) = self.writer.take() {
+            if writer.join().is_err() {
+                tracing::error!(path = %self.display, "the ledger writer thread panicked");
+            }
+        }
+    }
+}
+
+fn column(g: GroupBy) -> &'static str {
+    match g {
+        GroupBy::Client => "client",
+        GroupBy::Account => "account",
+        GroupBy::Action => "action",
+        GroupBy::Day => "day",
+        GroupBy::Outcome => "outcome",
+    }
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn open_writer(path: &Path, sync: LedgerSync) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let level = match sync {
+        LedgerSync::BeforeResponse => "FULL",
+        LedgerSync::Async => "NORMAL",
+    };
+    conn.pragma_update(None, "synchronous", level)?;
+    Ok(conn)
+}
+
+fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "query_only", true)?;
+    Ok(conn)
+}
+
+/// Bring the schema to the last version, one step per transaction. `IMMEDIATE` takes the write
+/// lock before reading the version, so two processes opening one file cannot both migrate.
+fn migrate(conn: &mut Connection) -> Result<(), String> {
+    let known = MIGRATIONS.len();
+    loop {
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| format!("cannot lock the schema: {e}"))?;
+        let version: i64 = tx
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| format!("cannot read the schema version: {e}"))?;
+        let version = usize::try_from(version).unwrap_or(usize::MAX);
+        if version == known {
+            return Ok(());
+        }
+        let Some(step) = MIGRATIONS.get(version) else {
+            return Err(format!(
+                "the file has schema version {version}, newer than this gateway knows \
+                 ({known}); was it written by a newer release?"
+            ));
+        };
+        let next = version + 1;
+        tx.execute_batch(step)
+            .and_then(|()| tx.pragma_update(None, "user_version", next))
+            .and_then(|()| tx.commit())
+            .map_err(|e| format!("schema migration to version {next} failed: {e}"))?;
+    }
+}
+
+/// A write failure as the callers see it.
+fn write_error(path: &str, e: &rusqlite::Error) -> LedgerError {
+    let path = path.to_string();
+    let detail = e.to_string();
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DiskFull) => LedgerError::DiskFull { path, detail },
+        Some(ErrorCode::ReadOnly) => LedgerError::ReadOnly { path, detail },
+        _ => LedgerError::Write { path, detail },
+    }
+}
+
+/// The writer thread's state.
+struct Writer {
+    path: PathBuf,
+    display: String,
+    sync: LedgerSync,
+    /// `None` after a failure: the next attempt opens a fresh connection (a file made
+    /// writable again is only seen by a new one).
+    conn: Option<Connection>,
+    /// Rows whose write failed, oldest first; written before the next batch.
+    kept: Vec<Row>,
+    /// Async mode: committed with `synchronous = NORMAL` since the WAL was last fsynced.
+    unsynced: bool,
+    state: Arc<WriterState>,
+    #[cfg(test)]
+    fault: Option<Fault>,
+    #[cfg(test)]
+    fault_generation: u64,
+}
+
+#[derive(Default)]
+struct Sums {
+    requests: u64,
+    credits: u64,
+    unknown: u64,
+}
+
+impl Writer {
+    fn run(mut self, commands: Receiver<Command>) {
+        let mut batch = Vec::new();
+        loop {
+            // Block for the first command; with rows to retry, only for a while.
+            let first = if self.kept.is_empty() {
+                commands.recv().map_err(|_| RecvTimeoutError::Disconnected)
+            } else {
+                commands.recv_timeout(RETRY_EVERY)
+            };
+            let mut closing = false;
+            match first {
+                Ok(command) => batch.push(command),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => closing = true,
+            }
+            // Group commit: everything that queued up meanwhile joins this transaction.
+            while !closing && batch.len() < MAX_BATCH {
+                match commands.try_recv() {
+                    Ok(command) => batch.push(command),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => closing = true,
+                }
+            }
+            self.write(&mut batch, closing);
+            if closing {
+                let kept = self.kept.len();
+                if kept > 0 {
+                    tracing::error!(
+                        path = %self.display,
+                        rows = kept,
+                        "ledger closed with rows it could not write"
+                    );
+                }
+                return;
+            }
+        }
+    }
+
+    fn write(&mut self, batch: &mut Vec<Command>, closing: bool) {
+        let mut rows = std::mem::take(&mut self.kept);
+        let mut waiters = Vec::new();
+        let mut flushes = Vec::new();
+        for command in batch.drain(..) {
+            match command {
+                Command::Record { row, done } => {
+                    rows.push(row);
+                    waiters.extend(done);
+                }
+                Command::Flush(done) => flushes.push(done),
+            }
+        }
+
+        let committed = if rows.is_empty() {
+            Ok(())
+        } else {
+            self.commit(&rows)
+        };
+        if committed.is_err() {
+            self.keep(rows);
+        }
+        // Flush and close promise durability: in async mode that is one fsync of the WAL.
+        let synced = committed.clone().and_then(|()| {
+            if self.unsynced && (closing || !flushes.is_empty()) {
+                self.sync_wal()
+            } else {
+                Ok(())
+            }
+        });
+        // Publish the health before answering, so a caller that sees an error sees it here too.
+        self.note(&synced);
+        for done in waiters {
+            let _ = done.send(committed.clone());
+        }
+        for done in flushes {
+            let _ = done.send(synced.clone());
+        }
+    }
+
+    fn commit(&mut self, rows: &[Row]) -> Result<(), LedgerError> {
+        #[cfg(test)]
+        {
+            let (generation, fault) = *self
+                .state
+                .fault
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if generation != self.fault_generation {
+                self.fault_generation = generation;
+                self.fault = fault;
+                self.conn = None;
+            }
+        }
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => self.reopen().map_err(|e| write_error(&self.display, &e))?,
+        };
+        match write_rows(&conn, rows) {
+            Ok(()) => {
+                self.conn = Some(conn);
+                self.state.commits.fetch_add(1, Ordering::Relaxed);
+                self.unsynced |= self.sync == LedgerSync::Async;
+                Ok(())
+            }
+            // The connection is dropped: the next attempt starts afresh.
+            Err(e) => Err(write_error(&self.display, &e)),
+        }
+    }
+
+    fn reopen(&self) -> rusqlite::Result<Connection> {
+        #[cfg(test)]
+        if let Some(fault) = self.fault {
+            return fault.open(&self.path, self.sync);
+        }
+        open_writer(&self.path, self.sync)
+    }
+
+    /// fsync the WAL, making every commit so far durable (what `synchronous = FULL` does at
+    /// each commit). Any descriptor of the file will do.
+    fn sync_wal(&mut self) -> Result<(), LedgerError> {
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        match std::fs::File::open(&wal).and_then(|f| f.sync_all()) {
+            Ok(()) => {}
+            // No WAL: everything is checkpointed into the (synced) database file.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(LedgerError::Write {
+                    path: self.display.clone(),
+                    detail: format!("fsync of the WAL failed: {e}"),
+                })
+            }
+        }
+        self.unsynced = false;
+        Ok(())
+    }
+
+    fn keep(&mut self, mut rows: Vec<Row>) {
+        if rows.len() > MAX_KEPT {
+            let lost = rows.len() - MAX_KEPT;
+            rows.drain(..lost);
+            self.state.lost.fetch_add(lost as u64, Ordering::Relaxed);
+            tracing::error!(
+                path = %self.display,
+                rows = lost,
+                "ledger writes have failed for too long: dropped the oldest unwritten rows"
+            );
+        }
+        self.state.kept.store(rows.len(), Ordering::Relaxed);
+        self.kept = rows;
+    }
+
+    /// Publish the writer's health and log its changes, once each.
+    fn note(&self, result: &Result<(), LedgerError>) {
+        let mut error = self.state.error();
+        match result {
+            Ok(()) => {
+                self.state.kept.store(self.kept.len(), Ordering::Relaxed);
+                if self.kept.is_empty() && error.take().is_some() {
+                    tracing::info!(path = %self.display, "ledger writes recovered");
+                }
+            }
+            Err(e) => {
+                if error.is_none() {
+                    tracing::error!(
+                        path = %self.display,
+                        error = %e,
+                        rows_waiting = self.kept.len(),
+                        "ledger write failed; keeping the rows and retrying"
+                    );
+                }
+                *error = Some(e.clone());
+            }
+        }
+    }
+}
+
+/// One transaction: the rows, then the batch's aggregates, one upsert per key.
+fn write_rows(conn: &Connection, rows: &[Row]) -> rusqlite::Result<()> {
+    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    {
+        let mut insert = tx.prepare_cached(INSERT_ROW)?;
+        let mut sums: HashMap<(Date, &str, &str, &str, Outcome), Sums> = HashMap::new();
+        for r in rows {
+            insert.execute(params![
+                r.at_ms,
+                r.request_id,
+                &*r.client,
+                r.account_id.as_deref(),
+                r.path,
+                r.action.as_deref(),
+                r.status,
+                to_i64(r.credits),
+                r.credits_known,
+                r.outcome.as_str(),
+            ])?;
+            let key = (
+                day_of(r.at_ms),
+                &*r.client,
+                r.account_id.as_deref().unwrap_or(""),
+                r.action.as_deref().unwrap_or(""),
+                r.outcome,
+            );
+            let sums = sums.entry(key).or_default();
+            sums.requests += 1;
+            sums.credits = sums.credits.saturating_add(r.credits);
+            sums.unknown += u64::from(!r.credits_known);
+        }
+        let mut upsert = tx.prepare_cached(UPSERT_DAILY)?;
+        for ((day, client, account, action, outcome), s) in &sums {
+            upsert.execute(params![
+                day_key(*day),
+                client,
+                account,
+                action,
+                outcome.as_str(),
+                to_i64(s.requests),
+                to_i64(s.credits),
+                to_i64(s.unknown),
+            ])?;
+        }
+    }
+    tx.commit()
+}
+
+#[cfg(test)]
+impl Fault {
+    fn open(self, path: &Path, sync: LedgerSync) -> rusqlite::Result<Connection> {
+        match self {
+            Fault::ReadOnlyFile => Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            ),
+            Fault::DiskFull => {
+                let conn = open_writer(path, sync)?;
+                let pages: i64 = conn.pragma_query_value(None, "page_count", |r| r.get(0))?;
+                conn.pragma_update(None, "max_page_count", pages)?;
+                Ok(conn)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use time::macros::date;
+    use tokio::task::JoinSet;
+
+    fn at(day: Date, seconds: i64) -> i64 {
+        (day.midnight().assume_utc().unix_timestamp() + seconds) * 1000
+    }
+
+    fn row(day: Date, client: &str, account: Option<&str>, action: Option<&str>) -> Row {
+        Row {
+            at_ms: at(day, 3600),
+            request_id: "req-1".into(),
+            client: client.into(),
+            account_id: account.map(Into::into),
+            path: "/v2/checkpoint".into(),
+            action: action.map(Into::into),
+            status: 200,
+            credits: 1,
+            credits_known: true,
+            outcome: Outcome::Settled,
+        }
+    }
+
+    fn with(mut r: Row, credits: u64, outcome: Outcome) -> Row {
+        r.credits = credits;
+        r.outcome = outcome;
+        r
+    }
+
+    fn raw_count(path: &Path) -> (i64, i64) {
+        Connection::open(path)
+            .unwrap()
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(credits), 0) FROM ledger_rows",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+    }
+
+    const DAY1: Date = date!(2026 - 11 - 24);
+    const DAY2: Date = date!(2026 - 11 - 25);
+    const DAY3: Date = date!(2026 - 11 - 26);
+
+    #[tokio::test]
+    async fn a_row_is_durable_once_record_resolves() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/dir/ledger.sqlite3");
+        let ledger = SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap();
+        for i in 0..10 {
+            ledger
+                .record(with(
+                    row(DAY2, "crm", Some("acc"), None),
+                    i,
+                    Outcome::Settled,
+                ))
+                .await
+                .unwrap();
+        }
+        // Another connection sees them while the ledger still runs...
+        assert_eq!(raw_count(&path), (10, 45));
+        // ...and they survive a ledger that never gets to flush or close.
+        std::mem::forget(ledger);
+        let reopened = SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap();
+        assert_eq!(reopened.totals().unwrap(), (10, 45));
+    }
+
+    #[tokio::test]
+    async fn async_rows_are_durable_after_flush_and_after_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.sqlite3");
+        let ledger = SqliteLedger::open(&path, LedgerSync::Async).unwrap();
+        for _ in 0..100 {
+            ledger.record(row(DAY2, "crm", None, None)).await.unwrap();
+        }
+        ledger.flush().await.unwrap();
+        assert_eq!(raw_count(&path), (100, 100));
+        std::mem::forget(ledger);
+
+        let ledger = SqliteLedger::open(&path, LedgerSync::Async).unwrap();
+        for _ in 0..50 {
+            ledger.record(row(DAY2, "crm", None, None)).await.unwrap();
+        }
+        drop(ledger);
+        assert_eq!(raw_count(&path), (150, 150));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_records_share_few_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Arc::new(
+            SqliteLedger::open(&dir.path().join("l.sqlite3"), LedgerSync::BeforeResponse).unwrap(),
+        );
+        let before = ledger.commits();
+        let mut tasks = JoinSet::new();
+        for i in 0..1000 {
+            let ledger = ledger.clone();
+            tasks.spawn(async move {
+                let mut r = row(DAY2, "crm", Some("acc"), Some("invite"));
+                r.request_id = format!("req-{i}");
+                ledger.record(r).await
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap().unwrap();
+        }
+        let commits = ledger.commits() - before;
+        assert!(commits < 100, "1000 rows took {commits} commits");
+        assert_eq!(ledger.totals().unwrap(), (1000, 1000));
+    }
+
+    async fn sample(ledger: &SqliteLedger) {
+        let rows = [
+            with(
+                row(DAY1, "crm", Some("a1"), Some("invite")),
+                2,
+                Outcome::Settled,
+            ),
+            with(
+                row(DAY2, "crm", Some("a1"), Some("invite")),
+                3,
+                Outcome::Settled,
+            ),
+            with(row(DAY2, "crm", Some("a2"), None), 0, Outcome::Cached),
+            with(
+                row(DAY2, "ops", None, Some("search")),
+                5,
+                Outcome::Ambiguous,
+            ),
+            with(row(DAY3, "ops", Some("a2"), None), 0, Outcome::Coalesced),
+            with(row(DAY3, "ops", Some("a2"), None), 1, Outcome::Settled),
+        ];
+        for r in rows {
+            ledger.record(r).await.unwrap();
+        }
+    }
+
+    fn usage(ledger: &SqliteLedger, from: Date, to: Date, by: &str) -> Vec<String> {
+        let q = UsageQuery {
+            from_day: from,
+            to_day: to,
+            by: GroupBy::parse_list(by).unwrap(),
+        };
+        ledger
+            .usage(&q)
+            .unwrap()
+            .iter()
+            .map(|r| serde_json::to_string(r).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn usage_groups_by_each_key_and_by_several() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = SqliteLedger::open(&dir.path().join("l"), LedgerSync::BeforeResponse).unwrap();
+        sample(&ledger).await;
+
+        assert_eq!(
+            usage(&ledger, DAY1, DAY3, ""),
+            [r#"{"requests":6,"credits":11}"#]
+        );
+        assert_eq!(
+            usage(&ledger, DAY1, DAY3, "client"),
+            [
+                r#"{"client":"crm","requests":3,"credits":5}"#,
+                r#"{"client":"ops","requests":3,"credits":6}"#,
+            ]
+        );
+        assert_eq!(
+            usage(&ledger, DAY1, DAY3, "account"),
+            [
+                r#"{"account":"","requests":1,"credits":5}"#,
+                r#"{"account":"a1","requests":2,"credits":5}"#,
+                r#"{"account":"a2","requests":3,"credits":1}"#,
+            ]
+        );
+        assert_eq!(
+            usage(&ledger, DAY1, DAY3, "action"),
+            [
+                r#"{"action":"","requests":3,"credits":1}"#,
+                r#"{"action":"invite","requests":2,"credits":5}"#,
+                r#"{"action":"search","requests":1,"credits":5}"#,
+            ]
+        );
+        assert_eq!(
+            usage(&ledger, DAY1, DAY3, "day"),
+            [
+                r#"{"day":"2026-11-24","requests":1,"credits":2}"#,
+                r#"{"day":"2026-11-25","requests":3,"credits":8}"#,
+                r#"{"day":"2026-11-26","requests":2,"credits":1}"#,
+            ]
+        );
+        assert_eq!(
+            usage(&ledger, DAY1, DAY3, "outcome"),
+            [
+                r#"{"outcome":"ambiguous","requests":1,"credits":5}"#,
+                r#"{"outcome":"cached","requests":1,"credits":0}"#,
+                r#"{"outcome":"coalesced","requests":1,"credits":0}"#,
+                r#"{"outcome":"settled","requests":3,"credits":6}"#,
+            ]
+        );
+        // Sorted by the keys in the order asked for.
+        assert_eq!(
+            usage(&ledger, DAY1, DAY3, "day,client"),
+            [
+                r#"{"client":"crm","day":"2026-11-24","requests":1,"credits":2}"#,
+                r#"{"client":"crm","day":"2026-11-25","requests":2,"credits":3}"#,
+                r#"{"client":"ops","day":"2026-11-25","requests":1,"credits":5}"#,
+                r#"{"client":"ops","day":"2026-11-26","requests":2,"credits":1}"#,
+            ]
+        );
+        assert_eq!(
+            usage(&ledger, DAY1, DAY3, "client,outcome,day"),
+            [
+                r#"{"client":"crm","day":"2026-11-25","outcome":"cached","requests":1,"credits":0}"#,
+                r#"{"client":"crm","day":"2026-11-24","outcome":"settled","requests":1,"credits":2}"#,
+                r#"{"client":"crm","day":"2026-11-25","outcome":"settled","requests":1,"credits":3}"#,
+                r#"{"client":"ops","day":"2026-11-25","outcome":"ambiguous","requests":1,"credits":5}"#,
+                r#"{"client":"ops","day":"2026-11-26","outcome":"coalesced","requests":1,"credits":0}"#,
+                r#"{"client":"ops","day":"2026-11-26","outcome":"settled","requests":1,"credits":1}"#,
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn usage_date_ranges_are_inclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = SqliteLedger::open(&dir.path().join("l"), LedgerSync::BeforeResponse).unwrap();
+        sample(&ledger).await;
+        // The last millisecond of a day belongs to it.
+        let mut late = row(DAY1, "crm", None, None);
+        late.at_ms = at(DAY2, 0) - 1;
+        ledger.record(late).await.unwrap();
+
+        assert_eq!(
+            usage(&ledger, DAY1, DAY1, "day"),
+            [r#"{"day":"2026-11-24","requests":2,"credits":3}"#]
+        );
+        assert_eq!(
+            usage(&ledger, DAY2, DAY3, "day"),
+            [
+                r#"{"day":"2026-11-25","requests":3,"credits":8}"#,
+                r#"{"day":"2026-11-26","requests":2,"credits":1}"#,
+            ]
+        );
+        assert!(usage(
+            &ledger,
+            date!(2026 - 12 - 01),
+            date!(2026 - 12 - 31),
+            "client"
+        )
+        .is_empty());
+        assert!(usage(&ledger, DAY3, DAY1, "client").is_empty());
+    }
+
+    #[tokio::test]
+    async fn spent_on_restores_each_clients_day_with_ambiguous_reservations() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = SqliteLedger::open(&dir.path().join("l"), LedgerSync::BeforeResponse).unwrap();
+        sample(&ledger).await;
+        let spent = ledger.spent_on(DAY2).unwrap();
+        assert_eq!(
+            spent,
+            HashMap::from([("crm".to_string(), 3), ("ops".to_string(), 5)])
+        );
+        assert!(ledger.spent_on(date!(2026 - 01 - 01)).unwrap().is_empty());
+        assert_eq!(ledger.totals().unwrap(), (6, 11));
+    }
+
+    #[test]
+    fn an_empty_file_migrates_to_the_last_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l");
+        drop(SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let version: usize = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len());
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        // Opening again is a no-op.
+        drop(SqliteLedger::open(&path, LedgerSync::Async).unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_version_1_file_migrates_and_backfills_the_aggregates() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.sqlite3");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+            for (i, (client, credits, known)) in
+                [("crm", 2, true), ("crm", 0, false), ("ops", 4, true)]
+                    .into_iter()
+                    .enumerate()
+            {
+                conn.execute(
+                    INSERT_ROW,
+                    params![
+                        at(DAY2, i64::try_from(i).unwrap()),
+                        "r",
+                        client,
+                        "a1",
+                        "/v2/network",
+                        "invite",
+                        200,
+                        credits,
+                        known,
+                        "settled"
+                    ],
+                )
+                .unwrap();
+            }
+        }
+        let ledger = SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap();
+        assert_eq!(ledger.totals().unwrap(), (3, 6));
+        assert_eq!(
+            usage(&ledger, DAY2, DAY2, "client,day,account,action"),
+            [
+                r#"{"client":"crm","account":"a1","action":"invite","day":"2026-11-25","requests":2,"credits":2}"#,
+                r#"{"client":"ops","account":"a1","action":"invite","day":"2026-11-25","requests":1,"credits":4}"#,
+            ]
+        );
+        // New rows land on the backfilled aggregates.
+        ledger
+            .record(row(DAY2, "crm", Some("a1"), Some("invite")))
+            .await
+            .unwrap();
+        assert_eq!(ledger.spent_on(DAY2).unwrap()["crm"], 3);
+        let unknown: i64 = ledger
+            .reader()
+            .query_row("SELECT SUM(unknown) FROM usage_daily", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(unknown, 1);
+    }
+
+    #[test]
+    fn a_file_from_a_newer_release_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l");
+        drop(SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = SqliteLedger::open(&path, LedgerSync::BeforeResponse)
+            .err()
+            .unwrap();
+        let message = err.to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("schema version 99"), "{message}");
+    }
+
+    #[test]
+    fn an_unopenable_path_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"not a directory").unwrap();
+        let path = file.join("ledger.sqlite3");
+        let err = SqliteLedger::open(&path, LedgerSync::BeforeResponse)
+            .err()
+            .unwrap();
+        assert!(matches!(err, LedgerError::Open { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_read_only_file_fails_the_waiters_and_the_writer_recovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l");
+        let ledger = SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap();
+        ledger.record(row(DAY2, "crm", None, None)).await.unwrap();
+
+        ledger.fault(Some(Fault::ReadOnlyFile));
+        let err = ledger
+            .record(row(DAY2, "crm", None, None))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LedgerError::ReadOnly { .. }), "{err:?}");
+        assert!(err.to_string().contains("is read-only"), "{err}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+        assert!(ledger.write_error().is_some());
+        assert_eq!(ledger.rows_waiting(), 1);
+        assert!(ledger.flush().await.is_err());
+
+        // The cause goes away: the kept row and new ones are written, nothing twice.
+        ledger.fault(None);
+        ledger.record(row(DAY2, "crm", None, None)).await.unwrap();
+        assert!(ledger.write_error().is_none());
+        assert_eq!(ledger.rows_waiting(), 0);
+        assert_eq!(ledger.totals().unwrap(), (3, 3));
+        assert_eq!(raw_count(&path), (3, 3));
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_fails_async_rows_at_flush_and_they_are_retried_on_their_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l");
+        let ledger = SqliteLedger::open(&path, LedgerSync::Async).unwrap();
+        ledger.fault(Some(Fault::DiskFull));
+        let mut big = row(DAY2, "crm", None, None);
+        big.request_id = "x".repeat(64 * 1024);
+        // Queued: async record only fails if the writer is gone.
+        ledger.record(big).await.unwrap();
+        let err = ledger.flush().await.unwrap_err();
+        assert!(matches!(err, LedgerError::DiskFull { .. }), "{err:?}");
+        assert!(err.to_string().contains("disk is full"), "{err}");
+
+        ledger.fault(None);
+        // No new traffic: the writer retries by itself.
+        let deadline = std::time::Instant::now() + RETRY_EVERY * 10;
+        while ledger.rows_waiting() > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(ledger.totals().unwrap(), (1, 1));
+        ledger.flush().await.unwrap();
+        assert!(ledger.write_error().is_none());
+    }
+
+    #[tokio::test]
+    async fn rows_queued_before_a_drop_are_written_and_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l");
+        let ledger = SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap();
+        let pending = ledger.record(row(DAY2, "crm", None, None));
+        drop(ledger);
+        // The row was queued before the drop: it is written, and its waiter answered.
+        pending.await.unwrap();
+        assert_eq!(raw_count(&path), (1, 1));
+    }
+}

@@ -1,0 +1,322 @@
+//! Credits end to end: atomic budget reservations, settlement from metadata.credits_consumed,
+//! the durable ledger and its outcomes, upstream credit exhaustion, budgets across restarts,
+//! and usage you can see (/usage, /dashboard).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+
+use crate::common::*;
+
+const BUDGETED_KEY: &str = "lgw_budgeted_client_key";
+
+fn budgeted(budget: u64) -> String {
+    format!(
+        "[[clients]]\nname = \"budgeted\"\nkey_sha256 = \"{}\"\ndaily_credit_budget = {budget}\n",
+        sha(BUDGETED_KEY)
+    )
+}
+
+fn action(account: &str, action: &str) -> String {
+    format!(r#"{{"account_id":"{account}","action":"{action}","params":{{"profile_url":"u"}}}}"#)
+}
+
+async fn usage(h: &Harness, q: &str) -> serde_json::Value {
+    let a = h.admin(&format!("/usage?{q}")).await;
+    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    a.json()
+}
+
+#[tokio::test]
+async fn a_hundred_concurrent_requests_against_a_budget_of_ten_forward_exactly_ten() {
+    let h = Arc::new(Harness::start_with("", &budgeted(10)).await);
+    let account = h.connected_account("tok-budget").await;
+    let before = h
+        .emu
+        .stats()
+        .calls_by_path
+        .get("POST /v2/profiles")
+        .copied()
+        .unwrap_or(0);
+    let mut tasks = Vec::new();
+    for _ in 0..100 {
+        let h = h.clone();
+        let body = action(&account, "get");
+        tasks.push(tokio::spawn(async move {
+            h.call(
+                http::Method::POST,
+                "/v2/profiles",
+                Some(BUDGETED_KEY),
+                &body,
+            )
+            .await
+        }));
+    }
+    let mut ok = 0;
+    let mut refused = 0;
+    for t in tasks {
+        let a = t.await.unwrap();
+        match a.status {
+            200 => ok += 1,
+            402 => {
+                assert_eq!(a.code(), "INSUFFICIENT_CREDITS");
+                assert_eq!(a.source(), "gateway");
+                refused += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((ok, refused), (10, 90));
+    let after = h
+        .emu
+        .stats()
+        .calls_by_path
+        .get("POST /v2/profiles")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(after - before, 10, "exactly ten forwarded");
+    let m = String::from_utf8(h.admin("/metrics").await.body.to_vec()).unwrap();
+    assert!(
+        m.contains(r#"linkup_gateway_budget_remaining_credits{client="budgeted"} 0"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn the_reservation_is_replaced_by_what_the_upstream_charged() {
+    // search_people costs 2 at the emulator; the gateway reserves the default 1.
+    let h = Harness::start_with("", &budgeted(3)).await;
+    let account = h.connected_account("tok-settle").await;
+    let a = h
+        .call(
+            http::Method::POST,
+            "/v2/profiles",
+            Some(BUDGETED_KEY),
+            &action(&account, "search_people"),
+        )
+        .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.json()["metadata"]["credits_consumed"], 2);
+    // 2 spent of 3: one more 1-credit request fits, the next does not.
+    let get = action(&account, "get");
+    assert_eq!(
+        h.call(http::Method::POST, "/v2/profiles", Some(BUDGETED_KEY), &get)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        h.call(http::Method::POST, "/v2/profiles", Some(BUDGETED_KEY), &get)
+            .await
+            .status,
+        402
+    );
+    let u = usage(&h, "by=client,action,outcome").await;
+    let rows = u["rows"].as_array().unwrap();
+    let search = rows
+        .iter()
+        .find(|r| r["client"] == "budgeted" && r["action"] == "search_people")
+        .unwrap();
+    assert_eq!(
+        (search["requests"].as_u64(), search["credits"].as_u64()),
+        (Some(1), Some(2))
+    );
+    assert_eq!(search["outcome"], "settled");
+    assert_eq!(
+        h.emu.stats().credits_charged,
+        3,
+        "the ledger matches the upstream"
+    );
+}
+
+#[tokio::test]
+async fn a_reset_after_sending_is_recorded_ambiguous_with_its_reserved_cost() {
+    let h = Harness::start().await;
+    let account = h.connected_account("tok-ambiguous").await;
+    h.emu.set_faults(linkup_gateway::emulator::Faults {
+        mode: linkup_gateway::emulator::FaultMode::Reset,
+        count: 1,
+        ..Default::default()
+    });
+    let a = h.post("/v2/messages", &action(&account, "send")).await;
+    assert_eq!(a.status, 502);
+    let u = usage(&h, "by=outcome").await;
+    let amb = u["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["outcome"] == "ambiguous")
+        .cloned();
+    let amb = amb.expect("an ambiguous row");
+    assert_eq!(
+        (amb["requests"].as_u64(), amb["credits"].as_u64()),
+        (Some(1), Some(1))
+    );
+}
+
+#[tokio::test]
+async fn a_timeout_answers_504_and_records_an_ambiguous_row() {
+    let h = Harness::start_with("request_timeout = \"300ms\"", "").await;
+    let account = h.connected_account("tok-timeout").await;
+    h.emu.set_faults(linkup_gateway::emulator::Faults {
+        latency_ms: 2_000,
+        ..Default::default()
+    });
+    let a = h.post("/v2/profiles", &action(&account, "get")).await;
+    assert_eq!((a.status, a.code().as_str()), (504, "UPSTREAM_TIMEOUT"));
+    // The row is written by the call's own task when its deadline passes: wait for it.
+    let mut found = false;
+    for _ in 0..100 {
+        let u = usage(&h, "by=outcome").await;
+        if u["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["outcome"] == "ambiguous")
+        {
+            found = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(found, "no ambiguous row after the timeout");
+}
+
+#[tokio::test]
+async fn upstream_out_of_credits_fails_costly_requests_fast_and_free_ones_pass() {
+    let h = Harness::start().await;
+    let account = h.connected_account("tok-broke").await;
+    h.emu.set_balance(0);
+    let a = h.post("/v2/profiles", &action(&account, "get")).await;
+    assert_eq!(
+        (a.status, a.source().as_str()),
+        (402, ""),
+        "the upstream's own 402"
+    );
+    let before = h.upstream_calls();
+    let a = h.post("/v2/profiles", &action(&account, "get")).await;
+    assert_eq!(
+        (a.status, a.code().as_str(), a.source().as_str()),
+        (402, "INSUFFICIENT_CREDITS", "gateway")
+    );
+    assert_eq!(h.upstream_calls(), before, "failed fast, not forwarded");
+    assert_eq!(
+        h.get("/v2/credits").await.status,
+        200,
+        "free requests still pass"
+    );
+    // Credits come back: the probe notices and costly requests flow again.
+    h.emu.set_balance(100);
+    let mut recovered = false;
+    for _ in 0..100 {
+        if h.post("/v2/profiles", &action(&account, "get"))
+            .await
+            .status
+            == 200
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        recovered,
+        "the /v2/credits probe did not clear the exhaustion"
+    );
+}
+
+#[tokio::test]
+async fn budgets_survive_a_restart_through_the_ledger() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let emu = linkup_gateway::emulator::start(
+        listener,
+        linkup_gateway::emulator::EmulatorConfig {
+            api_key: UPSTREAM_KEY.into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let h = Harness::start_against(emu, "", &budgeted(5)).await;
+    let account = h.connected_account("tok-restart").await;
+    for _ in 0..3 {
+        let a = h
+            .call(
+                http::Method::POST,
+                "/v2/profiles",
+                Some(BUDGETED_KEY),
+                &action(&account, "get"),
+            )
+            .await;
+        assert_eq!(a.status, 200);
+    }
+    let Harness { emu, gw, dir, .. } = h;
+    gw.shutdown().await;
+    // Same config, same ledger file, new process state.
+    let settings = linkup_gateway::config::load(&dir.path().join("gateway.toml")).unwrap();
+    let gw = linkup_gateway::server::Gateway::start(settings)
+        .await
+        .unwrap();
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let req = Request::post(format!("http://{}/v2/profiles", gw.data_addr))
+            .header("x-api-key", BUDGETED_KEY)
+            .body(Full::new(Bytes::from(action(&account, "get"))))
+            .unwrap();
+        statuses.push(client.request(req).await.unwrap().status().as_u16());
+    }
+    assert_eq!(
+        statuses,
+        vec![200, 200, 402],
+        "3 of 5 were spent before the restart"
+    );
+    gw.shutdown().await;
+    drop(emu);
+}
+
+#[tokio::test]
+async fn usage_api_answers_json_and_csv_and_the_dashboard_draws_it() {
+    let h = Harness::start_with("", &budgeted(50)).await;
+    let account = h.connected_account("tok-usage").await;
+    for act in ["get", "get", "search_people"] {
+        h.call(
+            http::Method::POST,
+            "/v2/profiles",
+            Some(BUDGETED_KEY),
+            &action(&account, act),
+        )
+        .await;
+    }
+    let u = usage(&h, "by=client").await;
+    let row = u["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["client"] == "budgeted")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (row["requests"].as_u64(), row["credits"].as_u64()),
+        (Some(3), Some(4))
+    );
+    let csv = h.admin("/usage?by=client,action&format=csv").await;
+    assert_eq!(csv.status, 200);
+    let text = String::from_utf8(csv.body.to_vec()).unwrap();
+    assert!(
+        text.starts_with("client,action,requests,credits\n"),
+        "{text}"
+    );
+    assert!(text.contains("budgeted,search_people,1,2"), "{text}");
+    let bad = h.admin("/usage?by=colour").await;
+    assert_eq!(bad.status, 400);
+    let d = h.admin("/dashboard").await;
+    assert_eq!(d.status, 200);
+    let html = String::from_utf8(d.body.to_vec()).unwrap();
+    assert!(html.contains("<svg") && html.contains("budgeted"), "{html}");
+    assert!(html.contains("<td>46</td>"), "50 - 4 left today");
+}
