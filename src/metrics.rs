@@ -53,6 +53,38 @@ pub struct ClientLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AccountLabels {
+    pub client: Label,
+    pub account: Label,
+}
+
+/// Caps the distinct values of a label (the upstream's `metadata.action`), so a misbehaving
+/// upstream cannot blow up the series count: past the cap, new values become `other`.
+#[derive(Debug, Default)]
+pub struct LabelCap {
+    seen: std::sync::RwLock<std::collections::HashSet<Arc<str>>>,
+}
+
+impl LabelCap {
+    pub const MAX: usize = 64;
+
+    pub fn label(&self, value: &Arc<str>) -> Label {
+        if let Ok(seen) = self.seen.read() {
+            if seen.contains(value) {
+                return Label(value.clone());
+            }
+        }
+        match self.seen.write() {
+            Ok(mut seen) if seen.len() < Self::MAX || seen.contains(value) => {
+                seen.insert(value.clone());
+                Label(value.clone())
+            }
+            _ => Label(Arc::from("other")),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabels {
     pub client: Label,
     pub action: Label,
@@ -96,6 +128,9 @@ pub struct Metrics {
     pub rate_limited: Family<RateLimitedLabels, Counter>,
     pub rate_limit_tracked: Gauge,
     pub credits_consumed: Family<ActionLabels, Counter>,
+    pub action_labels: LabelCap,
+    /// Only filled with `metrics.per_account = true` (one series per account: cardinality!).
+    pub account_credits: Family<AccountLabels, Counter>,
     pub credits_unknown: Family<ClientLabels, Counter>,
     pub credits_reserved: Family<ClientLabels, Gauge>,
     pub budget_remaining: Family<ClientLabels, Gauge>,
@@ -183,6 +218,12 @@ impl Default for Metrics {
             "Credits the upstream reported in metadata.credits_consumed (ambiguous answers: the reserved cost), by client and action",
             credits_consumed.clone(),
         );
+        let account_credits = Family::<AccountLabels, Counter>::default();
+        registry.register(
+            "account_credits_consumed",
+            "Credits consumed per client and account (only with metrics.per_account = true)",
+            account_credits.clone(),
+        );
         let credits_unknown = Family::<ClientLabels, Counter>::default();
         registry.register(
             "credits_unknown",
@@ -247,6 +288,8 @@ impl Default for Metrics {
             rate_limited,
             rate_limit_tracked,
             credits_consumed,
+            action_labels: LabelCap::default(),
+            account_credits,
             credits_unknown,
             credits_reserved,
             budget_remaining,
@@ -278,5 +321,43 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_cap_turns_new_values_into_other_past_the_cap() {
+        let cap = LabelCap::default();
+        for i in 0..LabelCap::MAX {
+            assert_eq!(&*cap.label(&Arc::from(format!("a{i}"))).0, format!("a{i}"));
+        }
+        assert_eq!(&*cap.label(&Arc::from("new")).0, "other");
+        assert_eq!(
+            &*cap.label(&Arc::from("a3")).0,
+            "a3",
+            "known values keep their label"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_cap_turns_new_values_into_other_past_the_cap() {
+        let cap = LabelCap::default();
+        for i in 0..LabelCap::MAX {
+            assert_eq!(&*cap.label(&Arc::from(format!("a{i}"))).0, format!("a{i}"));
+        }
+        assert_eq!(&*cap.label(&Arc::from("new")).0, "other");
+        assert_eq!(
+            &*cap.label(&Arc::from("a3")).0,
+            "a3",
+            "known values keep their label"
+        );
     }
 }

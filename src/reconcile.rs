@@ -64,13 +64,23 @@ pub async fn run(current: Arc<ArcSwap<Generation>>, mut stop: watch::Receiver<bo
             let seen = i64::try_from(recorded.saturating_sub(prev_recorded)).unwrap_or(i64::MAX);
             drift += charged - seen;
             m.credits_drift.set(drift);
-            tracing::info!(
-                balance = bal,
-                charged,
-                recorded = seen,
-                drift,
-                "reconciled credits"
-            );
+            if charged == seen {
+                tracing::info!(
+                    balance = bal,
+                    charged,
+                    recorded = seen,
+                    drift,
+                    "reconciled credits"
+                );
+            } else {
+                tracing::warn!(
+                    balance = bal,
+                    charged,
+                    recorded = seen,
+                    drift,
+                    "credits drift: the upstream charged differently from what the ledger recorded"
+                );
+            }
         }
         last = Some((bal, recorded));
     }

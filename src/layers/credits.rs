@@ -24,7 +24,7 @@ use crate::config::ClientSettings;
 use crate::context::{AnsweredBy, RequestContext, RequestLog};
 use crate::error::GatewayError;
 use crate::ledger::{Outcome, Row};
-use crate::metrics::{ActionLabels, ClientLabels, Label, OutcomeLabels};
+use crate::metrics::{AccountLabels, ActionLabels, ClientLabels, Label, OutcomeLabels};
 use crate::shared::{Process, Shared};
 
 /// Process-wide credit state: upstream exhaustion and ledger health.
@@ -284,14 +284,24 @@ where
     }
     let action: Option<Arc<str>> = p.action.clone().or(meta_action.map(Arc::from));
     let m = &process.metrics;
-    let action_label = Label(action.clone().unwrap_or_else(|| Arc::from("unknown")));
     if charged > 0 {
+        let action_label = m
+            .action_labels
+            .label(action.as_ref().unwrap_or(&Arc::from("unknown")));
         m.credits_consumed
             .get_or_create(&ActionLabels {
                 client: Label(p.client.name.clone()),
                 action: action_label,
             })
             .inc_by(charged);
+        if let (true, Some(account)) = (shared.settings.metrics_per_account, &p.account) {
+            m.account_credits
+                .get_or_create(&AccountLabels {
+                    client: Label(p.client.name.clone()),
+                    account: Label(account.clone()),
+                })
+                .inc_by(charged);
+        }
     }
     if !known {
         m.credits_unknown

@@ -320,3 +320,119 @@ async fn usage_api_answers_json_and_csv_and_the_dashboard_draws_it() {
     assert!(html.contains("<svg") && html.contains("budgeted"), "{html}");
     assert!(html.contains("<td>46</td>"), "50 - 4 left today");
 }
+
+#[tokio::test]
+async fn ledger_totals_equal_the_emulators_charges_exactly() {
+    let h = Harness::start().await;
+    let account = h.connected_account("tok-totals").await;
+    let pending = h
+        .post(
+            "/v2/login",
+            r#"{"platform":"linkedin","email":"t@x.io","password":"p"}"#,
+        )
+        .await
+        .json()["data"]["account_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let checkpoint = |code: &str| format!(r#"{{"account_id":"{pending}","code":"{code}"}}"#);
+    h.post("/v2/checkpoint", &checkpoint("000000")).await; // wrong: 400, free
+    h.post("/v2/checkpoint", &checkpoint("123456")).await; // 1 credit
+    for (path, act) in [
+        ("/v2/profiles", "get"),
+        ("/v2/profiles", "search_people"),
+        ("/v2/network", "invite"),
+        ("/v2/messages", "send"),
+        ("/v2/content", "create"),
+        ("/v2/recruiter", "get_cv"),
+        ("/v2/profiles", "no_such_action"),
+    ] {
+        h.post(path, &action(&account, act)).await;
+    }
+    h.post(
+        "/v2/enrich",
+        r#"{"action":"find_email","params":{"first_name":"a"}}"#,
+    )
+    .await;
+    h.get("/v2/credits").await;
+    let ledger = h.gw.process.ledger.clone();
+    let (_, recorded) = tokio::task::spawn_blocking(move || ledger.totals())
+        .await
+        .unwrap()
+        .unwrap();
+    let charged = h.emu.stats().credits_charged;
+    assert!(charged > 10, "a real mix of costs: {charged}");
+    assert_eq!(recorded as i64, charged);
+}
+
+#[tokio::test]
+async fn reconciliation_exports_the_drift_against_the_upstream_balance() {
+    let h = Harness::start_with("", "[ledger]\nreconcile_every = \"100ms\"\n").await;
+    let account = h.connected_account("tok-drift").await;
+    h.post("/v2/profiles", &action(&account, "get")).await;
+    let metric = |m: &str, name: &str| {
+        m.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<i64>().ok())
+    };
+    // Wait for a first reconciliation, then charge 5 credits out of band (as webhook
+    // monitoring does): the drift shows them.
+    let mut polls = 0;
+    loop {
+        let m = String::from_utf8(h.admin("/metrics").await.body.to_vec()).unwrap();
+        if metric(&m, "linkup_gateway_upstream_balance_credits").is_some_and(|b| b > 0) {
+            break;
+        }
+        polls += 1;
+        assert!(polls < 200, "no reconciliation ran");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let balance = h.emu.stats().balance;
+    h.emu.set_balance(balance - 5);
+    let mut polls = 0;
+    loop {
+        let m = String::from_utf8(h.admin("/metrics").await.body.to_vec()).unwrap();
+        if metric(&m, "linkup_gateway_credits_drift") == Some(5) {
+            break;
+        }
+        polls += 1;
+        assert!(
+            polls < 200,
+            "drift never showed the 5 out-of-band credits:\n{m}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn answers_the_gateway_gives_itself_are_free_ledger_rows() {
+    let h = Harness::start().await;
+    let account = h.connected_account("tok-saved").await;
+    // The login said `connected`: this checkpoint is answered from the status cache.
+    let a = h
+        .post(
+            "/v2/checkpoint",
+            &format!(r#"{{"account_id":"{account}","code":"123456"}}"#),
+        )
+        .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(
+        a.headers
+            .get("x-gateway-cache")
+            .map(|v| v.to_str().unwrap()),
+        Some("hit")
+    );
+    let u = usage(&h, "by=outcome").await;
+    let cached = u["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["outcome"] == "cached")
+        .cloned();
+    let cached = cached.expect("a cached row");
+    assert_eq!(
+        (cached["requests"].as_u64(), cached["credits"].as_u64()),
+        (Some(1), Some(0))
+    );
+}
