@@ -34,7 +34,8 @@ fn chart(
     series_of: fn(&UsageRow) -> String,
 ) -> String {
     let mut per: BTreeMap<String, BTreeMap<&str, u64>> = BTreeMap::new();
-    for r in rows {
+    // Series that cost nothing in the range would only clutter the legend.
+    for r in rows.iter().filter(|r| r.credits > 0) {
         let day = r.day.as_deref().unwrap_or("");
         *per.entry(series_of(r)).or_default().entry(day).or_default() += r.credits;
     }

@@ -388,3 +388,125 @@ async fn usage_reports_the_ledger_as_table_csv_and_json() {
         2
     );
 }
+
+/// SIGKILL during a run of requests, then restart on the same ledger: every credit a caller saw
+/// charged is in the ledger, and nothing is counted twice.
+#[tokio::test]
+async fn sigkill_loses_no_credit_a_caller_saw_charged() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use linkup_gateway::emulator;
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let emu = emulator::start(listener, emulator::EmulatorConfig { api_key: "k-up".into(), ..Default::default() })
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "up.key", "k-up");
+    let key = linkup_gateway::keygen::key_sha256_hex("lgw_kill");
+    let cfg = write(
+        dir.path(),
+        "g.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+             [upstream]\nurl = \"{}\"\napi_key_file = \"up.key\"\n\
+             [[clients]]\nname = \"k\"\nkey_sha256 = \"{key}\"\n\
+             [rate_limit]\nper_account = \"100000/sec\"\nburst = 100000\n\
+             [ledger]\npath = \"ledger.sqlite3\"\n",
+            emu.url()
+        ),
+    );
+    let start = || {
+        tokio::process::Command::new(BIN)
+            .args(["--log-format", "json", "serve", "--config", &cfg])
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let mut child = start();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let up = wait_for_log(&mut lines, "linkup-gateway listening").await;
+    let addr = up["data_addr"].as_str().unwrap().to_owned();
+    // Keep draining the log pipe so the gateway never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+    let post = |path: &str, body: String| {
+        client.request(
+            http::Request::post(format!("http://{addr}{path}"))
+                .header("x-api-key", "lgw_kill")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap(),
+        )
+    };
+    let login = post("/v2/login", r#"{"login_token":"tok-kill"}"#.into()).await.unwrap();
+    let body = login.into_body().collect().await.unwrap().to_bytes();
+    let account = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["data"]["account_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // 16 workers send requests until the gateway dies; each records what it saw charged.
+    let seen: Arc<std::sync::Mutex<HashMap<String, u64>>> = Arc::default();
+    let done = Arc::new(tokio::sync::Notify::new());
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for w in 0..16 {
+        let (seen, done, answered) = (seen.clone(), done.clone(), answered.clone());
+        let client = client.clone();
+        let addr = addr.clone();
+        let account = account.clone();
+        workers.push(tokio::spawn(async move {
+            loop {
+                let req = http::Request::post(format!("http://{addr}/v2/profiles"))
+                    .header("x-api-key", "lgw_kill")
+                    .body(Full::new(Bytes::from(format!(
+                        r#"{{"account_id":"{account}","action":"search_people","params":{{"w":{w}}}}}"#
+                    ))))
+                    .unwrap();
+                let Ok(resp) = client.request(req).await else { return };
+                let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+                let Ok(body) = resp.into_body().collect().await else { return };
+                let v: serde_json::Value = serde_json::from_slice(&body.to_bytes()).unwrap();
+                let credits = v["metadata"]["credits_consumed"].as_u64().unwrap_or(0);
+                seen.lock().unwrap().insert(id, credits);
+                if answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 200 {
+                    done.notify_one();
+                }
+            }
+        }));
+    }
+    done.notified().await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    for w in workers {
+        let _ = w.await;
+    }
+
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.len() > 200);
+    let db = rusqlite::Connection::open(dir.path().join("ledger.sqlite3")).unwrap();
+    let mut stmt = db.prepare("SELECT request_id, credits FROM ledger_rows").unwrap();
+    let mut rows: HashMap<String, u64> = HashMap::new();
+    for r in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).unwrap() {
+        let (id, credits) = r.unwrap();
+        assert!(rows.insert(id.clone(), credits as u64).is_none(), "request {id} counted twice");
+    }
+    for (id, credits) in &seen {
+        assert_eq!(rows.get(id), Some(credits), "a charge the caller saw is missing: {id}");
+    }
+    // The upstream charged at most what the ledger holds plus the calls cut by the kill.
+    let charged = emu.stats().credits_charged as u64;
+    let recorded: u64 = rows.values().sum();
+    assert!(recorded <= charged, "the ledger holds more than the upstream charged");
+
+    // The gateway starts again on the same ledger.
+    let mut child = start();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    wait_for_log(&mut lines, "linkup-gateway listening").await;
+    child.start_kill().unwrap();
+}
