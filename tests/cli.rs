@@ -400,9 +400,15 @@ async fn sigkill_loses_no_credit_a_caller_saw_charged() {
     use std::sync::Arc;
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emu = emulator::start(listener, emulator::EmulatorConfig { api_key: "k-up".into(), ..Default::default() })
-        .await
-        .unwrap();
+    let emu = emulator::start(
+        listener,
+        emulator::EmulatorConfig {
+            api_key: "k-up".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "up.key", "k-up");
     let key = linkup_gateway::keygen::key_sha256_hex("lgw_kill");
@@ -434,7 +440,8 @@ async fn sigkill_loses_no_credit_a_caller_saw_charged() {
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http();
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
     let post = |path: &str, body: String| {
         client.request(
             http::Request::post(format!("http://{addr}{path}"))
@@ -443,7 +450,9 @@ async fn sigkill_loses_no_credit_a_caller_saw_charged() {
                 .unwrap(),
         )
     };
-    let login = post("/v2/login", r#"{"login_token":"tok-kill"}"#.into()).await.unwrap();
+    let login = post("/v2/login", r#"{"login_token":"tok-kill"}"#.into())
+        .await
+        .unwrap();
     let body = login.into_body().collect().await.unwrap().to_bytes();
     let account = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["data"]["account_id"]
         .as_str()
@@ -490,19 +499,34 @@ async fn sigkill_loses_no_credit_a_caller_saw_charged() {
     let seen = seen.lock().unwrap().clone();
     assert!(seen.len() > 200);
     let db = rusqlite::Connection::open(dir.path().join("ledger.sqlite3")).unwrap();
-    let mut stmt = db.prepare("SELECT request_id, credits FROM ledger_rows").unwrap();
+    let mut stmt = db
+        .prepare("SELECT request_id, credits FROM ledger_rows")
+        .unwrap();
     let mut rows: HashMap<String, u64> = HashMap::new();
-    for r in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).unwrap() {
+    for r in stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .unwrap()
+    {
         let (id, credits) = r.unwrap();
-        assert!(rows.insert(id.clone(), credits as u64).is_none(), "request {id} counted twice");
+        assert!(
+            rows.insert(id.clone(), credits as u64).is_none(),
+            "request {id} counted twice"
+        );
     }
     for (id, credits) in &seen {
-        assert_eq!(rows.get(id), Some(credits), "a charge the caller saw is missing: {id}");
+        assert_eq!(
+            rows.get(id),
+            Some(credits),
+            "a charge the caller saw is missing: {id}"
+        );
     }
     // The upstream charged at most what the ledger holds plus the calls cut by the kill.
     let charged = emu.stats().credits_charged as u64;
     let recorded: u64 = rows.values().sum();
-    assert!(recorded <= charged, "the ledger holds more than the upstream charged");
+    assert!(
+        recorded <= charged,
+        "the ledger holds more than the upstream charged"
+    );
 
     // The gateway starts again on the same ledger.
     let mut child = start();

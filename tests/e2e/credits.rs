@@ -446,14 +446,23 @@ async fn the_dashboard_renders_in_headless_chromium() {
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
     else {
-        assert!(std::env::var_os("CI").is_none(), "CI must install chromium (.ci/run)");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must install chromium (.ci/run)"
+        );
         eprintln!("chromium is not installed: skipping the browser check (CI runs it)");
         return;
     };
     let h = Harness::start_with("", &budgeted(20)).await;
     let account = h.connected_account("tok-dash").await;
     for act in ["get", "search_people", "get"] {
-        h.call(http::Method::POST, "/v2/profiles", Some(BUDGETED_KEY), &action(&account, act)).await;
+        h.call(
+            http::Method::POST,
+            "/v2/profiles",
+            Some(BUDGETED_KEY),
+            &action(&account, act),
+        )
+        .await;
     }
     let url = h.admin_url("/dashboard");
     let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
@@ -476,7 +485,10 @@ async fn the_dashboard_renders_in_headless_chromium() {
         .collect();
         args.push(format!("--user-data-dir={}", profile.path().display()));
         args.extend(extra);
-        std::process::Command::new(chromium).args(&args).output().unwrap()
+        std::process::Command::new(chromium)
+            .args(&args)
+            .output()
+            .unwrap()
     };
     let (dom, shot_out) = tokio::task::spawn_blocking({
         let url = url.clone();
@@ -491,10 +503,23 @@ async fn the_dashboard_renders_in_headless_chromium() {
     .unwrap();
     let dom = String::from_utf8_lossy(&dom.stdout).into_owned();
     assert!(dom.contains("<svg"), "no chart in the rendered page: {dom}");
-    assert!(dom.matches("<rect").count() >= 2, "bars for clients and actions: {dom}");
+    assert!(
+        dom.matches("<rect").count() >= 2,
+        "bars for clients and actions: {dom}"
+    );
     assert!(dom.contains("search_people"), "{dom}");
     // budgeted: 20 - (1 + 2 + 1) = 16 left.
-    assert!(dom.contains("<td>budgeted</td><td>20</td><td>4</td><td>0</td><td>16</td>"), "{dom}");
-    assert!(shot_out.status.success(), "{}", String::from_utf8_lossy(&shot_out.stderr));
-    assert!(std::fs::metadata(&shot).unwrap().len() > 1000, "screenshot written");
+    assert!(
+        dom.contains("<td>budgeted</td><td>20</td><td>4</td><td>0</td><td>16</td>"),
+        "{dom}"
+    );
+    assert!(
+        shot_out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shot_out.stderr)
+    );
+    assert!(
+        std::fs::metadata(&shot).unwrap().len() > 1000,
+        "screenshot written"
+    );
 }
