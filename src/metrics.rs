@@ -342,22 +342,3 @@ mod tests {
         );
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn label_cap_turns_new_values_into_other_past_the_cap() {
-        let cap = LabelCap::default();
-        for i in 0..LabelCap::MAX {
-            assert_eq!(&*cap.label(&Arc::from(format!("a{i}"))).0, format!("a{i}"));
-        }
-        assert_eq!(&*cap.label(&Arc::from("new")).0, "other");
-        assert_eq!(
-            &*cap.label(&Arc::from("a3")).0,
-            "a3",
-            "known values keep their label"
-        );
-    }
-}
