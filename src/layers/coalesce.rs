@@ -44,6 +44,9 @@ enum Outcome {
         body: Bytes,
     },
     Failed(GatewayError),
+    /// No call was made: the account turned out connected (see `Role::Lead`), so everyone is
+    /// answered from the status cache.
+    Connected,
 }
 
 impl Outcome {
@@ -78,6 +81,7 @@ impl Outcome {
                 Ok(resp)
             }
             Outcome::Failed(e) => Err(e.clone()),
+            Outcome::Connected => Err(abandoned()),
         }
     }
 }
@@ -275,6 +279,16 @@ where
             loop {
                 match cfg.flights.join(&account, &code) {
                     Role::Lead(tx, guard) => {
+                        // The status_cache layer looked before this submit joined; a call that
+                        // ended in between taught the cache before it left the map, so a
+                        // second look here closes that gap.
+                        if let Some(store) = &cfg.store {
+                            if store.is_connected(&account).await {
+                                drop(guard);
+                                tx.send_replace(Some(Arc::new(Outcome::Connected)));
+                                return Ok(status_cache::hit(&account, log.as_ref(), &cfg.process));
+                            }
+                        }
                         let (mine_tx, mine) = oneshot::channel();
                         let call = inner.call(req);
                         let (store, account) = (cfg.store.clone(), account.clone());
@@ -304,16 +318,21 @@ where
                         };
                     }
                     Role::Follow(done) => {
-                        cfg.process.metrics.checkpoint_coalesced.inc();
                         if let Some(log) = &log {
                             log.set_credits(0);
                         }
                         tracing::debug!(account = %account, "checkpoint coalesced");
-                        return match tokio::time::timeout_at(deadline, finished(done)).await {
-                            Ok(Some(outcome)) => outcome.copy(),
-                            Ok(None) => Err(abandoned()),
-                            Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
+                        let outcome = match tokio::time::timeout_at(deadline, finished(done)).await
+                        {
+                            Ok(Some(outcome)) => outcome,
+                            Ok(None) => return Err(abandoned()),
+                            Err(_) => return Err(GatewayError::UpstreamTimeout(timeout)),
                         };
+                        if let Outcome::Connected = *outcome {
+                            return Ok(status_cache::hit(&account, log.as_ref(), &cfg.process));
+                        }
+                        cfg.process.metrics.checkpoint_coalesced.inc();
+                        return outcome.copy();
                     }
                     Role::Wait(done) => {
                         tracing::debug!(
@@ -544,6 +563,23 @@ mod tests {
         assert_eq!(r.extensions().get::<AnsweredBy>(), Some(&AnsweredBy::Cache));
         assert_eq!(up.calls.load(Ordering::SeqCst), 1);
         assert_eq!(store.get("a").await, Some(CachedStatus::Connected));
+    }
+
+    #[tokio::test]
+    async fn a_submit_that_missed_the_cache_just_before_a_call_connected_the_account_is_a_hit() {
+        // The status_cache layer above saw `checkpoint_required`; by the time this submit
+        // joins, the call in flight has ended and connected the account.
+        let up = Upstream::new();
+        let flights = Flights::default();
+        let store = Arc::new(StatusStore::new(Duration::from_secs(60), 10));
+        store
+            .remember(Arc::from("a"), CachedStatus::Connected)
+            .await;
+        let svc = layer(&flights, Some(store), 30).layer(up.service(ok));
+        let r = svc.oneshot(req("a", Some("123456"))).await.unwrap();
+        assert_eq!(r.headers()[status_cache::X_GATEWAY_CACHE], "hit");
+        assert_eq!(up.calls.load(Ordering::SeqCst), 0);
+        assert!(flights.is_empty());
     }
 
     #[tokio::test]

@@ -1,11 +1,13 @@
 //! The embedded ledger: one SQLite file in WAL mode.
 //!
 //! Writes go through one writer thread fed by a channel. It drains everything queued into one
-//! transaction (group commit): the rows, and the `usage_daily` aggregates upserted in the same
-//! transaction, so the aggregates never disagree with the rows. With `sync = "before_response"`
-//! the transaction commits with `synchronous = FULL` (the WAL is fsynced once for the whole
-//! batch) and every waiter is answered after it; with `"async"` it commits with `NORMAL` and the
-//! WAL is fsynced on `flush` and on drop.
+//! transaction (group commit): the rows, and the aggregates upserted in the same transaction
+//! (`usage_daily`, and its roll-ups without the account by day and by month), so the
+//! aggregates never disagree with the rows. With `sync = "before_response"` the transaction
+//! commits with `synchronous = FULL` (the WAL is fsynced once for the whole batch) and every
+//! waiter is answered after it; with `"async"` it commits with `NORMAL` and the WAL is fsynced
+//! on `flush` and on drop. Checkpoints run on a thread of their own, so a caller's commit
+//! never waits for one.
 //!
 //! A failed write (disk full, read-only file) answers the waiting callers with the error, keeps
 //! the rows (the upstream may have charged for them) and retries them, on a fresh connection,
@@ -15,10 +17,10 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, TransactionBehavior};
 use time::Date;
@@ -66,6 +68,35 @@ const MIGRATIONS: &[&str] = &[
            COALESCE(action, ''), outcome, COUNT(*), SUM(credits), SUM(credits_known = 0)
     FROM ledger_rows
     GROUP BY 1, 2, 3, 4, 5;",
+    // 3: roll-ups without the account, by day and by month ('2026-11'), for the queries that
+    // do not group by account: they read a fraction of `usage_daily`'s rows (a year by client
+    // reads twelve months of a few hundred rows each). Backfilled from `usage_daily`.
+    "CREATE TABLE usage_daily_no_account (
+        day      TEXT    NOT NULL,
+        client   TEXT    NOT NULL,
+        action   TEXT    NOT NULL,
+        outcome  TEXT    NOT NULL,
+        requests INTEGER NOT NULL,
+        credits  INTEGER NOT NULL,
+        unknown  INTEGER NOT NULL,
+        PRIMARY KEY (day, client, action, outcome)
+    ) WITHOUT ROWID;
+    CREATE TABLE usage_monthly_no_account (
+        month    TEXT    NOT NULL,
+        client   TEXT    NOT NULL,
+        action   TEXT    NOT NULL,
+        outcome  TEXT    NOT NULL,
+        requests INTEGER NOT NULL,
+        credits  INTEGER NOT NULL,
+        unknown  INTEGER NOT NULL,
+        PRIMARY KEY (month, client, action, outcome)
+    ) WITHOUT ROWID;
+    INSERT INTO usage_daily_no_account
+    SELECT day, client, action, outcome, SUM(requests), SUM(credits), SUM(unknown)
+    FROM usage_daily GROUP BY 1, 2, 3, 4;
+    INSERT INTO usage_monthly_no_account
+    SELECT substr(day, 1, 7), client, action, outcome, SUM(requests), SUM(credits), SUM(unknown)
+    FROM usage_daily GROUP BY 1, 2, 3, 4;",
 ];
 
 const INSERT_ROW: &str = "INSERT INTO ledger_rows
@@ -80,6 +111,22 @@ const UPSERT_DAILY: &str = "INSERT INTO usage_daily
         credits = credits + excluded.credits,
         unknown = unknown + excluded.unknown";
 
+const UPSERT_DAILY_NO_ACCOUNT: &str = "INSERT INTO usage_daily_no_account
+    (day, client, action, outcome, requests, credits, unknown)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+    ON CONFLICT (day, client, action, outcome) DO UPDATE SET
+        requests = requests + excluded.requests,
+        credits = credits + excluded.credits,
+        unknown = unknown + excluded.unknown";
+
+const UPSERT_MONTHLY_NO_ACCOUNT: &str = "INSERT INTO usage_monthly_no_account
+    (month, client, action, outcome, requests, credits, unknown)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+    ON CONFLICT (month, client, action, outcome) DO UPDATE SET
+        requests = requests + excluded.requests,
+        credits = credits + excluded.credits,
+        unknown = unknown + excluded.unknown";
+
 /// Most commands one transaction takes: bounds the latency of the first waiter in a batch.
 const MAX_BATCH: usize = 16_384;
 /// How long the writer waits before retrying kept rows when no new row arrives.
@@ -88,6 +135,8 @@ pub const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// long outage cannot exhaust memory.
 const MAX_KEPT: usize = 100_000;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most one checkpoint per this long; the WAL holds at most about this much writing.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// The embedded ledger. Dropping it writes what is queued, fsyncs, and joins the writer.
 pub struct SqliteLedger {
@@ -96,6 +145,7 @@ pub struct SqliteLedger {
     /// `None` only while dropping: closing the channel tells the writer to finish.
     commands: Option<Sender<Command>>,
     writer: Option<JoinHandle<()>>,
+    checkpointer: Option<JoinHandle<()>>,
     reader: Mutex<Connection>,
     state: Arc<WriterState>,
 }
@@ -161,6 +211,13 @@ impl SqliteLedger {
         }
         migrate(&mut conn).map_err(fail)?;
         let reader = open_reader(path).map_err(|e| fail(e.to_string()))?;
+        let checkpoints = open_checkpointer(path).map_err(|e| fail(e.to_string()))?;
+        let (wake_checkpointer, wake) = mpsc::sync_channel(1);
+        let checkpointer_display = display.clone();
+        let checkpointer = std::thread::Builder::new()
+            .name("ledger-checkpoint".into())
+            .spawn(move || run_checkpoints(checkpoints, wake, &checkpointer_display))
+            .map_err(|e| fail(format!("cannot start the checkpoint thread: {e}")))?;
 
         let state = Arc::new(WriterState::default());
         let (commands, rx) = mpsc::channel();
@@ -171,6 +228,7 @@ impl SqliteLedger {
             conn: Some(conn),
             kept: Vec::new(),
             unsynced: false,
+            wake_checkpointer,
             state: state.clone(),
             #[cfg(test)]
             fault: None,
@@ -186,6 +244,7 @@ impl SqliteLedger {
             sync,
             commands: Some(commands),
             writer: Some(handle),
+            checkpointer: Some(checkpointer),
             reader: Mutex::new(reader),
             state,
         })
@@ -261,7 +320,8 @@ impl Ledger for SqliteLedger {
         let conn = self.reader();
         let mut stmt = conn
             .prepare_cached(
-                "SELECT client, SUM(credits) FROM usage_daily WHERE day = ?1 GROUP BY client",
+                "SELECT client, SUM(credits) FROM usage_daily_no_account WHERE day = ?1 \
+                 GROUP BY client",
             )
             .map_err(|e| self.query_error(e))?;
         let rows = stmt
@@ -280,22 +340,11 @@ impl Ledger for SqliteLedger {
                 by.push(*key);
             }
         }
-        // Column names come from the enum, never from the caller's text.
-        let keys = by.iter().map(|g| column(*g)).collect::<Vec<_>>().join(", ");
-        let sql = if by.is_empty() {
-            "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(credits), 0) FROM usage_daily \
-             WHERE day BETWEEN ?1 AND ?2"
-                .to_string()
-        } else {
-            format!(
-                "SELECT {keys}, SUM(requests), SUM(credits) FROM usage_daily \
-                 WHERE day BETWEEN ?1 AND ?2 GROUP BY {keys} ORDER BY {keys}"
-            )
-        };
+        let (sql, bounds) = usage_sql(&by, q.from_day, q.to_day);
         let conn = self.reader();
         let mut stmt = conn.prepare_cached(&sql).map_err(|e| self.query_error(e))?;
         let rows = stmt
-            .query_map([day_key(q.from_day), day_key(q.to_day)], |r| {
+            .query_map(rusqlite::params_from_iter(&bounds), |r| {
                 let mut row = UsageRow {
                     client: None,
                     account: None,
@@ -333,10 +382,11 @@ impl Ledger for SqliteLedger {
 
     fn totals(&self) -> Result<(u64, u64), LedgerError> {
         // The aggregates are written in the rows' transaction, so they count the same, and
-        // are a few thousand rows to sum rather than millions.
+        // the monthly roll-up is a few hundred rows per month to sum rather than millions.
         self.reader()
             .query_row(
-                "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(credits), 0) FROM usage_daily",
+                "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(credits), 0) \
+                 FROM usage_monthly_no_account",
                 [],
                 |r| Ok((to_u64(r.get(0)?), to_u64(r.get(1)?))),
             )
@@ -357,7 +407,99 @@ impl Drop for SqliteLedger {
                 tracing::error!(path = %self.display, "the ledger writer thread panicked");
             }
         }
+        // The writer's end of its channel is gone now, so the checkpointer returns too.
+        if let Some(checkpointer) = self.checkpointer.take() {
+            if checkpointer.join().is_err() {
+                tracing::error!(path = %self.display, "the ledger checkpoint thread panicked");
+            }
+        }
     }
+}
+
+/// The SQL of a usage query and its bounds: the smallest aggregate that can answer it.
+/// Grouping by account needs `usage_daily`; by day, the daily roll-up; otherwise whole months
+/// come from the monthly roll-up and the days before and after them from the daily one.
+fn usage_sql(by: &[GroupBy], from: Date, to: Date) -> (String, Vec<String>) {
+    // Column names come from the enum, never from the caller's text.
+    let keys = by.iter().map(|g| column(*g)).collect::<Vec<_>>().join(", ");
+    let (select, group) = if by.is_empty() {
+        (String::new(), String::new())
+    } else {
+        (
+            format!("{keys}, "),
+            format!(" GROUP BY {keys} ORDER BY {keys}"),
+        )
+    };
+    let sql = |source: &str| {
+        format!(
+            "SELECT {select}COALESCE(SUM(requests), 0), COALESCE(SUM(credits), 0) \
+             FROM {source}{group}"
+        )
+    };
+    let days = vec![day_key(from), day_key(to)];
+    if by.contains(&GroupBy::Account) {
+        return (sql("usage_daily WHERE day BETWEEN ?1 AND ?2"), days);
+    }
+    let months = if by.contains(&GroupBy::Day) {
+        None
+    } else {
+        whole_months(from, to)
+    };
+    let Some((first, last)) = months else {
+        return (
+            sql("usage_daily_no_account WHERE day BETWEEN ?1 AND ?2"),
+            days,
+        );
+    };
+    // An empty text range: no day sorts between "9" and "0".
+    let none = || ["9".to_string(), "0".to_string()];
+    let head = match first.previous_day() {
+        Some(before) if from < first => [day_key(from), day_key(before)],
+        _ => none(),
+    };
+    let tail = match last.next_day() {
+        Some(after) if last < to => [day_key(after), day_key(to)],
+        _ => none(),
+    };
+    let source = format!(
+        "(SELECT {select}requests, credits FROM usage_daily_no_account \
+             WHERE day BETWEEN ?1 AND ?2 \
+         UNION ALL SELECT {select}requests, credits FROM usage_daily_no_account \
+             WHERE day BETWEEN ?3 AND ?4 \
+         UNION ALL SELECT {select}requests, credits FROM usage_monthly_no_account \
+             WHERE month BETWEEN ?5 AND ?6)"
+    );
+    let mut bounds = Vec::with_capacity(6);
+    bounds.extend(head);
+    bounds.extend(tail);
+    bounds.push(month_key(first));
+    bounds.push(month_key(last));
+    (sql(&source), bounds)
+}
+
+/// The first and last day of the whole calendar months inside `from..=to`, if any.
+fn whole_months(from: Date, to: Date) -> Option<(Date, Date)> {
+    let first = if from.day() == 1 {
+        from
+    } else {
+        last_of_month(from).next_day()?
+    };
+    let last = if to == last_of_month(to) {
+        to
+    } else {
+        to.replace_day(1).ok()?.previous_day()?
+    };
+    (first <= last).then_some((first, last))
+}
+
+fn last_of_month(day: Date) -> Date {
+    day.replace_day(day.month().length(day.year()))
+        .unwrap_or(day)
+}
+
+/// `2026-11`: the monthly roll-up's key.
+fn month_key(day: Date) -> String {
+    format!("{:04}-{:02}", day.year(), u8::from(day.month()))
 }
 
 fn column(g: GroupBy) -> &'static str {
@@ -386,7 +528,42 @@ fn open_writer(path: &Path, sync: LedgerSync) -> rusqlite::Result<Connection> {
         LedgerSync::Async => "NORMAL",
     };
     conn.pragma_update(None, "synchronous", level)?;
+    // Checkpoints run on their own thread (see `run_checkpoints`), not inside a commit that
+    // callers are waiting for; a reset WAL is cut back to this size.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     Ok(conn)
+}
+
+fn open_checkpointer(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+    Ok(conn)
+}
+
+/// Copy committed WAL frames into the database file, beside the writer: a passive checkpoint
+/// takes no lock that a commit needs, so its two fsyncs never delay a caller's row. Runs after
+/// a commit, at most once per [`CHECKPOINT_EVERY`]; returns when the writer has gone.
+fn run_checkpoints(conn: Connection, wake: Receiver<()>, path: &str) {
+    while wake.recv().is_ok() {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(path, error = %e, "ledger checkpoint failed; will retry");
+        }
+        let until = Instant::now() + CHECKPOINT_EVERY;
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            if let Err(RecvTimeoutError::Disconnected) = wake.recv_timeout(left) {
+                return;
+            }
+        }
+    }
 }
 
 fn open_reader(path: &Path) -> rusqlite::Result<Connection> {
@@ -451,6 +628,8 @@ struct Writer {
     kept: Vec<Row>,
     /// Async mode: committed with `synchronous = NORMAL` since the WAL was last fsynced.
     unsynced: bool,
+    /// Told after each commit; full means a checkpoint is already due.
+    wake_checkpointer: SyncSender<()>,
     state: Arc<WriterState>,
     #[cfg(test)]
     fault: Option<Fault>,
@@ -463,6 +642,14 @@ struct Sums {
     requests: u64,
     credits: u64,
     unknown: u64,
+}
+
+impl Sums {
+    fn add(&mut self, other: &Sums) {
+        self.requests = self.requests.saturating_add(other.requests);
+        self.credits = self.credits.saturating_add(other.credits);
+        self.unknown = self.unknown.saturating_add(other.unknown);
+    }
 }
 
 impl Writer {
@@ -566,6 +753,7 @@ impl Writer {
             Ok(()) => {
                 self.conn = Some(conn);
                 self.state.commits.fetch_add(1, Ordering::Relaxed);
+                let _ = self.wake_checkpointer.try_send(());
                 self.unsynced |= self.sync == LedgerSync::Async;
                 Ok(())
             }
@@ -668,17 +856,52 @@ fn write_rows(conn: &Connection, rows: &[Row]) -> rusqlite::Result<()> {
                 r.action.as_deref().unwrap_or(""),
                 r.outcome,
             );
-            let sums = sums.entry(key).or_default();
-            sums.requests += 1;
-            sums.credits = sums.credits.saturating_add(r.credits);
-            sums.unknown += u64::from(!r.credits_known);
+            sums.entry(key).or_default().add(&Sums {
+                requests: 1,
+                credits: r.credits,
+                unknown: u64::from(!r.credits_known),
+            });
         }
+        let mut daily = HashMap::new();
+        let mut monthly = HashMap::new();
         let mut upsert = tx.prepare_cached(UPSERT_DAILY)?;
-        for ((day, client, account, action, outcome), s) in &sums {
+        for (&(day, client, account, action, outcome), s) in &sums {
             upsert.execute(params![
-                day_key(*day),
+                day_key(day),
                 client,
                 account,
+                action,
+                outcome.as_str(),
+                to_i64(s.requests),
+                to_i64(s.credits),
+                to_i64(s.unknown),
+            ])?;
+            daily
+                .entry((day, client, action, outcome))
+                .or_insert_with(Sums::default)
+                .add(s);
+            monthly
+                .entry((month_key(day), client, action, outcome))
+                .or_insert_with(Sums::default)
+                .add(s);
+        }
+        let mut upsert = tx.prepare_cached(UPSERT_DAILY_NO_ACCOUNT)?;
+        for ((day, client, action, outcome), s) in daily {
+            upsert.execute(params![
+                day_key(day),
+                client,
+                action,
+                outcome.as_str(),
+                to_i64(s.requests),
+                to_i64(s.credits),
+                to_i64(s.unknown),
+            ])?;
+        }
+        let mut upsert = tx.prepare_cached(UPSERT_MONTHLY_NO_ACCOUNT)?;
+        for ((month, client, action, outcome), s) in monthly {
+            upsert.execute(params![
+                month,
+                client,
                 action,
                 outcome.as_str(),
                 to_i64(s.requests),
@@ -776,6 +999,27 @@ mod tests {
         std::mem::forget(ledger);
         let reopened = SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap();
         assert_eq!(reopened.totals().unwrap(), (10, 45));
+    }
+
+    #[tokio::test]
+    async fn committed_rows_are_checkpointed_into_the_database_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l");
+        let ledger = SqliteLedger::open(&path, LedgerSync::Async).unwrap();
+        let empty = std::fs::metadata(&path).unwrap().len();
+        for i in 0..2_000 {
+            let mut r = row(DAY2, "crm", None, None);
+            r.request_id = format!("request-{i:040}");
+            ledger.record(r).await.unwrap();
+        }
+        ledger.flush().await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::metadata(&path).unwrap().len() <= empty
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(std::fs::metadata(&path).unwrap().len() > empty);
     }
 
     #[tokio::test]
@@ -1049,6 +1293,167 @@ mod tests {
             .query_row("SELECT SUM(unknown) FROM usage_daily", [], |r| r.get(0))
             .unwrap();
         assert_eq!(unknown, 1);
+    }
+
+    #[tokio::test]
+    async fn a_version_2_file_gets_the_roll_ups_backfilled() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v2.sqlite3");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(MIGRATIONS[1]).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute(
+                UPSERT_DAILY,
+                params!["2026-10-31", "crm", "a1", "invite", "settled", 4, 7, 0],
+            )
+            .unwrap();
+            conn.execute(
+                UPSERT_DAILY,
+                params!["2026-10-31", "crm", "a2", "invite", "settled", 1, 1, 1],
+            )
+            .unwrap();
+        }
+        let ledger = SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap();
+        assert_eq!(ledger.totals().unwrap(), (5, 8));
+        assert_eq!(ledger.spent_on(date!(2026 - 10 - 31)).unwrap()["crm"], 8);
+        assert_eq!(
+            usage(
+                &ledger,
+                date!(2026 - 10 - 01),
+                date!(2026 - 10 - 31),
+                "client"
+            ),
+            [r#"{"client":"crm","requests":5,"credits":8}"#]
+        );
+    }
+
+    /// Every way of reading the aggregates (daily with account, the daily and monthly
+    /// roll-ups, months with partial days on either side) agrees with summing the rows.
+    #[tokio::test]
+    async fn usage_agrees_with_the_rows_across_month_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = SqliteLedger::open(&dir.path().join("l"), LedgerSync::Async).unwrap();
+        let start = date!(2026 - 01 - 20);
+        let mut rows = Vec::new();
+        for i in 0..2_000u64 {
+            let day = start + time::Duration::days(i64::try_from(i % 111).unwrap());
+            let client = ["crm", "ops", "bi"][usize::try_from(i % 3).unwrap()];
+            let account =
+                [None, Some("a1"), Some("a2"), Some("a3")][usize::try_from(i % 4).unwrap()];
+            let action =
+                [None, Some("invite"), Some("search")][usize::try_from(i % 5 % 3).unwrap()];
+            let mut r = with(
+                row(day, client, account, action),
+                i % 4,
+                Outcome::ALL[usize::try_from(i % 7 % 4).unwrap()],
+            );
+            r.at_ms += i64::try_from(i).unwrap();
+            rows.push(r.clone());
+            ledger.record(r).await.unwrap();
+            if i % 100 == 99 {
+                // Many transactions, so the upserts meet the keys earlier ones wrote.
+                ledger.flush().await.unwrap();
+            }
+        }
+        ledger.flush().await.unwrap();
+
+        let ranges = [
+            (date!(2026 - 01 - 20), date!(2026 - 05 - 10)),
+            (date!(2026 - 02 - 01), date!(2026 - 03 - 31)),
+            (date!(2026 - 02 - 01), date!(2026 - 02 - 28)),
+            (date!(2026 - 01 - 31), date!(2026 - 03 - 01)),
+            (date!(2026 - 02 - 02), date!(2026 - 02 - 27)),
+            (date!(2026 - 01 - 01), date!(2026 - 12 - 31)),
+            (date!(2026 - 03 - 15), date!(2026 - 03 - 15)),
+            (date!(2026 - 03 - 15), date!(2026 - 03 - 14)),
+        ];
+        let groupings = [
+            "",
+            "client",
+            "action,outcome",
+            "account",
+            "day",
+            "client,outcome",
+            "outcome,action,client",
+            "day,account",
+        ];
+        for (from, to) in ranges {
+            for by in groupings {
+                let by = GroupBy::parse_list(by).unwrap();
+                let mut expected: std::collections::BTreeMap<Vec<String>, (u64, u64)> =
+                    Default::default();
+                if by.is_empty() {
+                    expected.insert(Vec::new(), (0, 0));
+                }
+                for r in rows
+                    .iter()
+                    .filter(|r| (from..=to).contains(&day_of(r.at_ms)))
+                {
+                    let key = by
+                        .iter()
+                        .map(|g| match g {
+                            GroupBy::Client => r.client.to_string(),
+                            GroupBy::Account => r.account_id.as_deref().unwrap_or("").to_string(),
+                            GroupBy::Action => r.action.as_deref().unwrap_or("").to_string(),
+                            GroupBy::Day => day_key(day_of(r.at_ms)),
+                            GroupBy::Outcome => r.outcome.as_str().to_string(),
+                        })
+                        .collect();
+                    let sums = expected.entry(key).or_default();
+                    sums.0 += 1;
+                    sums.1 += r.credits;
+                }
+                let got: Vec<(Vec<String>, (u64, u64))> = ledger
+                    .usage(&UsageQuery {
+                        from_day: from,
+                        to_day: to,
+                        by: by.clone(),
+                    })
+                    .unwrap()
+                    .into_iter()
+                    .map(|u| {
+                        let key = by
+                            .iter()
+                            .map(|g| {
+                                match g {
+                                    GroupBy::Client => u.client.clone(),
+                                    GroupBy::Account => u.account.clone(),
+                                    GroupBy::Action => u.action.clone(),
+                                    GroupBy::Day => u.day.clone(),
+                                    GroupBy::Outcome => u.outcome.clone(),
+                                }
+                                .unwrap()
+                            })
+                            .collect();
+                        (key, (u.requests, u.credits))
+                    })
+                    .collect();
+                let expected: Vec<_> = expected.into_iter().collect();
+                assert_eq!(got, expected, "{from}..={to} by {by:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn whole_months_are_found_inside_a_range() {
+        assert_eq!(
+            whole_months(date!(2026 - 01 - 20), date!(2026 - 05 - 10)),
+            Some((date!(2026 - 02 - 01), date!(2026 - 04 - 30)))
+        );
+        assert_eq!(
+            whole_months(date!(2028 - 02 - 01), date!(2028 - 02 - 29)),
+            Some((date!(2028 - 02 - 01), date!(2028 - 02 - 29)))
+        );
+        assert_eq!(
+            whole_months(date!(2026 - 02 - 02), date!(2026 - 02 - 28)),
+            None
+        );
+        assert_eq!(
+            whole_months(date!(2026 - 01 - 31), date!(2026 - 02 - 27)),
+            None
+        );
     }
 
     #[test]

@@ -100,7 +100,7 @@ async fn purge(h: &Harness, account: &str) -> u16 {
 async fn a_thousand_identical_submits_make_one_upstream_call_and_cost_one_credit() {
     let h = Harness::start_with(SLOW, NO_LIMITS).await;
     let id = pending(&h, "storm@x.io", "code_challenge").await;
-    slow_upstream(&h, &id, 2_000);
+    slow_upstream(&h, &id, 3_000);
     let before = h.emu.stats();
     // h2c, 125 streams on each of 8 connections (the gateway allows 256 per connection).
     let clients: Vec<Client<HttpConnector, Full<Bytes>>> = (0..8)

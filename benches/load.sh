@@ -1,0 +1,252 @@
+#!/usr/bin/env bash
+# The load harness: linkup-gateway against nginx on this machine, in one run.
+#
+#   bash benches/load.sh            # full run (~4 minutes)
+#   bash benches/load.sh --quick    # shorter runs, fewer scenarios (~1 minute)
+#   bash benches/load.sh --soak     # adds a 5-minute constant-load soak (RSS drift)
+#
+# Targets, all on 127.0.0.1:
+#   (a) direct   nginx `return 200` with a LinkupAPI-shaped JSON answer (the fixed upstream)
+#   (b) nginx    nginx as a reverse proxy setting x-api-key, keepalive pool to (a)
+#   (c) gateway  linkup-gateway with every feature on (auth, classify, client and account
+#                limits, status cache, coalescing, credits with the durable SQLite ledger,
+#                key injection, one JSON log line per request), upstream (a)
+# Scenarios: POST /v2/profiles with a JSON body over 10,000 distinct account_ids at 16, 64 and
+# 256 connections; then a slow upstream (the emulator at 200 ms) with 10,000 connections
+# through the gateway. Every process is started here, every run is bounded in time, and
+# everything started is stopped by PID on exit. Results: a table on stdout and in
+# target/load/results.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+QUICK=0
+SOAK=0
+for a in "$@"; do
+  case "$a" in
+    --quick) QUICK=1 ;;
+    --soak) SOAK=1 ;;
+    *) echo "usage: bash benches/load.sh [--quick] [--soak]" >&2; exit 2 ;;
+  esac
+done
+DUR=${DUR:-$([ "$QUICK" = 1 ] && echo 5 || echo 15)}
+CONNS=${CONNS:-$([ "$QUICK" = 1 ] && echo "64" || echo "16 64 256")}
+SLOW_CONNS=${SLOW_CONNS:-10000}
+
+need() { command -v "$1" >/dev/null 2>&1; }
+if ! need nginx || ! need wrk; then
+  echo "installing nginx and wrk (Debian packages)..."
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq nginx wrk >/dev/null
+fi
+cargo build --release --quiet
+BIN=$PWD/target/release/linkup-gateway
+
+WORK=$(mktemp -d /tmp/lgw-load.XXXXXX)
+OUT=$PWD/target/load
+mkdir -p "$OUT"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+P_UP=18081 P_NGX=18082 P_GW=18083 P_GWA=18093 P_EMU=18084 P_GWS=18085 P_GWSA=18095
+UPSTREAM_KEY=load-upstream-key
+VKEY=lgw_load_test_key
+VSHA=$(printf '%s' "$VKEY" | sha256sum | cut -d' ' -f1)
+ANSWER='{"success":true,"data":{"account_id":"acc","profile":{"name":"Ada Lovelace","headline":"Analyst"}},"metadata":{"action":"get","credits_consumed":1,"timestamp":"2026-11-25T10:32:00Z"}}'
+
+# (a) the fixed upstream
+cat > "$WORK/upstream.conf" <<EOF
+worker_processes 1;
+pid $WORK/upstream.pid;
+error_log $WORK/upstream-error.log warn;
+events { worker_connections 65536; }
+http {
+  access_log off;
+  keepalive_requests 10000000;
+  keepalive_timeout 120s;
+  client_body_temp_path $WORK/ub; proxy_temp_path $WORK/up; fastcgi_temp_path $WORK/uf;
+  uwsgi_temp_path $WORK/uu; scgi_temp_path $WORK/us;
+  server {
+    listen 127.0.0.1:$P_UP reuseport backlog=65535;
+    location / { default_type application/json; return 200 '$ANSWER'; }
+  }
+}
+EOF
+# (b) nginx as the header-injecting reverse proxy
+cat > "$WORK/proxy.conf" <<EOF
+worker_processes auto;
+pid $WORK/proxy.pid;
+error_log $WORK/proxy-error.log warn;
+events { worker_connections 65536; }
+http {
+  access_log $WORK/proxy-access.log combined buffer=64k;
+  keepalive_requests 10000000;
+  keepalive_timeout 120s;
+  client_body_temp_path $WORK/pb; proxy_temp_path $WORK/pp; fastcgi_temp_path $WORK/pf;
+  uwsgi_temp_path $WORK/pu; scgi_temp_path $WORK/ps;
+  upstream linkup { server 127.0.0.1:$P_UP; keepalive 512; }
+  server {
+    listen 127.0.0.1:$P_NGX reuseport backlog=65535;
+    location /v2/ {
+      proxy_pass http://linkup;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header x-api-key "$UPSTREAM_KEY";
+      proxy_set_header Authorization "";
+    }
+  }
+}
+EOF
+gateway_conf() { # listen admin upstream ledger
+  cat <<EOF
+[server]
+listen = "127.0.0.1:$1"
+admin_listen = "127.0.0.1:$2"
+max_in_flight = 20000
+request_timeout = "30s"
+shutdown_grace = "5s"
+[upstream]
+url = "$3"
+api_key_env = "LGW_UPSTREAM_KEY"
+[[clients]]
+name = "load"
+key_sha256 = "$VSHA"
+daily_credit_budget = 1000000000000
+requests_per_second = 1000000
+[rate_limit]
+per_account = "1000000/min"
+burst = 100000
+[[rate_limit.rules]]
+name = "invites"
+path = "/v2/network"
+action = "invite"
+per_account = "100/week"
+burst = 5
+[checkpoint]
+coalesce = true
+[status_cache]
+ttl = "10m"
+[ledger]
+path = "$4"
+sync = "before_response"
+[costs]
+default = 1
+EOF
+}
+gateway_conf $P_GW $P_GWA "http://127.0.0.1:$P_UP" "$WORK/ledger.sqlite3" > "$WORK/gateway.toml"
+gateway_conf $P_GWS $P_GWSA "http://127.0.0.1:$P_EMU" "$WORK/ledger-slow.sqlite3" > "$WORK/gateway-slow.toml"
+
+cat > "$WORK/post.lua" <<'EOF'
+local key = os.getenv("LGW_KEY") or "none"
+local path = os.getenv("LGW_PATH") or "/v2/profiles"
+local n = tonumber(os.getenv("LGW_ACCOUNTS") or "10000")
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["x-api-key"] = key
+local counter = 0
+function setup(thread) thread:set("id", counter); counter = counter + 1 end
+function init(args) math.randomseed(os.time() + id * 7919) end
+function request()
+  local acc = string.format("acc%021d", math.random(0, n - 1))
+  local body
+  if path == "/v2/enrich" then
+    body = '{"action":"validate_email","params":{"email":"' .. acc .. '@example.com"}}'
+  else
+    body = '{"account_id":"' .. acc .. '","action":"get","params":{"profile_url":"https://www.linkedin.com/in/' .. acc .. '"}}'
+  end
+  return wrk.format(nil, path, nil, body)
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %.3f %d %d %d %d %d\n", summary.requests, summary.duration / 1e6,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9),
+    e.connect + e.read + e.write + e.timeout + e.status, e.status))
+end
+EOF
+
+wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+peak_rss_mb() { awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+rss_mb() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+TCK=$(getconf CLK_TCK)
+
+nginx -p "$WORK" -c "$WORK/upstream.conf" -g 'daemon off;' & PIDS+=($!)
+nginx -p "$WORK" -c "$WORK/proxy.conf" -g 'daemon off;' & PIDS+=($!)
+LGW_UPSTREAM_KEY=$UPSTREAM_KEY "$BIN" --log-format json serve --config "$WORK/gateway.toml" > "$WORK/gateway.log" 2>&1 & GW=$!; PIDS+=($GW)
+wait_port $P_UP; wait_port $P_NGX; wait_port $P_GW
+
+ROWS=()
+run() { # name url conns duration pid(optional) path
+  local name=$1 url=$2 c=$3 d=$4 pid=${5:-} path=${6:-/v2/profiles}
+  local t=$(( c < 2 ? 1 : 2 ))
+  local before=0; [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+  local line
+  line=$(LGW_KEY=$VKEY LGW_PATH=$path wrk -t"$t" -c"$c" -d"${d}s" --timeout 10s -s "$WORK/post.lua" "$url" | grep '^RESULT')
+  read -r _ reqs secs p50 p99 p999 errs status <<<"$line"
+  local rps; rps=$(awk -v r="$reqs" -v s="$secs" 'BEGIN {printf "%.0f", r / s}')
+  local rss="-" cpu="-"
+  if [ -n "$pid" ]; then
+    rss=$(peak_rss_mb "$pid")
+    cpu=$(awk -v a="$before" -v b="$(cpu_ticks "$pid")" -v t="$TCK" -v r="$reqs" 'BEGIN {printf "%.3f", (b - a) / t * 10000 / (r > 0 ? r : 1)}')
+  fi
+  ROWS+=("$name|$c|$rps|$(awk -v u="$p50" 'BEGIN{printf "%.3f", u/1000}')|$(awk -v u="$p99" 'BEGIN{printf "%.3f", u/1000}')|$(awk -v u="$p999" 'BEGIN{printf "%.3f", u/1000}')|$errs|$rss|$cpu")
+  eval "RPS_${name}_${c}=$rps; P99_${name}_${c}=$p99"
+  printf '  %-8s c=%-5s %8s req/s  p50 %6.2f ms  p99 %6.2f ms  p99.9 %6.2f ms  errors %s\n' "$name" "$c" "$rps" \
+    "$(awk -v u="$p50" 'BEGIN{print u/1000}')" "$(awk -v u="$p99" 'BEGIN{print u/1000}')" "$(awk -v u="$p999" 'BEGIN{print u/1000}')" "$errs"
+}
+
+echo "warming up..."
+LGW_KEY=$VKEY wrk -t2 -c64 -d2s -s "$WORK/post.lua" "http://127.0.0.1:$P_GW" >/dev/null
+LGW_KEY=$VKEY wrk -t2 -c64 -d2s -s "$WORK/post.lua" "http://127.0.0.1:$P_NGX" >/dev/null
+for c in $CONNS; do
+  echo "POST /v2/profiles, $c connections, ${DUR}s each:"
+  run direct "http://127.0.0.1:$P_UP" "$c" "$DUR"
+  run nginx "http://127.0.0.1:$P_NGX" "$c" "$DUR"
+  run gateway "http://127.0.0.1:$P_GW" "$c" "$DUR" "$GW"
+done
+
+if [ "$SOAK" = 1 ]; then
+  echo "soak: 5 minutes at 64 connections through the gateway..."
+  rss0=$(rss_mb "$GW")
+  LGW_KEY=$VKEY wrk -t2 -c64 -d300s -s "$WORK/post.lua" "http://127.0.0.1:$P_GW" >/dev/null
+  rss1=$(rss_mb "$GW")
+  SOAK_LINE="soak 5 min @64: gateway RSS ${rss0} MB -> ${rss1} MB"
+  echo "  $SOAK_LINE"
+fi
+
+# The slow upstream: the emulator answering after 200 ms, 10,000 connections.
+"$BIN" --log-format json --log-level warn emulator --listen "127.0.0.1:$P_EMU" --api-key "$UPSTREAM_KEY" --credits 1000000000000 > "$WORK/emulator.log" 2>&1 & PIDS+=($!)
+wait_port $P_EMU
+curl -s -X POST "http://127.0.0.1:$P_EMU/_emulator/faults" -H 'content-type: application/json' -d '{"latency_ms":200}' >/dev/null
+LGW_UPSTREAM_KEY=$UPSTREAM_KEY "$BIN" --log-format json serve --config "$WORK/gateway-slow.toml" > "$WORK/gateway-slow.log" 2>&1 & GWS=$!; PIDS+=($GWS)
+wait_port $P_GWS
+echo "slow upstream (200 ms), $SLOW_CONNS connections through the gateway, ${DUR}s:"
+run slow "http://127.0.0.1:$P_GWS" "$SLOW_CONNS" "$DUR" "$GWS" /v2/enrich
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
+{
+  echo "# linkup-gateway load run — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo
+  echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); wrk -t2, ${DUR}s per run; 10,000 distinct account_ids."
+  echo "RSS is the gateway's peak (VmHWM) so far; CPU is the gateway's CPU seconds per 10k requests."
+  echo
+  echo "| target | conns | req/s | p50 ms | p99 ms | p99.9 ms | errors | gateway peak RSS MB | CPU s/10k |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  for r in "${ROWS[@]}"; do echo "|${r//|/ | }|"; done
+  echo
+  echo "| conns | gateway/nginx throughput | gateway/direct throughput | p99 added by gateway (ms) | p99 added by nginx (ms) |"
+  echo "|---|---|---|---|---|"
+  for c in $CONNS; do
+    g=RPS_gateway_$c n=RPS_nginx_$c d=RPS_direct_$c
+    gp=P99_gateway_$c np=P99_nginx_$c dp=P99_direct_$c
+    echo "| $c | $(ratio "${!g}" "${!n}") | $(ratio "${!g}" "${!d}") | $(awk -v a="${!gp}" -v b="${!dp}" 'BEGIN{printf "%.3f", (a-b)/1000}') | $(awk -v a="${!np}" -v b="${!dp}" 'BEGIN{printf "%.3f", (a-b)/1000}') |"
+  done
+  [ -n "${SOAK_LINE:-}" ] && { echo; echo "$SOAK_LINE"; }
+  echo
+  echo "Ledger rows written by the gateway: $(sqlite3 "$WORK/ledger.sqlite3" 'select count(*) from ledger_rows' 2>/dev/null || echo '?')"
+} | tee "$OUT/results.md"
