@@ -31,6 +31,8 @@ done
 DUR=${DUR:-$([ "$QUICK" = 1 ] && echo 5 || echo 15)}
 CONNS=${CONNS:-$([ "$QUICK" = 1 ] && echo "64" || echo "16 64 256")}
 SLOW_CONNS=${SLOW_CONNS:-10000}
+SLOW=${SLOW:-1}          # SLOW=0 skips the slow-upstream scenario
+GW_LOG=${GW_LOG:-info}   # the gateway's --log-level (info: one line per request)
 
 need() { command -v "$1" >/dev/null 2>&1; }
 if ! need nginx || ! need wrk; then
@@ -133,7 +135,7 @@ coalesce = true
 ttl = "10m"
 [ledger]
 path = "$4"
-sync = "before_response"
+sync = "${LGW_SYNC:-before_response}"
 [costs]
 default = 1
 EOF
@@ -177,7 +179,7 @@ TCK=$(getconf CLK_TCK)
 
 nginx -p "$WORK" -c "$WORK/upstream.conf" -g 'daemon off;' & PIDS+=($!)
 nginx -p "$WORK" -c "$WORK/proxy.conf" -g 'daemon off;' & PIDS+=($!)
-LGW_UPSTREAM_KEY=$UPSTREAM_KEY "$BIN" --log-format json serve --config "$WORK/gateway.toml" > "$WORK/gateway.log" 2>&1 & GW=$!; PIDS+=($GW)
+LGW_UPSTREAM_KEY=$UPSTREAM_KEY "$BIN" --log-format json --log-level "$GW_LOG" serve --config "$WORK/gateway.toml" > "$WORK/gateway.log" 2>&1 & GW=$!; PIDS+=($GW)
 wait_port $P_UP; wait_port $P_NGX; wait_port $P_GW
 
 ROWS=()
@@ -220,6 +222,7 @@ if [ "$SOAK" = 1 ]; then
 fi
 
 # The slow upstream: the emulator answering after 200 ms, 10,000 connections.
+if [ "$SLOW" = 1 ]; then
 "$BIN" --log-format json --log-level warn emulator --listen "127.0.0.1:$P_EMU" --api-key "$UPSTREAM_KEY" --credits 1000000000000 > "$WORK/emulator.log" 2>&1 & PIDS+=($!)
 wait_port $P_EMU
 curl -s -X POST "http://127.0.0.1:$P_EMU/_emulator/faults" -H 'content-type: application/json' -d '{"latency_ms":200}' >/dev/null
@@ -227,6 +230,7 @@ LGW_UPSTREAM_KEY=$UPSTREAM_KEY "$BIN" --log-format json serve --config "$WORK/ga
 wait_port $P_GWS
 echo "slow upstream (200 ms), $SLOW_CONNS connections through the gateway, ${DUR}s:"
 run slow "http://127.0.0.1:$P_GWS" "$SLOW_CONNS" "$DUR" "$GWS" /v2/enrich
+fi
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 {

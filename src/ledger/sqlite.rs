@@ -68,10 +68,21 @@ const MIGRATIONS: &[&str] = &[
            COALESCE(action, ''), outcome, COUNT(*), SUM(credits), SUM(credits_known = 0)
     FROM ledger_rows
     GROUP BY 1, 2, 3, 4, 5;",
-    // 3: roll-ups without the account, by day and by month ('2026-11'), for the queries that
-    // do not group by account: they read a fraction of `usage_daily`'s rows (a year by client
-    // reads twelve months of a few hundred rows each). Backfilled from `usage_daily`.
-    "CREATE TABLE usage_daily_no_account (
+    // 3: roll-ups by month ('2026-11'), and without the account by day and by month: a query
+    // reads the smallest one that answers it (a year by client reads twelve months of a few
+    // hundred rows each, not 365 days of every account). Backfilled from `usage_daily`.
+    "CREATE TABLE usage_monthly (
+        month    TEXT    NOT NULL,
+        client   TEXT    NOT NULL,
+        account  TEXT    NOT NULL,
+        action   TEXT    NOT NULL,
+        outcome  TEXT    NOT NULL,
+        requests INTEGER NOT NULL,
+        credits  INTEGER NOT NULL,
+        unknown  INTEGER NOT NULL,
+        PRIMARY KEY (month, client, account, action, outcome)
+    ) WITHOUT ROWID;
+    CREATE TABLE usage_daily_no_account (
         day      TEXT    NOT NULL,
         client   TEXT    NOT NULL,
         action   TEXT    NOT NULL,
@@ -91,6 +102,10 @@ const MIGRATIONS: &[&str] = &[
         unknown  INTEGER NOT NULL,
         PRIMARY KEY (month, client, action, outcome)
     ) WITHOUT ROWID;
+    INSERT INTO usage_monthly
+    SELECT substr(day, 1, 7), client, account, action, outcome,
+           SUM(requests), SUM(credits), SUM(unknown)
+    FROM usage_daily GROUP BY 1, 2, 3, 4, 5;
     INSERT INTO usage_daily_no_account
     SELECT day, client, action, outcome, SUM(requests), SUM(credits), SUM(unknown)
     FROM usage_daily GROUP BY 1, 2, 3, 4;
@@ -107,6 +122,14 @@ const UPSERT_DAILY: &str = "INSERT INTO usage_daily
     (day, client, account, action, outcome, requests, credits, unknown)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
     ON CONFLICT (day, client, account, action, outcome) DO UPDATE SET
+        requests = requests + excluded.requests,
+        credits = credits + excluded.credits,
+        unknown = unknown + excluded.unknown";
+
+const UPSERT_MONTHLY: &str = "INSERT INTO usage_monthly
+    (month, client, account, action, outcome, requests, credits, unknown)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+    ON CONFLICT (month, client, account, action, outcome) DO UPDATE SET
         requests = requests + excluded.requests,
         credits = credits + excluded.credits,
         unknown = unknown + excluded.unknown";
@@ -130,12 +153,12 @@ const UPSERT_MONTHLY_NO_ACCOUNT: &str = "INSERT INTO usage_monthly_no_account
 /// Most commands one transaction takes: bounds the latency of the first waiter in a batch.
 const MAX_BATCH: usize = 16_384;
 /// How long the writer waits before retrying kept rows when no new row arrives.
-pub const RETRY_EVERY: Duration = Duration::from_secs(1);
+const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// Rows kept for retry while writes fail; beyond, the oldest are dropped (and logged), so a
 /// long outage cannot exhaust memory.
 const MAX_KEPT: usize = 100_000;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Most one checkpoint per this long; the WAL holds at most about this much writing.
+/// At most one checkpoint per this long: the WAL holds about this much writing.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 
 /// The embedded ledger. Dropping it writes what is queued, fsyncs, and joins the writer.
@@ -260,7 +283,7 @@ impl SqliteLedger {
         self.state.kept.load(Ordering::Relaxed)
     }
 
-    /// Rows dropped because writes failed for longer than [`MAX_KEPT`] rows.
+    /// Rows dropped because writes kept failing while more than 100,000 rows waited.
     pub fn rows_lost(&self) -> u64 {
         self.state.lost.load(Ordering::Relaxed)
     }
@@ -416,9 +439,10 @@ impl Drop for SqliteLedger {
     }
 }
 
-/// The SQL of a usage query and its bounds: the smallest aggregate that can answer it.
-/// Grouping by account needs `usage_daily`; by day, the daily roll-up; otherwise whole months
-/// come from the monthly roll-up and the days before and after them from the daily one.
+/// The SQL of a usage query and its bounds: the smallest aggregates that can answer it.
+/// Grouping by account needs the tables with the account, otherwise the roll-ups without it
+/// serve; grouping by day needs a daily table, otherwise whole months come from a monthly
+/// table and the days before and after them from the daily one.
 fn usage_sql(by: &[GroupBy], from: Date, to: Date) -> (String, Vec<String>) {
     // Column names come from the enum, never from the caller's text.
     let keys = by.iter().map(|g| column(*g)).collect::<Vec<_>>().join(", ");
@@ -436,10 +460,11 @@ fn usage_sql(by: &[GroupBy], from: Date, to: Date) -> (String, Vec<String>) {
              FROM {source}{group}"
         )
     };
-    let days = vec![day_key(from), day_key(to)];
-    if by.contains(&GroupBy::Account) {
-        return (sql("usage_daily WHERE day BETWEEN ?1 AND ?2"), days);
-    }
+    let (daily, monthly) = if by.contains(&GroupBy::Account) {
+        ("usage_daily", "usage_monthly")
+    } else {
+        ("usage_daily_no_account", "usage_monthly_no_account")
+    };
     let months = if by.contains(&GroupBy::Day) {
         None
     } else {
@@ -447,8 +472,8 @@ fn usage_sql(by: &[GroupBy], from: Date, to: Date) -> (String, Vec<String>) {
     };
     let Some((first, last)) = months else {
         return (
-            sql("usage_daily_no_account WHERE day BETWEEN ?1 AND ?2"),
-            days,
+            sql(&format!("{daily} WHERE day BETWEEN ?1 AND ?2")),
+            vec![day_key(from), day_key(to)],
         );
     };
     // An empty text range: no day sorts between "9" and "0".
@@ -462,11 +487,9 @@ fn usage_sql(by: &[GroupBy], from: Date, to: Date) -> (String, Vec<String>) {
         _ => none(),
     };
     let source = format!(
-        "(SELECT {select}requests, credits FROM usage_daily_no_account \
-             WHERE day BETWEEN ?1 AND ?2 \
-         UNION ALL SELECT {select}requests, credits FROM usage_daily_no_account \
-             WHERE day BETWEEN ?3 AND ?4 \
-         UNION ALL SELECT {select}requests, credits FROM usage_monthly_no_account \
+        "(SELECT {select}requests, credits FROM {daily} WHERE day BETWEEN ?1 AND ?2 \
+         UNION ALL SELECT {select}requests, credits FROM {daily} WHERE day BETWEEN ?3 AND ?4 \
+         UNION ALL SELECT {select}requests, credits FROM {monthly} \
              WHERE month BETWEEN ?5 AND ?6)"
     );
     let mut bounds = Vec::with_capacity(6);
@@ -636,6 +659,10 @@ struct Writer {
     #[cfg(test)]
     fault_generation: u64,
 }
+
+/// One aggregate table's sums in a batch, by (day or month, client, account, action,
+/// outcome); `None` account for the roll-ups without it.
+type Aggregate<'a> = HashMap<(String, &'a str, Option<&'a str>, &'a str, Outcome), Sums>;
 
 #[derive(Default)]
 struct Sums {
@@ -862,52 +889,46 @@ fn write_rows(conn: &Connection, rows: &[Row]) -> rusqlite::Result<()> {
                 unknown: u64::from(!r.credits_known),
             });
         }
-        let mut daily = HashMap::new();
-        let mut monthly = HashMap::new();
-        let mut upsert = tx.prepare_cached(UPSERT_DAILY)?;
+        // The batch's sums for each aggregate table, by its key.
+        let mut tables: [(&str, Aggregate<'_>); 4] = [
+            (UPSERT_DAILY, HashMap::new()),
+            (UPSERT_MONTHLY, HashMap::new()),
+            (UPSERT_DAILY_NO_ACCOUNT, HashMap::new()),
+            (UPSERT_MONTHLY_NO_ACCOUNT, HashMap::new()),
+        ];
         for (&(day, client, account, action, outcome), s) in &sums {
-            upsert.execute(params![
-                day_key(day),
-                client,
-                account,
-                action,
-                outcome.as_str(),
-                to_i64(s.requests),
-                to_i64(s.credits),
-                to_i64(s.unknown),
-            ])?;
-            daily
-                .entry((day, client, action, outcome))
-                .or_insert_with(Sums::default)
-                .add(s);
-            monthly
-                .entry((month_key(day), client, action, outcome))
-                .or_insert_with(Sums::default)
-                .add(s);
+            let (day, month) = (day_key(day), month_key(day));
+            for (i, (period, account)) in [
+                (day.clone(), Some(account)),
+                (month.clone(), Some(account)),
+                (day, None),
+                (month, None),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                tables[i]
+                    .1
+                    .entry((period, client, account, action, outcome))
+                    .or_default()
+                    .add(s);
+            }
         }
-        let mut upsert = tx.prepare_cached(UPSERT_DAILY_NO_ACCOUNT)?;
-        for ((day, client, action, outcome), s) in daily {
-            upsert.execute(params![
-                day_key(day),
-                client,
-                action,
-                outcome.as_str(),
-                to_i64(s.requests),
-                to_i64(s.credits),
-                to_i64(s.unknown),
-            ])?;
-        }
-        let mut upsert = tx.prepare_cached(UPSERT_MONTHLY_NO_ACCOUNT)?;
-        for ((month, client, action, outcome), s) in monthly {
-            upsert.execute(params![
-                month,
-                client,
-                action,
-                outcome.as_str(),
-                to_i64(s.requests),
-                to_i64(s.credits),
-                to_i64(s.unknown),
-            ])?;
+        for (sql, sums) in tables {
+            let mut upsert = tx.prepare_cached(sql)?;
+            for ((period, client, account, action, outcome), s) in sums {
+                let (requests, credits, unknown) =
+                    (to_i64(s.requests), to_i64(s.credits), to_i64(s.unknown));
+                let outcome = outcome.as_str();
+                match account {
+                    Some(account) => upsert.execute(params![
+                        period, client, account, action, outcome, requests, credits, unknown
+                    ])?,
+                    None => upsert.execute(params![
+                        period, client, action, outcome, requests, credits, unknown
+                    ])?,
+                };
+            }
         }
     }
     tx.commit()
@@ -1327,10 +1348,22 @@ mod tests {
             ),
             [r#"{"client":"crm","requests":5,"credits":8}"#]
         );
+        assert_eq!(
+            usage(
+                &ledger,
+                date!(2026 - 10 - 01),
+                date!(2026 - 10 - 31),
+                "account"
+            ),
+            [
+                r#"{"account":"a1","requests":4,"credits":7}"#,
+                r#"{"account":"a2","requests":1,"credits":1}"#,
+            ]
+        );
     }
 
-    /// Every way of reading the aggregates (daily with account, the daily and monthly
-    /// roll-ups, months with partial days on either side) agrees with summing the rows.
+    /// Every way of reading the aggregates (daily and monthly, with and without the account,
+    /// whole months with partial days on either side) agrees with summing the rows.
     #[tokio::test]
     async fn usage_agrees_with_the_rows_across_month_boundaries() {
         let dir = tempfile::tempdir().unwrap();
