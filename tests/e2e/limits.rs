@@ -207,3 +207,75 @@ async fn reload_keeps_buckets_whose_quota_did_not_change() {
         "new quota, new bucket"
     );
 }
+
+#[tokio::test]
+async fn cache_hits_and_coalesced_followers_are_not_counted() {
+    use std::sync::Arc;
+    // One request per minute per account: anything beyond the first that reaches the
+    // account limit would be refused.
+    let extra = "[rate_limit]\nper_account = \"1/min\"\nburst = 1\n";
+    let h = Arc::new(Harness::start_with("request_timeout = \"30s\"", extra).await);
+
+    // Cache hits: the login (no account: per client) marks the account connected; every
+    // checkpoint after it is answered from the cache, none is limited.
+    let connected = h.connected_account("tok-free-hits").await;
+    for _ in 0..5 {
+        let a = h
+            .post(
+                "/v2/checkpoint",
+                &format!(r#"{{"account_id":"{connected}","code":"1"}}"#),
+            )
+            .await;
+        assert_eq!(a.status, 200);
+        assert_eq!(a.headers["x-gateway-cache"], "hit");
+    }
+
+    // Coalesced followers: 20 identical submits while the first is in flight share its one
+    // upstream call (the only one the limit counts).
+    let pending = {
+        // alpha's 1/min bucket for account-less requests went to the first login: log this
+        // account in at the emulator directly.
+        let listener_url = h.emu.url();
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Full<bytes::Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let req = http::Request::post(format!("{listener_url}/v2/login"))
+            .header("x-api-key", UPSTREAM_KEY)
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                br#"{"platform":"linkedin","email":"free@x.io","password":"p"}"#,
+            )))
+            .unwrap();
+        let resp = client.request(req).await.unwrap();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["data"]["account_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    h.emu.set_faults(linkup_gateway::emulator::Faults {
+        latency_ms: 1_000,
+        account_id: Some(pending.clone()),
+        ..Default::default()
+    });
+    let body = format!(r#"{{"account_id":"{pending}","code":"123456"}}"#);
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (h, body) = (h.clone(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            h.post("/v2/checkpoint", &body).await
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap().status);
+    }
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let m = String::from_utf8(h.admin("/metrics").await.body.to_vec()).unwrap();
+    assert!(
+        !m.contains(r#"reason="account""#),
+        "nothing was limited:\n{m}"
+    );
+}
