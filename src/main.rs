@@ -96,7 +96,13 @@ enum Command {
     },
 }
 
-fn init_logging(format: Option<LogFormat>, level: Option<&str>) {
+/// Logs go through a writer thread, so a request never waits on a `write(2)` to stdout; it is
+/// not lossy (a full buffer slows logging down rather than dropping lines). Keep the guard
+/// alive until exit: dropping it flushes what is buffered.
+fn init_logging(
+    format: Option<LogFormat>,
+    level: Option<&str>,
+) -> tracing_appender::non_blocking::WorkerGuard {
     let filter = match level {
         Some(l) => tracing_subscriber::EnvFilter::new(l),
         None => tracing_subscriber::EnvFilter::try_from_default_env()
@@ -107,9 +113,14 @@ fn init_logging(format: Option<LogFormat>, level: Option<&str>) {
         Some(LogFormat::Text) => false,
         None => !std::io::stdout().is_terminal(),
     };
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
+        .with_target(false)
+        .with_writer(writer)
+        .with_ansi(!json && std::io::stdout().is_terminal());
     if json {
         builder
             .json()
@@ -120,6 +131,7 @@ fn init_logging(format: Option<LogFormat>, level: Option<&str>) {
     } else {
         builder.init();
     }
+    guard
 }
 
 fn load_or_report(path: &Path) -> Option<config::Settings> {
@@ -225,7 +237,7 @@ fn main() -> ExitCode {
             format,
         } => usage(&config, from.as_deref(), to.as_deref(), &by, format),
         Command::Serve { config } => {
-            init_logging(cli.log_format, cli.log_level.as_deref());
+            let _logs = init_logging(cli.log_format, cli.log_level.as_deref());
             let Some(settings) = load_or_report(&config) else {
                 return ExitCode::from(1);
             };
@@ -250,7 +262,7 @@ fn main() -> ExitCode {
             api_key,
             credits,
         } => {
-            init_logging(cli.log_format, cli.log_level.as_deref());
+            let _logs = init_logging(cli.log_format, cli.log_level.as_deref());
             let cfg = emulator::EmulatorConfig {
                 api_key,
                 initial_credits: credits,
@@ -266,7 +278,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Demo { config } => {
-            init_logging(
+            let _logs = init_logging(
                 Some(cli.log_format.unwrap_or(LogFormat::Text)),
                 Some(cli.log_level.as_deref().unwrap_or("warn")),
             );
