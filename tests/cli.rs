@@ -113,6 +113,37 @@ fn serve_refuses_a_bad_config_with_exit_1() {
     assert!(err.contains("upstream.api_key_env"), "{err}");
 }
 
+/// The emulator on 127.0.0.1:0, accepting `key`.
+async fn start_emulator(key: &str) -> linkup_gateway::emulator::EmulatorHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    linkup_gateway::emulator::start(
+        listener,
+        linkup_gateway::emulator::EmulatorConfig {
+            api_key: key.into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
+type LogLines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// `serve` as a real process with JSON logs; returns it, its log lines and its data address
+/// once it logs that it listens.
+async fn spawn_serve(cfg: &str) -> (tokio::process::Child, LogLines, String) {
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["--log-format", "json", "serve", "--config", cfg])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let up = wait_for_log(&mut lines, "linkup-gateway listening").await;
+    let addr = up["data_addr"].as_str().unwrap().to_owned();
+    (child, lines, addr)
+}
+
 /// Read JSON log lines from the child until one has `message == want`; return it.
 async fn wait_for_log(
     lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
@@ -139,16 +170,7 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
     use http_body_util::Full;
     use linkup_gateway::emulator;
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emu = emulator::start(
-        listener,
-        emulator::EmulatorConfig {
-            api_key: "k-up".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let emu = start_emulator("k-up").await;
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "up.key", "k-up");
     let one = linkup_gateway::keygen::key_sha256_hex("lgw_one");
@@ -159,16 +181,8 @@ async fn serve_reloads_on_sighup_and_drains_on_sigterm() {
         emu.url()
     );
     let cfg = write(dir.path(), "g.toml", &base);
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["--log-format", "json", "serve", "--config", &cfg])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut child, mut lines, addr) = spawn_serve(&cfg).await;
     let pid = child.id().unwrap().to_string();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let up = wait_for_log(&mut lines, "linkup-gateway listening").await;
-    let addr = up["data_addr"].as_str().unwrap().to_owned();
 
     let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -237,7 +251,8 @@ async fn demo_walkthrough_works_as_printed() {
     let text = shipped
         .replace("127.0.0.1:8080", "127.0.0.1:0")
         .replace("127.0.0.1:9090", "127.0.0.1:0")
-        .replace("127.0.0.1:8787", &format!("127.0.0.1:{emu_port}"));
+        .replace("127.0.0.1:8787", &format!("127.0.0.1:{emu_port}"))
+        .replace("../data/demo-ledger.sqlite3", "demo-ledger.sqlite3");
     let cfg = write(dir.path(), "demo.toml", &text);
     let mut child = tokio::process::Command::new(BIN)
         .args(["demo", "--config", &cfg])
@@ -395,20 +410,10 @@ async fn usage_reports_the_ledger_as_table_csv_and_json() {
 async fn sigkill_loses_no_credit_a_caller_saw_charged() {
     use bytes::Bytes;
     use http_body_util::{BodyExt, Full};
-    use linkup_gateway::emulator;
     use std::collections::HashMap;
     use std::sync::Arc;
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emu = emulator::start(
-        listener,
-        emulator::EmulatorConfig {
-            api_key: "k-up".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let emu = start_emulator("k-up").await;
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "up.key", "k-up");
     let key = linkup_gateway::keygen::key_sha256_hex("lgw_kill");
@@ -424,18 +429,7 @@ async fn sigkill_loses_no_credit_a_caller_saw_charged() {
             emu.url()
         ),
     );
-    let start = || {
-        tokio::process::Command::new(BIN)
-            .args(["--log-format", "json", "serve", "--config", &cfg])
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap()
-    };
-    let mut child = start();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let up = wait_for_log(&mut lines, "linkup-gateway listening").await;
-    let addr = up["data_addr"].as_str().unwrap().to_owned();
+    let (mut child, mut lines, addr) = spawn_serve(&cfg).await;
     // Keep draining the log pipe so the gateway never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
@@ -529,8 +523,6 @@ async fn sigkill_loses_no_credit_a_caller_saw_charged() {
     );
 
     // The gateway starts again on the same ledger.
-    let mut child = start();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    wait_for_log(&mut lines, "linkup-gateway listening").await;
+    let (mut child, _, _) = spawn_serve(&cfg).await;
     child.start_kill().unwrap();
 }
