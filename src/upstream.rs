@@ -161,7 +161,11 @@ impl Service<Request<Bytes>> for Upstream {
                     .upstream_errors
                     .get_or_create(&KindLabels { kind })
                     .inc();
-                tracing::warn!(kind, error = %err, "upstream call failed");
+                let request_id = log
+                    .as_ref()
+                    .and_then(|l| l.request_id.to_str().ok())
+                    .unwrap_or("-");
+                tracing::warn!(request_id, kind, error = %err, "upstream call failed");
                 err
             };
             let resp = match client.request(req).await {

@@ -1,4 +1,4 @@
-//! observe: request id, tracing span, metrics and the one log line per request. Outermost, so
+//! observe: request id, metrics and the one log line per request. Outermost, so
 //! it sees every answer, refusals included.
 
 use std::sync::Arc;
@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use http::{HeaderValue, Request, Response};
 use tower::{Layer, Service};
-use tracing::Instrument;
 
 use super::BoxFuture;
 use crate::context::RequestLog;
@@ -69,53 +68,52 @@ where
         let log = Arc::new(RequestLog::new(request_id.clone(), route));
         req.extensions_mut().insert(log.clone());
         let method = req.method().clone();
-        let span = tracing::info_span!("request", request_id = %log_id(&request_id));
+        // No tracing span per request: entering and leaving one on every poll costs more than
+        // the rest of this layer. Log lines that concern a request carry its id as a field.
         let fut = self.inner.call(req);
         let process = self.process.clone();
-        Box::pin(
-            async move {
-                let Ok(mut resp) = fut.await;
-                resp.headers_mut().insert(X_REQUEST_ID, request_id);
-                let elapsed = started.elapsed();
-                let status = resp.status().as_u16();
-                let ctx = log.context.get();
-                let route = log.route;
-                let client = log
-                    .client_name()
-                    .cloned()
-                    .unwrap_or_else(|| Arc::from("unauthenticated"));
-                let m = &process.metrics;
-                m.requests
-                    .get_or_create(&RequestLabels {
-                        client: Label(client.clone()),
-                        route,
-                        status,
-                    })
-                    .inc();
-                m.request_duration
-                    .get_or_create(&RouteLabels { route })
-                    .observe(elapsed.as_secs_f64());
-                let refused = resp.extensions().get::<GatewayAnswered>().map(|g| g.0);
-                if let Some(code) = refused {
-                    m.refusals.get_or_create(&RefusalLabels { code }).inc();
-                }
-                tracing::info!(
-                    client = %client,
-                    method = %method,
+        Box::pin(async move {
+            let Ok(mut resp) = fut.await;
+            resp.headers_mut().insert(X_REQUEST_ID, request_id);
+            let elapsed = started.elapsed();
+            let status = resp.status().as_u16();
+            let ctx = log.context.get();
+            let route = log.route;
+            let client = log
+                .client_name()
+                .cloned()
+                .unwrap_or_else(|| Arc::from("unauthenticated"));
+            let m = &process.metrics;
+            m.requests
+                .get_or_create(&RequestLabels {
+                    client: Label(client.clone()),
                     route,
-                    account = ctx.and_then(|c| c.account_id.as_deref()).unwrap_or(""),
-                    action = ctx.and_then(|c| c.action.as_deref()).unwrap_or(""),
                     status,
-                    error = refused.unwrap_or(""),
-                    credits = log.credits().map(|c| c as i64).unwrap_or(-1),
-                    duration_us = elapsed.as_micros() as u64,
-                    upstream_us = log.upstream_micros().map(|u| u as i64).unwrap_or(-1),
-                    "request"
-                );
-                Ok(resp)
+                })
+                .inc();
+            m.request_duration
+                .get_or_create(&RouteLabels { route })
+                .observe(elapsed.as_secs_f64());
+            let refused = resp.extensions().get::<GatewayAnswered>().map(|g| g.0);
+            if let Some(code) = refused {
+                m.refusals.get_or_create(&RefusalLabels { code }).inc();
             }
-            .instrument(span),
-        )
+            tracing::info!(
+                request_id = log_id(&log.request_id),
+                client = %client,
+                method = %method,
+                route,
+                account = ctx.and_then(|c| c.account_id.as_deref()).unwrap_or(""),
+                action = ctx.and_then(|c| c.action.as_deref()).unwrap_or(""),
+                status,
+                error = refused.unwrap_or(""),
+                credits = log.credits().map(|c| c as i64).unwrap_or(-1),
+                duration_us = elapsed.as_micros() as u64,
+                upstream_us = log.upstream_micros().map(|u| u as i64).unwrap_or(-1),
+                "request"
+            );
+            Ok(resp)
+        })
     }
 }
 

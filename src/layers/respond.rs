@@ -56,9 +56,9 @@ where
                 Err(e) => {
                     let level_warn = e.blame() != crate::error::Blame::Caller;
                     if level_warn {
-                        tracing::warn!(code = e.code(), message = %e, "gateway error");
+                        tracing::warn!(request_id = request_id(&log), code = e.code(), message = %e, "gateway error");
                     } else {
-                        tracing::debug!(code = e.code(), message = %e, "refused");
+                        tracing::debug!(request_id = request_id(&log), code = e.code(), message = %e, "refused");
                     }
                     let action = log.as_ref().map(|l| match l.context.get() {
                         Some(RequestContext {
@@ -72,6 +72,12 @@ where
             }
         })
     }
+}
+
+fn request_id(log: &Option<Arc<RequestLog>>) -> &str {
+    log.as_ref()
+        .and_then(|l| l.request_id.to_str().ok())
+        .unwrap_or("-")
 }
 
 #[cfg(test)]
