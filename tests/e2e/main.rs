@@ -10,3 +10,4 @@ mod limits;
 mod operations;
 mod proxy;
 mod secrets;
+mod tls;
