@@ -56,7 +56,8 @@ fn bench_stack(c: &mut Criterion) {
     let key = "lgw_bench_key";
     let text = format!(
         "[upstream]\nurl = \"http://{addr}\"\napi_key_env = \"K\"\n\
-         [[clients]]\nname = \"bench\"\nkey_sha256 = \"{}\"\n",
+         [[clients]]\nname = \"bench\"\nkey_sha256 = \"{}\"\n\
+         [rate_limit]\nper_account = \"1000000/sec\"\nburst = 1000000\n",
         linkup_gateway::keygen::key_sha256_hex(key)
     );
     let settings = config::load_str(&text, &[("K".into(), "upstream-key".into())], None).unwrap();
@@ -67,14 +68,21 @@ fn bench_stack(c: &mut Criterion) {
         upstream,
     ));
     let stack = build_stack::<Full<Bytes>>(&shared);
-    let body = Bytes::from_static(
-        br#"{"account_id":"acc_1","action":"get","params":{"profile_url":"https://www.linkedin.com/in/ada"}}"#,
-    );
+    // 10,000 distinct accounts, as the load harness uses: limits and ledger see real keys.
+    let bodies: Vec<Bytes> = (0..10_000)
+        .map(|i| {
+            Bytes::from(format!(
+                r#"{{"account_id":"acc{i:021}","action":"get","params":{{"profile_url":"https://www.linkedin.com/in/ada"}}}}"#
+            ))
+        })
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
     let request = || {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % bodies.len();
         Request::post("/v2/profiles")
             .header("x-api-key", key)
             .header("content-type", "application/json")
-            .body(Full::new(body.clone()))
+            .body(Full::new(bodies[i].clone()))
             .unwrap()
     };
 
