@@ -38,6 +38,9 @@ pub async fn serve(
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let (process, current) = (process.clone(), current.clone());
                     async move {
+                        if let Some(resp) = refuse_without_token(&req, &current) {
+                            return Ok::<_, Infallible>(resp);
+                        }
                         if let Some(resp) = purge_cache(&req, &current).await {
                             return Ok::<_, Infallible>(resp);
                         }
@@ -103,6 +106,37 @@ async fn purge_cache(
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::NO_CONTENT;
     Some(resp)
+}
+
+/// With `admin_token_*` set, every admin route but the probes (`/healthz`, `/readyz`, which
+/// tell nothing) wants `Authorization: Bearer TOKEN`. Tokens are compared as SHA-256 digests.
+fn refuse_without_token(
+    req: &Request<Incoming>,
+    current: &ArcSwap<Generation>,
+) -> Option<Response<Full<Bytes>>> {
+    let want = current.load().shared.settings.server.admin_token_sha256?;
+    if matches!(req.uri().path(), "/healthz" | "/readyz") {
+        return None;
+    }
+    let presented = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|t| crate::layers::authenticate::sha256(t.trim().as_bytes()));
+    if presented == Some(want) {
+        return None;
+    }
+    let mut r = text(
+        StatusCode::UNAUTHORIZED,
+        "text/plain; charset=utf-8",
+        "the admin listener wants Authorization: Bearer <admin token>\n",
+    );
+    r.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"linkup-gateway admin\""),
+    );
+    Some(r)
 }
 
 /// Run a ledger read off the async threads.
@@ -255,6 +289,7 @@ pub fn redacted_config(s: &Settings) -> serde_json::Value {
             "shutdown_grace": d(s.server.shutdown_grace),
             "max_in_flight": s.server.max_in_flight,
             "header_read_timeout": d(s.server.header_read_timeout),
+            "admin_token": s.server.admin_token_sha256.map(|_| "[redacted]"),
             "tls": s.server.tls.as_ref().map(|t| json!({
                 "cert_file": t.cert_file.display().to_string(),
                 "key_file": t.key_file.display().to_string(),

@@ -13,6 +13,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Uri};
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
+use sha2::Digest;
 
 /// Prefix of environment overrides: `LINKUP_GATEWAY__SERVER__LISTEN=0.0.0.0:8080`.
 pub const ENV_PREFIX: &str = "LINKUP_GATEWAY__";
@@ -61,6 +62,9 @@ pub struct RawServer {
     pub max_in_flight: u64,
     #[serde(default = "d_header_read_timeout")]
     pub header_read_timeout: String,
+    /// Where the admin token comes from (never the config file itself: it is served by /config).
+    pub admin_token_env: Option<String>,
+    pub admin_token_file: Option<PathBuf>,
     pub tls: Option<RawTls>,
 }
 
@@ -74,6 +78,8 @@ impl Default for RawServer {
             shutdown_grace: d_shutdown_grace(),
             max_in_flight: d_max_in_flight(),
             header_read_timeout: d_header_read_timeout(),
+            admin_token_env: None,
+            admin_token_file: None,
             tls: None,
         }
     }
@@ -372,6 +378,8 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     pub max_in_flight: usize,
     pub header_read_timeout: Duration,
+    /// SHA-256 of the admin token; `None`: the admin listener is open (loopback only).
+    pub admin_token_sha256: Option<[u8; 32]>,
     pub tls: Option<TlsSettings>,
 }
 
@@ -792,6 +800,63 @@ fn validate(
     if s.max_in_flight == 0 {
         p.push("server.max_in_flight", "must be greater than 0");
     }
+    let admin_token = match (&s.admin_token_env, &s.admin_token_file) {
+        (Some(_), Some(_)) => {
+            p.push(
+                "server",
+                "set either admin_token_env or admin_token_file, not both",
+            );
+            None
+        }
+        (Some(var), None) => match env.iter().find(|(k, _)| k == var) {
+            Some((_, v)) if !v.trim().is_empty() => Some(v.trim().to_owned()),
+            _ => {
+                p.push(
+                    "server.admin_token_env",
+                    format!("${var} is not set or empty"),
+                );
+                None
+            }
+        },
+        (None, Some(f)) => match std::fs::read_to_string(resolve(f)) {
+            Ok(v) if !v.trim().is_empty() => Some(v.trim().to_owned()),
+            Ok(_) => {
+                p.push("server.admin_token_file", "the file is empty");
+                None
+            }
+            Err(e) => {
+                p.push(
+                    "server.admin_token_file",
+                    format!("cannot read {}: {e}", f.display()),
+                );
+                None
+            }
+        },
+        (None, None) => None,
+    };
+    if admin_token.is_none()
+        && s.admin_token_env.is_none()
+        && s.admin_token_file.is_none()
+        && !admin_listen.ip().is_loopback()
+    {
+        p.push(
+            "server.admin_listen",
+            "not on loopback and no admin token: set admin_token_env or admin_token_file",
+        );
+    }
+    let admin_token_sha256 = admin_token.map(|t| {
+        let mut h = [0u8; 32];
+        h.copy_from_slice(&sha2::Sha256::digest(t.as_bytes()));
+        h
+    });
+    if s.tls.is_some() {
+        // Refused rather than ignored: serving plaintext to callers who configured TLS would
+        // be a silent downgrade.
+        p.push(
+            "server.tls",
+            "inbound TLS is not available in this version; keep the listener on loopback or terminate TLS in front of it",
+        );
+    }
     let tls = s.tls.as_ref().map(|t| TlsSettings {
         cert_file: resolve(&t.cert_file),
         key_file: resolve(&t.key_file),
@@ -982,6 +1047,7 @@ fn validate(
                 shutdown_grace,
                 max_in_flight: usize::try_from(s.max_in_flight).unwrap_or(usize::MAX),
                 header_read_timeout,
+                admin_token_sha256,
                 tls,
             },
             upstream,

@@ -168,3 +168,51 @@ async fn reload_rotates_the_upstream_key_without_dropping_the_connection() {
     assert_eq!(r.status(), 200, "new key in use on the same connection");
     assert!(!conn.is_finished());
 }
+
+#[tokio::test]
+async fn an_admin_token_guards_everything_but_the_probes() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    std::fs::write(&token_file, "admin-secret-DO-NOT-LEAK\n").unwrap();
+    let server = format!("admin_token_file = \"{}\"", token_file.display());
+    let h = Harness::start_with(&server, "").await;
+    assert_eq!(h.admin("/healthz").await.status, 200);
+    assert_eq!(h.admin("/readyz").await.status, 200);
+    for path in ["/metrics", "/config", "/usage", "/dashboard"] {
+        let a = h.admin(path).await;
+        assert_eq!(a.status, 401, "{path}");
+        assert!(a.headers.contains_key("www-authenticate"));
+    }
+    let with = |token: &str| {
+        Request::get(h.admin_url("/config"))
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(h.send(with("wrong")).await.status, 401);
+    let ok = h.send(with("admin-secret-DO-NOT-LEAK")).await;
+    assert_eq!(ok.status, 200);
+    let body = String::from_utf8(ok.body.to_vec()).unwrap();
+    assert!(body.contains("\"admin_token\": \"[redacted]\""), "{body}");
+    assert!(!body.contains("admin-secret-DO-NOT-LEAK"));
+}
+
+#[test]
+fn a_public_admin_listener_without_a_token_and_inbound_tls_are_refused() {
+    let base = "[upstream]\nurl = \"http://127.0.0.1:1\"\napi_key_env = \"K\"\n";
+    let env = vec![("K".to_string(), "k".to_string())];
+    let e = linkup_gateway::config::load_str(
+        &format!("[server]\nadmin_listen = \"0.0.0.0:9090\"\n{base}"),
+        &env,
+        None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("server.admin_listen"), "{e}");
+    let e = linkup_gateway::config::load_str(
+        &format!("[server]\ntls = {{ cert_file = \"c\", key_file = \"k\" }}\n{base}"),
+        &env,
+        None,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("server.tls"), "{e}");
+}
