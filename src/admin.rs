@@ -306,6 +306,11 @@ pub fn redacted_config(s: &Settings) -> serde_json::Value {
         "clients": s.clients.iter().map(|c| json!({
             "name": &*c.name,
             "key_sha256": "[redacted]",
+            "keys": c.keys.iter().map(|k| json!({
+                "sha256": "[redacted]",
+                "not_after": k.not_after.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
+            })).collect::<Vec<_>>(),
+            "cert_subject": c.cert_subject,
             "accounts": match &c.accounts { AccountScope::Any => json!(["*"]), AccountScope::Only(l) => json!(l) },
             "paths": c.paths.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
             "daily_credit_budget": c.daily_credit_budget,

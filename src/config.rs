@@ -138,7 +138,13 @@ fn d_connect_timeout() -> String {
 #[serde(deny_unknown_fields)]
 pub struct RawClient {
     pub name: String,
-    pub key_sha256: String,
+    /// One virtual key, as keygen prints it. Several keys (rotation): `keys`.
+    pub key_sha256: Option<String>,
+    /// Keys with an optional expiry: `keys = [{ sha256 = "...", not_after = "2026-12-31" }]`.
+    #[serde(default)]
+    pub keys: Vec<RawClientKey>,
+    /// Identify this client by its TLS client certificate (subject CN or a DNS SAN).
+    pub cert_subject: Option<String>,
     #[serde(default = "d_star")]
     pub accounts: Vec<String>,
     #[serde(default = "d_paths")]
@@ -149,6 +155,14 @@ pub struct RawClient {
     pub burst: Option<u32>,
     #[serde(default)]
     pub shadow: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClientKey {
+    pub sha256: String,
+    /// RFC 3339 UTC date-time (`2026-12-31T18:00:00Z`) or date (`2026-12-31`: the whole day).
+    pub not_after: Option<String>,
 }
 
 fn d_star() -> Vec<String> {
@@ -388,6 +402,8 @@ pub struct TlsSettings {
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     pub client_ca_file: Option<PathBuf>,
+    /// Built from the files when the config was loaded (and again on every reload).
+    pub server_config: Arc<rustls::ServerConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -407,13 +423,48 @@ pub struct UpstreamSettings {
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
     pub name: Arc<str>,
-    pub key_sha256: [u8; 32],
+    /// Its virtual keys (by SHA-256); several while a rotation overlaps. May be empty when the
+    /// client is identified by `cert_subject` only.
+    pub keys: Vec<ClientKey>,
+    /// Matched against a verified client certificate's subject CN and DNS SANs.
+    pub cert_subject: Option<String>,
     pub accounts: AccountScope,
     pub paths: Vec<PathPattern>,
     pub daily_credit_budget: Option<u64>,
     pub requests_per_second: Option<f64>,
     pub burst: u32,
     pub shadow: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientKey {
+    pub sha256: [u8; 32],
+    /// The last moment the key is accepted; `None`: no expiry.
+    pub not_after: Option<time::OffsetDateTime>,
+}
+
+impl ClientKey {
+    pub fn expired_at(&self, now: time::OffsetDateTime) -> bool {
+        self.not_after.is_some_and(|t| now > t)
+    }
+}
+
+/// `not_after`: an RFC 3339 date-time in UTC, or a date (the key works through that whole
+/// UTC day).
+pub fn parse_not_after(v: &str) -> Result<time::OffsetDateTime, String> {
+    let v = v.trim();
+    if let Ok(t) = time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339) {
+        return Ok(t.to_offset(time::UtcOffset::UTC));
+    }
+    let date_format = time::macros::format_description!("[year]-[month]-[day]");
+    match time::Date::parse(v, &date_format) {
+        Ok(d) => Ok(d
+            .with_time(time::macros::time!(23:59:59.999_999_999))
+            .assume_utc()),
+        Err(_) => Err(format!(
+            "`{v}` is not an RFC 3339 date-time or date (examples: \"2026-12-31T00:00:00Z\", \"2026-12-31\")"
+        )),
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -849,19 +900,26 @@ fn validate(
         h.copy_from_slice(&sha2::Sha256::digest(t.as_bytes()));
         h
     });
-    if s.tls.is_some() {
-        // Refused rather than ignored: serving plaintext to callers who configured TLS would
-        // be a silent downgrade.
-        p.push(
-            "server.tls",
-            "inbound TLS is not available in this version; keep the listener on loopback or terminate TLS in front of it",
-        );
-    }
-    let tls = s.tls.as_ref().map(|t| TlsSettings {
-        cert_file: resolve(&t.cert_file),
-        key_file: resolve(&t.key_file),
-        client_ca_file: t.client_ca_file.as_deref().map(&resolve),
+    let tls = s.tls.as_ref().and_then(|t| {
+        let cert_file = resolve(&t.cert_file);
+        let key_file = resolve(&t.key_file);
+        let client_ca_file = t.client_ca_file.as_deref().map(&resolve);
+        match crate::inbound_tls::server_config(&cert_file, &key_file, client_ca_file.as_deref()) {
+            Ok(server_config) => Some(TlsSettings {
+                cert_file,
+                key_file,
+                client_ca_file,
+                server_config,
+            }),
+            Err(problems) => {
+                for (k, m) in problems {
+                    p.push(k, m);
+                }
+                None
+            }
+        }
     });
+    let mtls = s.tls.as_ref().is_some_and(|t| t.client_ca_file.is_some());
 
     // [upstream]
     let upstream = match &raw.upstream {
@@ -876,6 +934,7 @@ fn validate(
     let mut clients = Vec::new();
     let mut seen_names = std::collections::HashSet::new();
     let mut seen_keys = std::collections::HashSet::new();
+    let mut seen_subjects = std::collections::HashSet::new();
     for (i, c) in raw.clients.iter().enumerate() {
         let key = |k: &str| format!("clients[{i}].{k}");
         if c.name.trim().is_empty() {
@@ -883,18 +942,75 @@ fn validate(
         } else if !seen_names.insert(c.name.clone()) {
             p.push(key("name"), format!("duplicate client name `{}`", c.name));
         }
-        let mut sha = [0u8; 32];
-        match hex::decode(c.key_sha256.trim()) {
-            Ok(b) if b.len() == 32 => sha.copy_from_slice(&b),
-            _ => p.push(
-                key("key_sha256"),
-                "must be 64 hex characters (the SHA-256 that `linkup-gateway keygen` prints)",
-            ),
+        let mut keys = Vec::new();
+        let listed = c
+            .key_sha256
+            .iter()
+            .map(|h| (key("key_sha256"), h.as_str(), None))
+            .chain(c.keys.iter().enumerate().map(|(j, k)| {
+                (
+                    format!("clients[{i}].keys[{j}]"),
+                    k.sha256.as_str(),
+                    k.not_after.as_deref(),
+                )
+            }));
+        for (at, hex_sha, not_after) in listed {
+            let sha_key = if at.ends_with(']') {
+                format!("{at}.sha256")
+            } else {
+                at.clone()
+            };
+            let mut sha = [0u8; 32];
+            match hex::decode(hex_sha.trim()) {
+                Ok(b) if b.len() == 32 => sha.copy_from_slice(&b),
+                _ => {
+                    p.push(
+                        sha_key,
+                        "must be 64 hex characters (the SHA-256 that `linkup-gateway keygen` prints)",
+                    );
+                    continue;
+                }
+            }
+            if !seen_keys.insert(sha) {
+                p.push(
+                    sha_key,
+                    "the same key is already given to this or another client",
+                );
+            }
+            let not_after = match not_after.map(parse_not_after) {
+                None => None,
+                Some(Ok(t)) => Some(t),
+                Some(Err(e)) => {
+                    p.push(format!("{at}.not_after"), e);
+                    None
+                }
+            };
+            keys.push(ClientKey {
+                sha256: sha,
+                not_after,
+            });
         }
-        if !seen_keys.insert(sha) {
+        let cert_subject = c.cert_subject.as_deref().map(str::trim);
+        if cert_subject.is_some_and(str::is_empty) {
+            p.push(key("cert_subject"), "must not be empty");
+        } else if let Some(subject) = cert_subject {
+            if !seen_subjects.insert(subject.to_owned()) {
+                p.push(
+                    key("cert_subject"),
+                    format!("`{subject}` is already given to another client"),
+                );
+            }
+            if !mtls {
+                p.push(
+                    key("cert_subject"),
+                    "needs client certificates: set server.tls.client_ca_file",
+                );
+            }
+        }
+        if c.key_sha256.is_none() && c.keys.is_empty() && cert_subject.is_none() {
             p.push(
-                key("key_sha256"),
-                "the same key is already given to another client",
+                format!("clients[{i}]"),
+                "no way to identify this client: set key_sha256, keys or cert_subject",
             );
         }
         let accounts = if c.accounts.iter().any(|a| a == "*") {
@@ -937,7 +1053,8 @@ fn validate(
         });
         clients.push(Arc::new(ClientSettings {
             name: Arc::from(c.name.as_str()),
-            key_sha256: sha,
+            keys,
+            cert_subject: cert_subject.map(str::to_owned),
             accounts,
             paths: c.paths.iter().map(|s| PathPattern::new(s)).collect(),
             daily_credit_budget: c.daily_credit_budget,
@@ -1425,6 +1542,164 @@ mod tests {
         assert!(PathPattern::new("/v2/*/stop").matches("/v2/webhooks/w1/stop"));
     }
 
+    fn client_with(lines: &str) -> String {
+        format!("{MINIMAL}\n[[clients]]\nname = \"crm\"\n{lines}\n")
+    }
+
+    const SHA_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+    const SHA_B: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+
+    #[test]
+    fn a_client_may_hold_several_keys_with_not_after() {
+        let text = client_with(&format!(
+            "key_sha256 = \"{SHA_A}\"\nkeys = [{{ sha256 = \"{SHA_B}\", not_after = \"2026-12-31\" }}, {{ sha256 = \"{}\", not_after = \"2027-01-15T10:00:00+02:00\" }}]",
+            "c".repeat(64)
+        ));
+        let s = load_str(&text, &env(), None).unwrap();
+        let keys = &s.clients[0].keys;
+        assert_eq!(keys.len(), 3);
+        assert_eq!(keys[0].not_after, None);
+        // A date: the key works through that whole UTC day.
+        let eod = keys[1].not_after.unwrap();
+        assert!(!keys[1].expired_at(parse_not_after("2026-12-31T23:59:59Z").unwrap()));
+        assert!(keys[1].expired_at(parse_not_after("2027-01-01T00:00:00Z").unwrap()));
+        assert_eq!(eod.offset(), time::UtcOffset::UTC);
+        // Offsets are normalised to UTC.
+        assert_eq!(keys[2].not_after.unwrap().hour(), 8);
+    }
+
+    #[test]
+    fn bad_keys_name_their_paths() {
+        let text = client_with(&format!(
+            "keys = [{{ sha256 = \"{SHA_A}\", not_after = \"next tuesday\" }}, {{ sha256 = \"xyz\" }}, {{ sha256 = \"{SHA_A}\" }}]"
+        ));
+        let ps = load_str(&text, &env(), None).unwrap_err().problems();
+        assert!(
+            ps.iter()
+                .any(|p| p.starts_with("clients[0].keys[0].not_after:")),
+            "{ps:?}"
+        );
+        assert!(
+            ps.iter()
+                .any(|p| p.starts_with("clients[0].keys[1].sha256:")),
+            "{ps:?}"
+        );
+        assert!(
+            ps.iter()
+                .any(|p| p.starts_with("clients[0].keys[2].sha256:") && p.contains("already")),
+            "{ps:?}"
+        );
+        let text = client_with(&format!(
+            "keys = [{{ sha256 = \"{SHA_A}\", expires = \"x\" }}]"
+        ));
+        let e = load_str(&text, &env(), None).unwrap_err();
+        assert!(e.to_string().contains("expires"), "{e}");
+        let e = load_str(&client_with(""), &env(), None).unwrap_err();
+        assert!(
+            e.to_string().starts_with("clients[0]: no way to identify"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn cert_subject_needs_client_certificates() {
+        let text = client_with("cert_subject = \"billing.internal\"");
+        let e = load_str(&text, &env(), None).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("clients[0].cert_subject: needs client certificates"),
+            "{e}"
+        );
+    }
+
+    struct Pems {
+        dir: tempfile::TempDir,
+    }
+
+    /// A CA, a leaf it signs, and a second unrelated key, as PEM files.
+    fn pems() -> Pems {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .signed_by(&leaf_key, &issuer)
+            .unwrap();
+        let w = |n: &str, t: String| std::fs::write(dir.path().join(n), t).unwrap();
+        w("ca.pem", ca_cert.pem());
+        w("cert.pem", leaf.pem());
+        w("key.pem", leaf_key.serialize_pem());
+        w("other.key", KeyPair::generate().unwrap().serialize_pem());
+        w("junk.pem", "not a pem".into());
+        Pems { dir }
+    }
+
+    fn tls_config(p: &Pems, tls: &str) -> Result<Settings, ConfigError> {
+        let text = format!("{MINIMAL}\n[server]\ntls = {{ {tls} }}\n");
+        load_str(&text, &env(), Some(p.dir.path()))
+    }
+
+    #[test]
+    fn inbound_tls_loads_certificate_key_and_client_ca() {
+        let p = pems();
+        let s = tls_config(
+            &p,
+            "cert_file = \"cert.pem\", key_file = \"key.pem\", client_ca_file = \"ca.pem\"",
+        )
+        .unwrap();
+        let tls = s.server.tls.unwrap();
+        assert_eq!(tls.cert_file, p.dir.path().join("cert.pem"));
+        assert_eq!(
+            tls.server_config.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        let text = format!(
+            "{MINIMAL}\n[server]\ntls = {{ cert_file = \"cert.pem\", key_file = \"key.pem\", client_ca_file = \"ca.pem\" }}\n[[clients]]\nname = \"billing\"\ncert_subject = \"billing.internal\"\n"
+        );
+        let s = load_str(&text, &env(), Some(p.dir.path())).unwrap();
+        assert_eq!(
+            s.clients[0].cert_subject.as_deref(),
+            Some("billing.internal")
+        );
+        assert!(s.clients[0].keys.is_empty());
+    }
+
+    #[test]
+    fn inbound_tls_problems_name_their_key_paths() {
+        let p = pems();
+        let ps = tls_config(
+            &p,
+            "cert_file = \"missing.pem\", key_file = \"junk.pem\", client_ca_file = \"junk.pem\"",
+        )
+        .unwrap_err()
+        .problems();
+        assert!(
+            ps.iter()
+                .any(|p| p.starts_with("server.tls.cert_file: cannot read")),
+            "{ps:?}"
+        );
+        assert!(
+            ps.iter().any(|p| p.starts_with("server.tls.key_file:")),
+            "{ps:?}"
+        );
+        assert!(
+            ps.iter()
+                .any(|p| p.starts_with("server.tls.client_ca_file:")),
+            "{ps:?}"
+        );
+        let e = tls_config(&p, "cert_file = \"cert.pem\", key_file = \"other.key\"").unwrap_err();
+        assert!(
+            e.to_string().starts_with("server.tls.key_file:")
+                && e.to_string().contains("does not go with"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn costs_prefer_path_then_action_then_default() {
         let text = format!("{MINIMAL}\n[costs]\ndefault = 2\n\"/v2/checkpoint\" = 1\ninvite = 3\n");
@@ -1478,7 +1753,7 @@ mod shipped_files {
         )];
         let s = load_str(&text, &env, Some(&dir)).unwrap();
         assert_eq!(
-            s.clients[0].key_sha256,
+            s.clients[0].keys[0].sha256,
             crate::layers::authenticate::sha256(crate::demo::DEMO_KEY.as_bytes())
         );
     }

@@ -10,6 +10,7 @@ pub mod demo;
 pub mod emulator;
 pub mod error;
 pub mod headers;
+pub mod inbound_tls;
 pub mod keygen;
 pub mod layers;
 pub mod ledger;

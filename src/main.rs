@@ -51,11 +51,15 @@ enum Command {
         #[arg(long, default_value = "config/gateway.toml")]
         config: PathBuf,
     },
-    /// Print a fresh virtual key (once) and the [[clients]] block that holds only its SHA-256.
+    /// Print a fresh virtual key (once) and the [[clients]] block that holds only its SHA-256;
+    /// with --rotate, a new key for an existing client and the line that adds it.
     Keygen {
         /// The client's name, as it will appear in metrics, logs and usage reports.
-        #[arg(long)]
-        name: String,
+        #[arg(long, required_unless_present = "rotate", conflicts_with = "rotate")]
+        name: Option<String>,
+        /// An existing client: print a second key for it (both work until the old one's not_after).
+        #[arg(long, value_name = "NAME")]
+        rotate: Option<String>,
     },
     /// Credit usage from the ledger: grouped, over a range of UTC days (default: today).
     Usage {
@@ -206,16 +210,26 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Keygen { name } => match keygen::render(&name) {
-            Ok(out) => {
-                print!("{out}");
-                ExitCode::SUCCESS
+        Command::Keygen { name, rotate } => {
+            let out = match (name, rotate) {
+                (_, Some(rotate)) => keygen::render_rotation(&rotate),
+                (Some(name), None) => keygen::render(&name),
+                (None, None) => Err("give --name NAME or --rotate NAME".into()),
+            };
+            match out {
+                Ok(g) => {
+                    // The key to the terminal (stderr), the TOML to stdout: `>> gateway.toml`
+                    // appends only the hash.
+                    eprint!("{}", g.notice);
+                    print!("{}", g.toml);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("keygen: {e}");
+                    ExitCode::from(2)
+                }
             }
-            Err(e) => {
-                eprintln!("keygen: {e}");
-                ExitCode::from(2)
-            }
-        },
+        }
         Command::CheckConfig { config } => match load_or_report(&config) {
             Some(s) => {
                 println!(

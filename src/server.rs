@@ -1,6 +1,9 @@
 //! Listeners, HTTP versions, graceful drain and SIGHUP reload.
 //!
-//! The data plane serves HTTP/1.1 and h2c through hyper-util's auto builder. Each request loads
+//! The data plane serves HTTP/1.1 and h2c through hyper-util's auto builder, or, with
+//! `[server] tls`, HTTP/1.1 and h2 over rustls (ALPN). The TLS handshake runs on the
+//! connection's own task, bounded by `header_read_timeout`, with the rustls config of the
+//! generation current when the connection was accepted (SIGHUP reloads the certificate). Each request loads
 //! the current config generation (one atomic load) and runs its stack; a reload builds a new
 //! generation and swaps it in, so no connection is dropped and no request sees half a config.
 
@@ -21,6 +24,7 @@ use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
 use crate::config::{self, Settings};
+use crate::layers::authenticate::PeerIdentity;
 use crate::metrics::ReloadLabels;
 use crate::shared::{Process, Shared};
 use crate::stack::{build_stack, Stack};
@@ -176,6 +180,14 @@ impl Gateway {
                 s.server.listen = old_server.listen;
                 s.server.admin_listen = old_server.admin_listen;
             }
+            if s.server.tls.is_some() != old_server.tls.is_some() {
+                // Switching the listener between plaintext and TLS under its callers would cut
+                // every one of them (or silently downgrade them): that is a restart.
+                return Err(vec![
+                    "server.tls: turning inbound TLS on or off takes a restart; the running listener stays as it is"
+                        .to_string(),
+                ]);
+            }
             Generation::build(s, &self.process, Some(&old)).map_err(|e| vec![e])
         });
         match result {
@@ -240,6 +252,32 @@ async fn evict_idle(current: Arc<ArcSwap<Generation>>, mut stop: watch::Receiver
     }
 }
 
+/// The per-connection service: each request runs the current generation's stack, carrying the
+/// connection's verified client certificate names when there are some.
+fn data_service(
+    current: Arc<ArcSwap<Generation>>,
+    identity: Option<PeerIdentity>,
+) -> impl hyper::service::Service<
+    hyper::Request<Incoming>,
+    Response = hyper::Response<Full<bytes::Bytes>>,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<
+        Output = Result<hyper::Response<Full<bytes::Bytes>>, std::convert::Infallible>,
+    > + Send
+                 + 'static,
+> {
+    hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        if let Some(identity) = &identity {
+            req.extensions_mut().insert(identity.clone());
+        }
+        let stack = current.load().stack.clone();
+        async move {
+            let resp = stack.oneshot(req).await?;
+            Ok::<_, std::convert::Infallible>(resp.map(Full::new))
+        }
+    })
+}
+
 async fn serve_data(
     listener: TcpListener,
     current: Arc<ArcSwap<Generation>>,
@@ -262,7 +300,7 @@ async fn serve_data(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(a) => a,
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -272,18 +310,53 @@ async fn serve_data(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                let tls = current
+                    .load()
+                    .shared
+                    .settings
+                    .server
+                    .tls
+                    .as_ref()
+                    .map(|t| t.server_config.clone());
+                let Some(tls) = tls else {
+                    let conn = builder
+                        .serve_connection(TokioIo::new(stream), data_service(current.clone(), None))
+                        .into_owned();
+                    let conn = graceful.watch(conn);
+                    tokio::spawn(async move {
+                        if let Err(e) = conn.await {
+                            tracing::debug!(error = %e, "connection closed with an error");
+                        }
+                    });
+                    continue;
+                };
                 let current = current.clone();
-                let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                    let stack = current.load().stack.clone();
-                    async move {
-                        let resp = stack.oneshot(req).await?;
-                        Ok::<_, std::convert::Infallible>(resp.map(Full::new))
-                    }
-                });
-                let conn = builder.serve_connection(TokioIo::new(stream), svc).into_owned();
-                let conn = graceful.watch(conn);
+                let builder = builder.clone();
+                let watcher = graceful.watcher();
+                let handshake_timeout = server.header_read_timeout;
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let identity = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .map(|leaf| PeerIdentity(crate::inbound_tls::certificate_names(leaf).into()));
+                    let conn = builder
+                        .serve_connection(TokioIo::new(tls), data_service(current, identity))
+                        .into_owned();
+                    if let Err(e) = watcher.watch(conn).await {
                         tracing::debug!(error = %e, "connection closed with an error");
                     }
                 });

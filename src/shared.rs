@@ -90,12 +90,14 @@ impl Shared {
         let clients = settings
             .clients
             .iter()
-            .map(|c| (c.key_sha256, c.clone()))
+            .flat_map(|c| c.keys.iter().map(|k| (k.sha256, c.clone())))
             .collect::<HashMap<_, _>>();
-        let anonymous = clients.is_empty().then(|| {
+        // Open local mode only when no client exists at all (certificate-only clients count).
+        let anonymous = settings.clients.is_empty().then(|| {
             Arc::new(ClientSettings {
                 name: Arc::from("anonymous"),
-                key_sha256: [0; 32],
+                keys: Vec::new(),
+                cert_subject: None,
                 accounts: AccountScope::Any,
                 paths: vec![PathPattern::new("/v2/*")],
                 daily_credit_budget: None,

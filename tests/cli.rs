@@ -40,7 +40,9 @@ fn every_command_has_help() {
 fn bad_usage_exits_2() {
     assert_eq!(run(&["frobnicate"]).0, 2);
     assert_eq!(run(&["serve", "--bogus"]).0, 2);
-    assert_eq!(run(&["keygen"]).0, 2, "--name is required");
+    assert_eq!(run(&["keygen"]).0, 2, "--name or --rotate is required");
+    assert_eq!(run(&["keygen", "--name", "a", "--rotate", "a"]).0, 2);
+    assert_eq!(run(&["keygen", "--rotate", "has space"]).0, 2);
     assert_eq!(run(&["keygen", "--name", "has space"]).0, 2);
     assert_eq!(run(&["--log-format", "xml", "keygen", "--name", "a"]).0, 2);
 }
@@ -83,12 +85,56 @@ fn check_config_names_each_problem_and_exits_1() {
 }
 
 #[test]
+fn keygen_rotate_prints_a_new_key_once_and_the_line_for_the_existing_client() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "k", "upstream-key\n");
+    let (code, out, err) = run(&["keygen", "--rotate", "crm-sync"]);
+    assert_eq!(code, 0);
+    let key = err
+        .split_whitespace()
+        .find(|w| w.starts_with("lgw_"))
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        err.matches(&key).count(),
+        1,
+        "the key is shown once, on stderr"
+    );
+    assert!(
+        !out.contains(&key),
+        "stdout (what gets appended to a config) holds no key"
+    );
+    assert!(out.contains("not_after"), "{out}");
+    let line: String = out
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(line.starts_with("keys = "), "{line}");
+    let old = linkup_gateway::keygen::key_sha256_hex("lgw_old");
+    let cfg = write(
+        dir.path(),
+        "rotated.toml",
+        &format!(
+            "[upstream]\nurl = \"https://api.linkupapi.com\"\napi_key_file = \"k\"\n[[clients]]\nname = \"crm-sync\"\nkey_sha256 = \"{old}\"\n{line}\n"
+        ),
+    );
+    let (code, _, err) = run(&["check-config", "--config", &cfg]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
 fn check_config_accepts_a_good_file_and_keygen_output() {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "k", "upstream-key\n");
-    let (code, block, _) = run(&["keygen", "--name", "crm-sync"]);
+    let (code, block, err) = run(&["keygen", "--name", "crm-sync"]);
     assert_eq!(code, 0);
     assert!(block.contains("[[clients]]") && block.contains("key_sha256"));
+    let key = err
+        .split_whitespace()
+        .find(|w| w.starts_with("lgw_"))
+        .unwrap();
+    assert!(!block.contains(key), "the key goes to stderr only");
     let cfg = write(
         dir.path(),
         "good.toml",

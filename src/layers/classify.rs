@@ -550,7 +550,8 @@ mod tests {
     fn scopes_refuse_other_accounts_and_paths() {
         let client = ClientSettings {
             name: Arc::from("crm"),
-            key_sha256: [0; 32],
+            keys: Vec::new(),
+            cert_subject: None,
             accounts: AccountScope::Only(vec!["acc_1".into()]),
             paths: vec![
                 PathPattern::new("/v2/checkpoint"),

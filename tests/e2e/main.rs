@@ -6,6 +6,7 @@ mod checkpoint;
 mod common;
 mod credits;
 mod hostile;
+mod inbound_tls;
 mod limits;
 mod operations;
 mod proxy;

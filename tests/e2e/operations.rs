@@ -198,7 +198,7 @@ async fn an_admin_token_guards_everything_but_the_probes() {
 }
 
 #[test]
-fn a_public_admin_listener_without_a_token_and_inbound_tls_are_refused() {
+fn a_public_admin_listener_without_a_token_and_unreadable_inbound_tls_files_are_refused() {
     let base = "[upstream]\nurl = \"http://127.0.0.1:1\"\napi_key_env = \"K\"\n";
     let env = vec![("K".to_string(), "k".to_string())];
     let e = linkup_gateway::config::load_str(
@@ -214,5 +214,9 @@ fn a_public_admin_listener_without_a_token_and_inbound_tls_are_refused() {
         None,
     )
     .unwrap_err();
-    assert!(e.to_string().contains("server.tls"), "{e}");
+    assert!(
+        e.to_string().contains("server.tls.cert_file: cannot read"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("server.tls.key_file"), "{e}");
 }
