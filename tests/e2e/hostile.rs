@@ -141,3 +141,125 @@ async fn slow_headers_are_cut_by_the_header_read_timeout() {
     );
     assert_eq!(h.get("/v2/credits").await.status, 200);
 }
+
+#[tokio::test]
+async fn request_smuggling_attempts_are_refused_and_never_forwarded() {
+    let h = Harness::start().await;
+    let before = h.upstream_calls();
+    let body = r#"{"account_id":"a","action":"get"}"#;
+    let smuggled = "GET /v2/credits HTTP/1.1\r\nHost: x\r\n\r\n";
+    let cases: Vec<String> = vec![
+        // Content-Length and Transfer-Encoding together (CL.TE / TE.CL desync).
+        format!(
+            "POST /v2/profiles HTTP/1.1\r\nHost: x\r\nx-api-key: {ALPHA_KEY}\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n{smuggled}",
+            5 + smuggled.len()
+        ),
+        // Two different Content-Lengths.
+        format!(
+            "POST /v2/profiles HTTP/1.1\r\nHost: x\r\nx-api-key: {ALPHA_KEY}\r\nContent-Length: {}\r\nContent-Length: 5\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+        // Obsolete line folding hiding a header.
+        format!(
+            "POST /v2/profiles HTTP/1.1\r\nHost: x\r\nx-api-key: {ALPHA_KEY}\r\nX-Folded: a\r\n Transfer-Encoding: chunked\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+        // A Transfer-Encoding the server does not implement.
+        format!(
+            "POST /v2/profiles HTTP/1.1\r\nHost: x\r\nx-api-key: {ALPHA_KEY}\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n0\r\n\r\n"
+        ),
+    ];
+    for c in &cases {
+        let resp = raw(&h, c.as_bytes()).await;
+        let st = status_of(&resp);
+        // A refusal or a closed connection; never a second request answered on this one.
+        assert!(st == 0 || (400..500).contains(&st), "{c:?} -> {resp}");
+        assert!(
+            resp.matches("HTTP/1.1").count() <= 1,
+            "a smuggled request was answered: {resp}"
+        );
+    }
+    assert_eq!(h.upstream_calls(), before, "nothing reached the upstream");
+    assert_eq!(h.get("/v2/credits").await.status, 200, "still serving");
+}
+
+#[tokio::test]
+async fn a_header_flood_is_refused_and_the_gateway_keeps_serving() {
+    let h = Harness::start().await;
+    let before = h.upstream_calls();
+    // 10,000 small headers (hyper's default cap is 100).
+    let mut req = format!("GET /v2/credits HTTP/1.1\r\nHost: x\r\nx-api-key: {ALPHA_KEY}\r\n");
+    for i in 0..10_000 {
+        req.push_str(&format!("x-flood-{i}: 1\r\n"));
+    }
+    req.push_str("Connection: close\r\n\r\n");
+    let resp = raw(&h, req.as_bytes()).await;
+    let st = status_of(&resp);
+    assert!(st == 0 || st == 431 || st == 400, "{st}: {resp}");
+    // Many connections sending floods at once.
+    let mut floods = Vec::new();
+    for _ in 0..20 {
+        let addr = h.gw.data_addr;
+        let req = req.clone();
+        floods.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(req.as_bytes()).await;
+            let mut out = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+        }));
+    }
+    for f in floods {
+        f.await.unwrap();
+    }
+    assert_eq!(h.upstream_calls(), before);
+    assert_eq!(h.get("/v2/credits").await.status, 200, "still serving");
+}
+
+#[tokio::test]
+/// Streams opened and cancelled at once, 20,000 times on one h2 connection (the shape of a
+/// rapid-reset flood; a raw-frame version that also checks the server's GOAWAY is still to do).
+async fn twenty_thousand_cancelled_http2_streams_cost_the_upstream_nothing() {
+    let h = Harness::start().await;
+    let before = h.upstream_calls();
+    let tcp = TcpStream::connect(h.gw.data_addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    // Open and immediately cancel streams (CVE-2023-44487) until the server ends the
+    // connection, bounded in count.
+    let mut sent = 0;
+    for _ in 0..20_000 {
+        let req = http::Request::get(format!("http://{}/v2/credits", h.gw.data_addr))
+            .header("x-api-key", ALPHA_KEY)
+            .body(())
+            .unwrap();
+        let ready = match client.clone().ready().await {
+            Ok(c) => c,
+            Err(_) => break,
+        };
+        client = ready;
+        match client.send_request(req, true) {
+            Ok((resp, _)) => {
+                drop(resp);
+                sent += 1;
+            }
+            Err(_) => break,
+        }
+        // Cancel: dropping the response future resets the stream.
+    }
+    // The server ends a connection that floods it with resets (GOAWAY / ENHANCE_YOUR_CALM),
+    // or the flood ran its bounded course; either way the connection task finishes.
+    drop(client);
+    let _ = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    eprintln!(
+        "rapid reset: {sent} streams opened and cancelled; {} reached the upstream",
+        h.upstream_calls() - before
+    );
+    assert!(sent > 0);
+    // Cancelled streams barely reach the upstream, and others are served.
+    let reached = h.upstream_calls() - before;
+    assert!(
+        reached * 10 < sent as u64,
+        "{reached} of {sent} cancelled requests reached the upstream"
+    );
+    assert_eq!(h.get("/v2/credits").await.status, 200, "still serving");
+}
