@@ -13,7 +13,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use linkup_gateway::emulator::{self, EmulatorConfig, Faults};
+use linkup_gateway::emulator::Faults;
 use tokio::io::AsyncWriteExt;
 
 use crate::common::*;
@@ -453,16 +453,7 @@ async fn the_cache_survives_a_reload_and_an_invalid_account_answer_drops_the_ent
     let cp = checkpoint(&id, None);
     assert!(cached(&h.post("/v2/checkpoint", &cp).await));
     // A reload onto another upstream, which has never heard of the account.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let other = emulator::start(
-        listener,
-        EmulatorConfig {
-            api_key: UPSTREAM_KEY.into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let other = start_emulator(UPSTREAM_KEY).await;
     let key_file = h.dir.path().join("upstream.key").display().to_string();
     std::fs::write(
         h.config_path(),

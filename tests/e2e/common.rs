@@ -48,6 +48,20 @@ impl Write for CaptureWriter {
     }
 }
 
+/// The emulator on 127.0.0.1:0, accepting `key` as the upstream key.
+pub async fn start_emulator(key: &str) -> EmulatorHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    emulator::start(
+        listener,
+        EmulatorConfig {
+            api_key: key.into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
 pub fn sha(key: &str) -> String {
     linkup_gateway::keygen::key_sha256_hex(key)
 }
@@ -135,16 +149,7 @@ impl Harness {
     /// `server`: lines for the [server] table; `extra`: more tables or clients.
     pub async fn start_with(server: &str, extra: &str) -> Harness {
         captured_logs();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let emu = emulator::start(
-            listener,
-            EmulatorConfig {
-                api_key: UPSTREAM_KEY.into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+        let emu = start_emulator(UPSTREAM_KEY).await;
         Self::start_against(emu, server, extra).await
     }
 

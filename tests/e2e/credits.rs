@@ -229,16 +229,7 @@ async fn upstream_out_of_credits_fails_costly_requests_fast_and_free_ones_pass()
 
 #[tokio::test]
 async fn budgets_survive_a_restart_through_the_ledger() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emu = linkup_gateway::emulator::start(
-        listener,
-        linkup_gateway::emulator::EmulatorConfig {
-            api_key: UPSTREAM_KEY.into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let emu = start_emulator(UPSTREAM_KEY).await;
     let h = Harness::start_against(emu, "", &budgeted(5)).await;
     let account = h.connected_account("tok-restart").await;
     for _ in 0..3 {

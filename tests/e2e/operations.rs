@@ -128,16 +128,7 @@ async fn reload_applies_a_valid_config_and_keeps_the_old_on_error() {
 #[tokio::test]
 async fn reload_rotates_the_upstream_key_without_dropping_the_connection() {
     // The emulator accepts only the new key; the gateway starts with the old one.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let emu = linkup_gateway::emulator::start(
-        listener,
-        linkup_gateway::emulator::EmulatorConfig {
-            api_key: "rotated-upstream-key".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let emu = start_emulator("rotated-upstream-key").await;
     let h = Harness::start_against(emu, "", "").await;
     // One keep-alive connection for the whole test.
     let (mut sender, conn) = {

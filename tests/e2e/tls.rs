@@ -93,22 +93,9 @@ async fn gateway_to(
     Harness { emu, gw, http, dir }
 }
 
-async fn emulator() -> linkup_gateway::emulator::EmulatorHandle {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    linkup_gateway::emulator::start(
-        listener,
-        linkup_gateway::emulator::EmulatorConfig {
-            api_key: UPSTREAM_KEY.into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap()
-}
-
 #[tokio::test]
 async fn an_https_upstream_is_reached_over_rustls_with_the_configured_ca() {
-    let emu = emulator().await;
+    let emu = start_emulator(UPSTREAM_KEY).await;
     let front = tls_front(emu.addr()).await;
     let url = format!("https://localhost:{}", front.port);
     let h = gateway_to(emu, &url, Some(&front.ca_pem)).await;
@@ -138,7 +125,7 @@ async fn an_https_upstream_is_reached_over_rustls_with_the_configured_ca() {
 
 #[tokio::test]
 async fn an_untrusted_upstream_certificate_is_502_and_nothing_is_sent() {
-    let emu = emulator().await;
+    let emu = start_emulator(UPSTREAM_KEY).await;
     let front = tls_front(emu.addr()).await;
     let url = format!("https://localhost:{}", front.port);
     // No ca_file: the test CA is not among the webpki roots.
