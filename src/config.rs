@@ -275,6 +275,8 @@ pub struct RawLedger {
     pub sync: String,
     #[serde(default = "d_reconcile")]
     pub reconcile_every: String,
+    #[serde(default = "d_buffer_rows")]
+    pub buffer_rows: u64,
 }
 
 impl Default for RawLedger {
@@ -284,6 +286,7 @@ impl Default for RawLedger {
             postgres_url: None,
             sync: d_sync(),
             reconcile_every: d_reconcile(),
+            buffer_rows: d_buffer_rows(),
         }
     }
 }
@@ -294,12 +297,36 @@ fn d_sync() -> String {
 fn d_reconcile() -> String {
     "5m".into()
 }
+fn d_buffer_rows() -> u64 {
+    100_000
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFleet {
     pub redis_url: Option<String>,
     pub on_store_failure: Option<RawStoreFailure>,
+    #[serde(default = "d_store_timeout")]
+    pub timeout: String,
+    #[serde(default = "d_local_status_ttl")]
+    pub local_status_ttl: String,
+    #[serde(default = "d_lease")]
+    pub checkpoint_lease: String,
+    #[serde(default = "d_key_prefix")]
+    pub key_prefix: String,
+}
+
+fn d_store_timeout() -> String {
+    "250ms".into()
+}
+fn d_local_status_ttl() -> String {
+    "5s".into()
+}
+fn d_lease() -> String {
+    "10s".into()
+}
+fn d_key_prefix() -> String {
+    "lgw:".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -578,9 +605,13 @@ pub enum LedgerSync {
 #[derive(Debug, Clone)]
 pub struct LedgerSettings {
     pub path: PathBuf,
+    /// Fleet: one ledger in PostgreSQL for every replica (instead of `path`).
     pub postgres_url: Option<Redacted>,
     pub sync: LedgerSync,
     pub reconcile_every: Duration,
+    /// PostgreSQL: rows held in memory while the server is unreachable; when full, requests
+    /// that cost credits fail closed.
+    pub buffer_rows: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -594,6 +625,14 @@ pub struct FleetSettings {
     pub redis_url: Option<Redacted>,
     pub limits_on_failure: OnFailure,
     pub budgets_on_failure: OnFailure,
+    /// Each Redis command's deadline; past it the store counts as failed for this request.
+    pub timeout: Duration,
+    /// How long a replica trusts its local copy of an account's status.
+    pub local_status_ttl: Duration,
+    /// A checkpoint leader's lease; renewed while its call runs, taken over when it lapses.
+    pub checkpoint_lease: Duration,
+    /// Prefix of every key and channel (several gateways can share one Redis).
+    pub key_prefix: String,
 }
 
 /// A connection string that may carry a password: Debug and Display hide it.
@@ -1117,12 +1156,6 @@ fn validate(
 
     // [ledger]
     let ledger = validate_ledger(&raw.ledger, &resolve, &mut p);
-    if raw.fleet.as_ref().is_some_and(|f| f.redis_url.is_some()) {
-        p.push(
-            "fleet.redis_url",
-            "fleet mode (shared limits, budgets and cache in Redis) is not available in this version; remove [fleet] to run embedded",
-        );
-    }
     // [fleet]
     let fleet = raw.fleet.map(|f| {
         let on = |key: &str, v: &str, p: &mut Problems| match v {
@@ -1140,10 +1173,34 @@ fn validate(
             ),
             None => (OnFailure::Local, OnFailure::Deny),
         };
+        let timeout = p.duration("fleet.timeout", &f.timeout);
+        let local_status_ttl = p.duration("fleet.local_status_ttl", &f.local_status_ttl);
+        let checkpoint_lease = p.duration("fleet.checkpoint_lease", &f.checkpoint_lease);
+        if timeout.is_zero() {
+            p.push("fleet.timeout", "must be more than 0");
+        }
+        if checkpoint_lease < Duration::from_secs(1) {
+            p.push("fleet.checkpoint_lease", "must be at least 1s");
+        }
+        match &f.redis_url {
+            None => p.push(
+                "fleet.redis_url",
+                "[fleet] needs redis_url (remove [fleet] to run embedded)",
+            ),
+            Some(u) if !(u.starts_with("redis://") || u.starts_with("rediss://")) => p.push(
+                "fleet.redis_url",
+                "expected a redis:// or rediss:// URL",
+            ),
+            Some(_) => {}
+        }
         FleetSettings {
             redis_url: f.redis_url.map(|u| Redacted(SecretString::from(u))),
             limits_on_failure: limits,
             budgets_on_failure: budgets,
+            timeout,
+            local_status_ttl,
+            checkpoint_lease,
+            key_prefix: f.key_prefix,
         }
     });
 
@@ -1210,13 +1267,16 @@ fn validate_ledger(
     let reconcile_every = p.duration("ledger.reconcile_every", &l.reconcile_every);
     if l.path.is_some() && l.postgres_url.is_some() {
         p.push("ledger", "set either path or postgres_url, not both");
-    } else if l.postgres_url.is_some() {
-        // Refused rather than ignored: a fleet that believes it shares one ledger must not
-        // silently write to a local file.
-        p.push(
-            "ledger.postgres_url",
-            "the PostgreSQL ledger comes with fleet mode and is not available in this version; use ledger.path",
-        );
+    } else if let Some(u) = &l.postgres_url {
+        if !(u.starts_with("postgres://") || u.starts_with("postgresql://")) {
+            p.push(
+                "ledger.postgres_url",
+                "expected a postgres:// or postgresql:// URL",
+            );
+        }
+    }
+    if l.buffer_rows == 0 {
+        p.push("ledger.buffer_rows", "must be at least 1");
     }
     LedgerSettings {
         path: resolve(
@@ -1230,6 +1290,7 @@ fn validate_ledger(
             .map(|u| Redacted(SecretString::from(u))),
         sync,
         reconcile_every,
+        buffer_rows: usize::try_from(l.buffer_rows).unwrap_or(usize::MAX),
     }
 }
 
