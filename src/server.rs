@@ -132,6 +132,7 @@ impl Gateway {
         let (stop_admin, admin_rx) = watch::channel(false);
         let data_task = tokio::spawn(serve_data(data, current.clone(), data_rx.clone()));
         tokio::spawn(evict_idle(current.clone(), data_rx.clone()));
+        tokio::spawn(watch_ledger(process.clone(), data_rx.clone()));
         tokio::spawn(crate::reconcile::run(current.clone(), data_rx));
         let admin_task = tokio::spawn(crate::admin::serve(
             admin,
@@ -246,6 +247,29 @@ async fn evict_idle(current: Arc<ArcSwap<Generation>>, mut stop: watch::Receiver
                     .metrics
                     .rate_limit_tracked
                     .set(i64::try_from(tracked).unwrap_or(i64::MAX));
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// While the ledger is failing, costly requests are refused and write no rows, so no write of
+/// theirs can tell the credits layer it recovered: this watcher does, once the ledger has
+/// written the rows it kept (its own retry, every second), and re-opens the gate.
+async fn watch_ledger(process: Arc<Process>, mut stop: watch::Receiver<bool>) {
+    use std::sync::atomic::Ordering;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let state = &process.credit_state;
+                if state.ledger_failing.load(Ordering::Acquire)
+                    && process.ledger.write_error().is_none()
+                {
+                    state.ledger_failing.store(false, Ordering::Release);
+                    tracing::warn!("the ledger is writable again: requests that cost credits are served again");
+                }
             }
             _ = stop.changed() => return,
         }

@@ -79,7 +79,15 @@ pub struct Answer {
     pub body: Bytes,
 }
 
+/// A `/v2/profiles`-style body: `account_id`, `action`, params.
+pub fn action(account: &str, action: &str) -> String {
+    format!(r#"{{"account_id":"{account}","action":"{action}","params":{{"profile_url":"u"}}}}"#)
+}
+
 impl Answer {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }

@@ -19,10 +19,6 @@ fn budgeted(budget: u64) -> String {
     )
 }
 
-fn action(account: &str, action: &str) -> String {
-    format!(r#"{{"account_id":"{account}","action":"{action}","params":{{"profile_url":"u"}}}}"#)
-}
-
 async fn usage(h: &Harness, q: &str) -> serde_json::Value {
     let a = h.admin(&format!("/usage?{q}")).await;
     assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));

@@ -7,6 +7,7 @@ mod common;
 mod credits;
 mod hostile;
 mod inbound_tls;
+mod ledger_disk;
 mod limits;
 mod operations;
 mod proxy;
