@@ -1187,10 +1187,9 @@ fn validate(
                 "fleet.redis_url",
                 "[fleet] needs redis_url (remove [fleet] to run embedded)",
             ),
-            Some(u) if !(u.starts_with("redis://") || u.starts_with("rediss://")) => p.push(
-                "fleet.redis_url",
-                "expected a redis:// or rediss:// URL",
-            ),
+            Some(u) if !(u.starts_with("redis://") || u.starts_with("rediss://")) => {
+                p.push("fleet.redis_url", "expected a redis:// or rediss:// URL")
+            }
             Some(_) => {}
         }
         FleetSettings {

@@ -262,7 +262,9 @@ impl Postgres {
         run(c, "pg_ctl start");
         self.running = true;
         let port = self.port;
-        wait_until("postgres", || TcpStream::connect(("127.0.0.1", port)).is_ok());
+        wait_until("postgres", || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
     }
 
     /// Stop the server. `immediate` is a crash (no shutdown checkpoint); `fast` a clean stop.
@@ -311,10 +313,17 @@ fn private_servers_start_answer_and_restart() {
     let mut r = Redis::start();
     assert!(r.command(&["SET", "k", "v"]).starts_with("+OK"));
     r.restart();
-    assert!(r.command(&["GET", "k"]).starts_with("$-1"), "no persistence");
+    assert!(
+        r.command(&["GET", "k"]).starts_with("$-1"),
+        "no persistence"
+    );
     let mut pg = Postgres::start();
     assert_eq!(pg.psql("SELECT 40 + 2"), "42");
     pg.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (1)");
     pg.restart();
-    assert_eq!(pg.psql("SELECT count(*) FROM t"), "1", "committed data survives");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM t"),
+        "1",
+        "committed data survives"
+    );
 }
