@@ -216,8 +216,8 @@ async fn a_header_flood_is_refused_and_the_gateway_keeps_serving() {
 }
 
 #[tokio::test]
-/// Streams opened and cancelled at once, 20,000 times on one h2 connection (the shape of a
-/// rapid-reset flood; a raw-frame version that also checks the server's GOAWAY is still to do).
+/// Streams opened and cancelled at once, 20,000 times on one h2 connection, through the h2
+/// client (the shape of a rapid-reset flood; the raw-frame version below checks the GOAWAY).
 async fn twenty_thousand_cancelled_http2_streams_cost_the_upstream_nothing() {
     let h = Harness::start().await;
     let before = h.upstream_calls();
@@ -260,6 +260,99 @@ async fn twenty_thousand_cancelled_http2_streams_cost_the_upstream_nothing() {
     assert!(
         reached * 10 < sent as u64,
         "{reached} of {sent} cancelled requests reached the upstream"
+    );
+    assert_eq!(h.get("/v2/credits").await.status, 200, "still serving");
+}
+
+/// One HTTP/2 frame header + payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// HPACK literal (not indexed) string, no Huffman; lengths here stay under 127.
+fn hpack_str(out: &mut Vec<u8>, s: &str) {
+    assert!(s.len() < 127);
+    out.push(s.len() as u8);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// CVE-2023-44487 written frame by frame: one burst of 10,000 HEADERS, each followed at once
+/// by RST_STREAM(CANCEL), on one prior-knowledge h2c connection. The server must answer with
+/// GOAWAY(ENHANCE_YOUR_CALM) and close, almost nothing may reach the upstream, and other
+/// callers are still served.
+#[tokio::test]
+async fn a_raw_rapid_reset_flood_gets_goaway_enhance_your_calm() {
+    let h = Harness::start().await;
+    let before = h.upstream_calls();
+
+    let mut block = vec![0x82, 0x86]; // :method GET, :scheme http (static table)
+    block.push(0x04); // :path, literal without indexing, indexed name
+    hpack_str(&mut block, "/v2/credits");
+    block.push(0x01); // :authority
+    hpack_str(&mut block, &h.gw.data_addr.to_string());
+    block.push(0x00); // x-api-key, new name
+    hpack_str(&mut block, "x-api-key");
+    hpack_str(&mut block, ALPHA_KEY);
+
+    let mut burst = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    burst.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+    const STREAMS: u32 = 10_000;
+    for i in 0..STREAMS {
+        let id = 1 + 2 * i;
+        burst.extend(h2_frame(0x1, 0x4 | 0x1, id, &block)); // HEADERS, END_HEADERS|END_STREAM
+        burst.extend(h2_frame(0x3, 0, id, &8u32.to_be_bytes())); // RST_STREAM(CANCEL)
+    }
+
+    let s = TcpStream::connect(h.gw.data_addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    // The server may stop reading once it has had enough: a failed write is expected.
+    let writer = tokio::spawn(async move {
+        let _ = wr.write_all(&burst).await;
+        wr
+    });
+
+    // Read frames until GOAWAY or the end of the connection.
+    let read = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            while buf.len() >= 9 {
+                let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+                if buf.len() < 9 + len {
+                    break;
+                }
+                let kind = buf[3];
+                let payload = buf[9..9 + len].to_vec();
+                buf.drain(..9 + len);
+                if kind == 0x7 && payload.len() >= 8 {
+                    let code = u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]]);
+                    return Some(code);
+                }
+            }
+            match rd.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    };
+    let goaway = tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .expect("the server neither sent GOAWAY nor closed within 20 s");
+    drop(writer);
+    assert_eq!(
+        goaway,
+        Some(0xb),
+        "expected GOAWAY with ENHANCE_YOUR_CALM (0xb)"
+    );
+    let reached = h.upstream_calls() - before;
+    eprintln!("raw rapid reset: {STREAMS} streams, {reached} reached the upstream");
+    assert!(
+        reached * 10 < u64::from(STREAMS),
+        "{reached} of {STREAMS} cancelled requests reached the upstream"
     );
     assert_eq!(h.get("/v2/credits").await.status, 200, "still serving");
 }
