@@ -9,7 +9,8 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// A free loopback port (bound, then released for the server to take).
@@ -35,15 +36,15 @@ fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
 pub struct Redis {
     pub port: u16,
     dir: tempfile::TempDir,
-    child: Option<Child>,
+    child: Mutex<Option<Child>>,
 }
 
 impl Redis {
     pub fn start() -> Redis {
-        let mut r = Redis {
+        let r = Redis {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
-            child: None,
+            child: Mutex::new(None),
         };
         r.spawn();
         r
@@ -53,7 +54,7 @@ impl Redis {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
-    fn spawn(&mut self) {
+    fn spawn(&self) {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
@@ -65,22 +66,23 @@ impl Redis {
             .unwrap_or_else(|e| {
                 panic!("cannot start redis-server ({e}): install Debian's redis-server (bash .ci/run does)")
             });
-        self.child = Some(child);
+        *self.child.lock().unwrap() = Some(child);
         let port = self.port;
         wait_until("redis-server", || ping(port));
     }
 
     /// Stop the server (SIGKILL: the store vanishes as in a crash). Its data is gone too
     /// (no persistence), as after a failover to an empty replica.
-    pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+    pub fn stop(&self) {
+        let child = self.child.lock().unwrap().take();
+        if let Some(mut c) = child {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
     /// Start it again on the same port.
-    pub fn restart(&mut self) {
+    pub fn restart(&self) {
         self.stop();
         self.spawn();
     }
@@ -212,7 +214,7 @@ fn template() -> &'static Path {
 pub struct Postgres {
     pub port: u16,
     root: tempfile::TempDir,
-    running: bool,
+    running: AtomicBool,
 }
 
 impl Postgres {
@@ -230,10 +232,10 @@ impl Postgres {
             .unwrap_or(false);
         assert!(ok, "copying the PostgreSQL template failed");
         give_to_postgres(root.path());
-        let mut pg = Postgres {
+        let pg = Postgres {
             port: free_port(),
             root,
-            running: false,
+            running: AtomicBool::new(false),
         };
         pg.spawn();
         pg
@@ -244,7 +246,7 @@ impl Postgres {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
-    fn spawn(&mut self) {
+    fn spawn(&self) {
         let data = self.root.path().join("data");
         let mut c = pg_command("pg_ctl");
         c.arg("-D")
@@ -260,7 +262,7 @@ impl Postgres {
             .args(["-w", "-t", "60", "start"])
             .stdout(Stdio::null());
         run(c, "pg_ctl start");
-        self.running = true;
+        self.running.store(true, Ordering::SeqCst);
         let port = self.port;
         wait_until("postgres", || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -268,8 +270,8 @@ impl Postgres {
     }
 
     /// Stop the server. `immediate` is a crash (no shutdown checkpoint); `fast` a clean stop.
-    pub fn stop(&mut self, mode: &str) {
-        if !self.running {
+    pub fn stop(&self, mode: &str) {
+        if !self.running.swap(false, Ordering::SeqCst) {
             return;
         }
         let mut c = pg_command("pg_ctl");
@@ -278,10 +280,9 @@ impl Postgres {
             .args(["-m", mode, "-w", "stop"])
             .stdout(Stdio::null());
         run(c, "pg_ctl stop");
-        self.running = false;
     }
 
-    pub fn restart(&mut self) {
+    pub fn restart(&self) {
         self.stop("immediate");
         self.spawn();
     }
@@ -310,14 +311,14 @@ impl Drop for Postgres {
 
 #[test]
 fn private_servers_start_answer_and_restart() {
-    let mut r = Redis::start();
+    let r = Redis::start();
     assert!(r.command(&["SET", "k", "v"]).starts_with("+OK"));
     r.restart();
     assert!(
         r.command(&["GET", "k"]).starts_with("$-1"),
         "no persistence"
     );
-    let mut pg = Postgres::start();
+    let pg = Postgres::start();
     assert_eq!(pg.psql("SELECT 40 + 2"), "42");
     pg.psql("CREATE TABLE t (x int); INSERT INTO t VALUES (1)");
     pg.restart();
