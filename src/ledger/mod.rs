@@ -1,9 +1,12 @@
 //! The credits ledger: one row per answer given on the upstream's behalf (SPEC §4 "Credits"),
 //! and the aggregates `/usage`, the CLI and the dashboard read (SPEC §5).
 //!
-//! [`Ledger`] is the seam: the credits layer and the admin listener only see the trait, so a
-//! shared backend (Postgres, for fleets) can join later without touching them. [`SqliteLedger`]
-//! is the embedded default: WAL, one writer thread with group commit, a daily aggregate table.
+//! [`Ledger`] is the seam: the credits layer and the admin listener only see the trait.
+//! [`SqliteLedger`] is the embedded default: WAL, one writer thread with group commit, daily
+//! and monthly aggregate tables. [`PostgresLedger`] is the fleet's: one database every replica
+//! writes to, with the same tables and semantics, rows kept in memory (up to
+//! `ledger.buffer_rows`) while the server is unreachable, and a `row_uid` per row so a retried
+//! batch is never counted twice. [`open`] picks one from the settings.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -15,10 +18,25 @@ use time::{Date, OffsetDateTime};
 use crate::layers::BoxFuture;
 
 mod memory;
+mod postgres;
 mod sqlite;
 
 pub use memory::MemoryLedger;
+pub use postgres::PostgresLedger;
 pub use sqlite::SqliteLedger;
+
+/// The configured ledger: PostgreSQL when `ledger.postgres_url` is set, else the SQLite file
+/// at `ledger.path`. Blocking (connects, migrates); callable from a runtime thread.
+pub fn open(settings: &crate::config::LedgerSettings) -> Result<Arc<dyn Ledger>, LedgerError> {
+    match &settings.postgres_url {
+        Some(url) => Ok(Arc::new(PostgresLedger::open(
+            url.expose(),
+            settings.sync,
+            settings.buffer_rows,
+        )?)),
+        None => Ok(Arc::new(SqliteLedger::open(&settings.path, settings.sync)?)),
+    }
+}
 
 /// How an answer came about; the ledger's `outcome` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -187,6 +205,11 @@ pub enum LedgerError {
     WriterGone,
     #[error("reading the ledger at {path} failed: {detail}")]
     Query { path: String, detail: String },
+    #[error(
+        "the ledger at {path} cannot take more rows: {rows} already wait in memory for the \
+         database (ledger.buffer_rows)"
+    )]
+    BufferFull { path: String, rows: usize },
 }
 
 pub trait Ledger: Send + Sync + 'static {

@@ -501,7 +501,7 @@ fn usage_sql(by: &[GroupBy], from: Date, to: Date) -> (String, Vec<String>) {
 }
 
 /// The first and last day of the whole calendar months inside `from..=to`, if any.
-fn whole_months(from: Date, to: Date) -> Option<(Date, Date)> {
+pub(super) fn whole_months(from: Date, to: Date) -> Option<(Date, Date)> {
     let first = if from.day() == 1 {
         from
     } else {
@@ -521,7 +521,7 @@ fn last_of_month(day: Date) -> Date {
 }
 
 /// `2026-11`: the monthly roll-up's key.
-fn month_key(day: Date) -> String {
+pub(super) fn month_key(day: Date) -> String {
     format!("{:04}-{:02}", day.year(), u8::from(day.month()))
 }
 

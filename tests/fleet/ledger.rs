@@ -1,0 +1,471 @@
+//! The PostgreSQL ledger against a private server: the same answers as the SQLite ledger,
+//! durability across a crash, server restarts under concurrent writers (nothing lost, nothing
+//! doubled), a full buffer, and two replicas on one database.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use linkup_gateway::config::LedgerSync;
+use linkup_gateway::ledger::{
+    GroupBy, Ledger, LedgerError, Outcome, PostgresLedger, Row, SqliteLedger, UsageQuery,
+};
+use time::macros::date;
+use time::Date;
+
+use crate::servers::{free_port, Postgres};
+
+fn at(day: Date, seconds: i64) -> i64 {
+    (day.midnight().assume_utc().unix_timestamp() + seconds) * 1000
+}
+
+fn row(request_id: String, day: Date, client: &str, credits: u64) -> Row {
+    Row {
+        at_ms: at(day, 3600),
+        request_id,
+        client: client.into(),
+        account_id: Some("acct-1".into()),
+        path: "/v2/checkpoint".into(),
+        action: Some("search".into()),
+        status: 200,
+        credits,
+        credits_known: true,
+        outcome: Outcome::Settled,
+    }
+}
+
+/// Open a ledger off the test's runtime thread (it blocks while connecting).
+async fn open(url: &str, sync: LedgerSync, buffer_rows: usize) -> Arc<PostgresLedger> {
+    let url = url.to_string();
+    Arc::new(
+        tokio::task::spawn_blocking(move || PostgresLedger::open(&url, sync, buffer_rows))
+            .await
+            .unwrap()
+            .unwrap(),
+    )
+}
+
+/// Poll `ready` until it holds; fail after 30 s.
+async fn until(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Flush until it succeeds (rows kept during an outage are written by then).
+async fn flushed(ledger: &dyn Ledger) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match ledger.flush().await {
+            Ok(()) => return,
+            Err(e) => assert!(Instant::now() < deadline, "flush still fails: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn rows_and_uids(pg: &Postgres) -> (u64, u64) {
+    let out = pg.psql("SELECT count(*), count(DISTINCT row_uid) FROM ledger_rows");
+    let (a, b) = out.split_once('|').unwrap();
+    (a.parse().unwrap(), b.parse().unwrap())
+}
+
+/// A varied set: clients, accounts (and none), actions (and none), every outcome, unknown
+/// credits, days from late October 2026 to early January 2027.
+fn generated_rows() -> Vec<Row> {
+    let clients = ["crm", "batch", "Zeta", "ämter"];
+    let accounts = [Some("acct-a"), Some("acct-b"), None];
+    let actions = [Some("search"), Some("fetch"), None];
+    let start = date!(2026 - 10 - 25);
+    (0..900u64)
+        .map(|i| {
+            let day = start + time::Duration::days((i * 7 % 75) as i64);
+            Row {
+                at_ms: at(day, (i % 86_400) as i64),
+                request_id: format!("gen-{i}"),
+                client: clients[(i % 4) as usize].into(),
+                account_id: accounts[(i % 3) as usize].map(Into::into),
+                path: "/v2/checkpoint".into(),
+                action: actions[(i / 3 % 3) as usize].map(Into::into),
+                status: 200,
+                credits: i % 5,
+                credits_known: i % 11 != 0,
+                outcome: Outcome::ALL[(i / 2 % 4) as usize],
+            }
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_answers_as_sqlite_does_for_the_same_rows() {
+    let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
+    let ledger = open(&pg.url(), LedgerSync::BeforeResponse, 100_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite =
+        SqliteLedger::open(&dir.path().join("l.sqlite3"), LedgerSync::BeforeResponse).unwrap();
+    let rows = generated_rows();
+    // Concurrently, so batches of several rows (and several keys) commit together.
+    let mut tasks = tokio::task::JoinSet::new();
+    for chunk in rows.chunks(100) {
+        let (ledger, chunk) = (ledger.clone(), chunk.to_vec());
+        tasks.spawn(async move {
+            for r in chunk {
+                ledger.record(r).await.unwrap();
+            }
+        });
+    }
+    for r in rows.iter().cloned() {
+        sqlite.record(r).await.unwrap();
+    }
+    while let Some(t) = tasks.join_next().await {
+        t.unwrap();
+    }
+
+    let expected = sqlite.totals().unwrap();
+    assert_eq!(expected.0, 900);
+    assert_eq!(ledger.totals().unwrap(), expected);
+    for day in [
+        date!(2026 - 10 - 25),
+        date!(2026 - 11 - 1),
+        date!(2026 - 12 - 31),
+        date!(2027 - 1 - 2),
+        date!(2026 - 6 - 1),
+    ] {
+        assert_eq!(
+            ledger.spent_on(day).unwrap(),
+            sqlite.spent_on(day).unwrap(),
+            "{day}"
+        );
+    }
+    let ranges = [
+        (date!(2026 - 10 - 1), date!(2027 - 1 - 31)),
+        (date!(2026 - 10 - 27), date!(2026 - 12 - 3)),
+        (date!(2026 - 11 - 1), date!(2026 - 11 - 30)),
+        (date!(2026 - 11 - 15), date!(2026 - 11 - 15)),
+        (date!(2026 - 12 - 30), date!(2027 - 1 - 2)),
+        (date!(2025 - 1 - 1), date!(2025 - 12 - 31)),
+    ];
+    let mut compared = 0;
+    for (from, to) in ranges {
+        // Every subset of the grouping keys, in the canonical order.
+        for mask in 0u32..32 {
+            let by: Vec<GroupBy> = GroupBy::ALL
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| mask & (1 << i) != 0)
+                .map(|(_, g)| g)
+                .collect();
+            let q = UsageQuery {
+                from_day: from,
+                to_day: to,
+                by: by.clone(),
+            };
+            let want = sqlite.usage(&q).unwrap();
+            assert_eq!(ledger.usage(&q).unwrap(), want, "{from}..={to} by {by:?}");
+            compared += want.len();
+        }
+        // And one order that is not the canonical one.
+        let q = UsageQuery {
+            from_day: from,
+            to_day: to,
+            by: vec![GroupBy::Outcome, GroupBy::Day, GroupBy::Client],
+        };
+        assert_eq!(ledger.usage(&q).unwrap(), sqlite.usage(&q).unwrap());
+    }
+    assert!(compared > 1000, "the comparison saw {compared} rows");
+    assert_eq!(rows_and_uids(&pg), (900, 900));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_is_durable_once_record_resolves_and_async_rows_once_flushed() {
+    let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
+    let ledger = open(&pg.url(), LedgerSync::BeforeResponse, 100).await;
+    ledger
+        .record(row("durable".into(), date!(2026 - 11 - 25), "crm", 7))
+        .await
+        .unwrap();
+    // A crash right after the answer: the row is there when the server comes back.
+    pg.restart();
+    assert_eq!(
+        pg.psql("SELECT request_id, credits FROM ledger_rows"),
+        "durable|7"
+    );
+    // The reader reconnects by itself.
+    assert_eq!(ledger.totals().unwrap(), (1, 7));
+    assert_eq!(
+        ledger.spent_on(date!(2026 - 11 - 25)).unwrap().get("crm"),
+        Some(&7)
+    );
+    // And so does the writer: the next row commits on a fresh connection, without an error.
+    ledger
+        .record(row("after".into(), date!(2026 - 11 - 25), "crm", 1))
+        .await
+        .unwrap();
+    assert!(ledger.write_error().is_none());
+    drop(ledger);
+
+    let ledger = open(&pg.url(), LedgerSync::Async, 100).await;
+    for i in 0..20 {
+        ledger
+            .record(row(format!("async-{i}"), date!(2026 - 11 - 26), "batch", 1))
+            .await
+            .unwrap();
+    }
+    ledger.flush().await.unwrap();
+    pg.restart();
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM ledger_rows WHERE request_id LIKE 'async-%'"),
+        "20"
+    );
+    assert_eq!(ledger.totals().unwrap(), (22, 28));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_under_eight_writers_loses_and_doubles_no_row() {
+    let pg = Arc::new(tokio::task::spawn_blocking(Postgres::start).await.unwrap());
+    let ledger = open(&pg.url(), LedgerSync::BeforeResponse, 1_000_000).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (oks, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let ok_ids = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..8 {
+        let (ledger, stop, oks, errors, ok_ids) = (
+            ledger.clone(),
+            stop.clone(),
+            oks.clone(),
+            errors.clone(),
+            ok_ids.clone(),
+        );
+        tasks.spawn(async move {
+            let mut recorded = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let id = format!("w{t}-{recorded}");
+                recorded += 1;
+                match ledger
+                    .record(row(id.clone(), date!(2026 - 11 - 25), "crm", 1))
+                    .await
+                {
+                    Ok(()) => {
+                        oks.fetch_add(1, Ordering::SeqCst);
+                        ok_ids.lock().unwrap().push(id);
+                    }
+                    Err(e) => {
+                        assert!(matches!(e, LedgerError::Write { .. }), "{e}");
+                        errors.fetch_add(1, Ordering::SeqCst);
+                        // Errors come back at once while the server is down: pace the loop.
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+            }
+            recorded
+        });
+    }
+    until("rows before the crash", || {
+        oks.load(Ordering::SeqCst) >= 500
+    })
+    .await;
+    let pg2 = pg.clone();
+    tokio::task::spawn_blocking(move || pg2.stop("immediate"))
+        .await
+        .unwrap();
+    until("errors while the server is down", || {
+        errors.load(Ordering::SeqCst) >= 50 && ledger.write_error().is_some()
+    })
+    .await;
+    let e = ledger.write_error().unwrap().to_string();
+    assert!(
+        e.contains(&format!("127.0.0.1:{}/postgres", pg.port)),
+        "{e}"
+    );
+    assert!(ledger.rows_waiting() > 0);
+    let pg2 = pg.clone();
+    tokio::task::spawn_blocking(move || pg2.restart())
+        .await
+        .unwrap();
+    let after = oks.load(Ordering::SeqCst) + 500;
+    until("rows after the restart", || {
+        oks.load(Ordering::SeqCst) >= after
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let mut recorded = 0;
+    while let Some(t) = tasks.join_next().await {
+        recorded += t.unwrap();
+    }
+    flushed(ledger.as_ref()).await;
+    assert!(ledger.write_error().is_none());
+    assert_eq!(ledger.rows_waiting(), 0);
+
+    let errors = errors.load(Ordering::SeqCst);
+    assert!(errors > 0);
+    assert_eq!(recorded, oks.load(Ordering::SeqCst) + errors);
+    // Every row recorded, Ok or not, is there exactly once.
+    assert_eq!(rows_and_uids(&pg), (recorded, recorded));
+    assert_eq!(
+        pg.psql("SELECT count(DISTINCT request_id) FROM ledger_rows"),
+        recorded.to_string()
+    );
+    let present: HashSet<String> = pg
+        .psql("SELECT request_id FROM ledger_rows")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let ok_ids = ok_ids.lock().unwrap();
+    assert!(ok_ids.iter().all(|id| present.contains(id)));
+    // The aggregates agree with the rows.
+    assert_eq!(ledger.totals().unwrap(), (recorded, recorded));
+    println!(
+        "recorded {recorded}: {} ok, {errors} answered with an error and written later; {} commits",
+        ok_ids.len(),
+        ledger.commits()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_fails_fast_and_the_kept_rows_are_written_later() {
+    let pg = Arc::new(tokio::task::spawn_blocking(Postgres::start).await.unwrap());
+    let ledger = open(&pg.url(), LedgerSync::BeforeResponse, 10).await;
+    let pg2 = pg.clone();
+    tokio::task::spawn_blocking(move || pg2.stop("immediate"))
+        .await
+        .unwrap();
+    for i in 0..10 {
+        let e = ledger
+            .record(row(format!("kept-{i}"), date!(2026 - 11 - 25), "crm", 2))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, LedgerError::Write { .. }), "{e}");
+    }
+    let started = Instant::now();
+    let e = ledger
+        .record(row("refused".into(), date!(2026 - 11 - 25), "crm", 2))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_millis(50));
+    assert!(matches!(e, LedgerError::BufferFull { rows: 10, .. }), "{e}");
+    assert!(e.to_string().contains("ledger.buffer_rows"), "{e}");
+    assert!(
+        ledger.totals().is_err(),
+        "reads fail while the server is down"
+    );
+
+    let pg2 = pg.clone();
+    tokio::task::spawn_blocking(move || pg2.restart())
+        .await
+        .unwrap();
+    flushed(ledger.as_ref()).await;
+    assert_eq!(ledger.totals().unwrap(), (10, 20));
+    assert_eq!(rows_and_uids(&pg), (10, 10));
+    // Room again.
+    ledger
+        .record(row("later".into(), date!(2026 - 11 - 25), "crm", 2))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_replicas_migrate_once_and_each_sees_both() {
+    let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
+    let url = pg.url();
+    // Both open at once: the migration runs once, under the advisory lock.
+    let (a, b) = tokio::join!(
+        open(&url, LedgerSync::BeforeResponse, 1000),
+        open(&url, LedgerSync::BeforeResponse, 1000)
+    );
+    assert_eq!(
+        pg.psql("SELECT string_agg(version::text, ',') FROM ledger_schema_migrations"),
+        "1"
+    );
+    // Both write the same aggregate keys concurrently (and must not deadlock).
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..8 {
+        let ledger = if t % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.spawn(async move {
+            for i in 0..100 {
+                let client = ["crm", "batch", "ops"][(i + t) % 3];
+                ledger
+                    .record(row(format!("r{t}-{i}"), date!(2026 - 11 - 25), client, 1))
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(t) = tasks.join_next().await {
+        t.unwrap();
+    }
+    let q = UsageQuery {
+        from_day: date!(2026 - 11 - 1),
+        to_day: date!(2026 - 11 - 30),
+        by: vec![GroupBy::Client],
+    };
+    let usage = a.usage(&q).unwrap();
+    assert_eq!(usage, b.usage(&q).unwrap());
+    let clients: BTreeSet<_> = usage.iter().filter_map(|u| u.client.clone()).collect();
+    assert_eq!(clients.len(), 3);
+    assert_eq!(usage.iter().map(|u| u.requests).sum::<u64>(), 800);
+    assert_eq!(a.totals().unwrap(), (800, 800));
+    assert_eq!(b.totals().unwrap(), (800, 800));
+    // A third replica opening later finds the schema current.
+    let c = open(&url, LedgerSync::Async, 10).await;
+    assert_eq!(c.totals().unwrap(), (800, 800));
+}
+
+#[test]
+fn an_unreachable_server_fails_open_clearly_without_the_password() {
+    let port = free_port();
+    let url = format!("postgres://gw:hunter2@127.0.0.1:{port}/linkup");
+    let started = Instant::now();
+    let e = PostgresLedger::open(&url, LedgerSync::BeforeResponse, 10)
+        .err()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let text = e.to_string();
+    assert!(matches!(e, LedgerError::Open { .. }), "{text}");
+    assert!(text.contains(&format!("127.0.0.1:{port}/linkup")), "{text}");
+    assert!(text.contains("refused"), "{text}");
+    assert!(!text.contains("hunter2"), "{text}");
+}
+
+/// Durable rows per second with `before_response` and 64 concurrent writers:
+/// `cargo test --release --test fleet ledger::throughput -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+#[ignore]
+async fn throughput() {
+    let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
+    let ledger = open(&pg.url(), LedgerSync::BeforeResponse, 100_000).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = tokio::task::JoinSet::new();
+    let started = Instant::now();
+    for t in 0..64 {
+        let (ledger, stop) = (ledger.clone(), stop.clone());
+        tasks.spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let client = ["crm", "batch", "ops", "etl"][(n % 4) as usize];
+                ledger
+                    .record(row(format!("t{t}-{n}"), date!(2026 - 11 - 25), client, 1))
+                    .await
+                    .unwrap();
+                n += 1;
+            }
+            n
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut rows = 0;
+    while let Some(t) = tasks.join_next().await {
+        rows += t.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "postgres ledger, before_response, 64 writers: {rows} rows in {secs:.1} s = {:.0} rows/s, {} commits ({:.1} rows/commit)",
+        rows as f64 / secs,
+        ledger.commits(),
+        rows as f64 / ledger.commits() as f64
+    );
+    assert_eq!(ledger.totals().unwrap().0, rows);
+}
