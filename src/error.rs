@@ -46,6 +46,10 @@ pub enum GatewayError {
     UpstreamTimeout(Duration),
     #[error("the credit ledger cannot be written; requests that cost credits are refused until it recovers")]
     LedgerUnavailable,
+    /// Fleet mode: the shared store (Redis) is down and `fleet.on_store_failure` says `deny`
+    /// for a request that costs credits.
+    #[error("{0}")]
+    StoreUnavailable(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -60,9 +64,9 @@ impl GatewayError {
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::InsufficientCredits(_) => StatusCode::PAYMENT_REQUIRED,
-            GatewayError::Overloaded { .. } | GatewayError::LedgerUnavailable => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            GatewayError::Overloaded { .. }
+            | GatewayError::LedgerUnavailable
+            | GatewayError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -82,6 +86,7 @@ impl GatewayError {
             GatewayError::UpstreamUnavailable { .. } => "UPSTREAM_UNAVAILABLE",
             GatewayError::UpstreamTimeout(_) => "UPSTREAM_TIMEOUT",
             GatewayError::LedgerUnavailable => "LEDGER_UNAVAILABLE",
+            GatewayError::StoreUnavailable(_) => "STORE_UNAVAILABLE",
             GatewayError::NotFound(_) => "NOT_FOUND",
             GatewayError::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
         }
@@ -89,7 +94,9 @@ impl GatewayError {
 
     pub fn blame(&self) -> Blame {
         match self {
-            GatewayError::Overloaded { .. } | GatewayError::LedgerUnavailable => Blame::Gateway,
+            GatewayError::Overloaded { .. }
+            | GatewayError::LedgerUnavailable
+            | GatewayError::StoreUnavailable(_) => Blame::Gateway,
             GatewayError::UpstreamUnavailable { .. } | GatewayError::UpstreamTimeout(_) => {
                 Blame::Upstream
             }
@@ -104,7 +111,7 @@ impl GatewayError {
                 let ms = retry_after.as_millis();
                 Some(u64::try_from(ms.div_ceil(1000)).unwrap_or(u64::MAX).max(1))
             }
-            GatewayError::Overloaded { .. } => Some(1),
+            GatewayError::Overloaded { .. } | GatewayError::StoreUnavailable(_) => Some(1),
             GatewayError::LedgerUnavailable => Some(5),
             _ => None,
         }

@@ -9,6 +9,7 @@ pub mod dashboard;
 pub mod demo;
 pub mod emulator;
 pub mod error;
+pub mod fleet;
 pub mod headers;
 pub mod inbound_tls;
 pub mod keygen;

@@ -103,6 +103,81 @@ pub struct RateLimitedLabels {
     pub shadow: bool,
 }
 
+/// What fell back to per-replica state (or was denied) while the fleet store was down:
+/// `limits`, `budgets`, `status`, `coalesce`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartLabels {
+    pub part: &'static str,
+    /// `local` (used the replica's own state) or `deny` (refused, 503 STORE_UNAVAILABLE).
+    pub decision: &'static str,
+}
+
+/// A fleet store operation: `admit`, `settle`, `cooldown`, `status_get`, `status_set`,
+/// `status_forget`, `lease`, `lease_renew`, `lease_wait`, `publish`, `probe`, `reseed`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: &'static str,
+}
+
+/// The fleet store's metrics. Made by `Fleet::connect` (before the process's registry exists)
+/// and registered by `Process::with_fleet`; every handle is a cheap shared clone.
+#[derive(Clone, Debug, Default)]
+pub struct FleetMetrics {
+    pub store_up: Gauge,
+    pub fallbacks: Family<PartLabels, Counter>,
+    pub round_trips: Family<OpLabels, Counter>,
+    pub store_errors: Family<OpLabels, Counter>,
+    pub reseeds: Counter,
+    pub lease_takeovers: Counter,
+    pub coalesced_remote: Counter,
+    pub status_invalidations: Counter,
+}
+
+impl FleetMetrics {
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "fleet_store_up",
+            "1 while the fleet store (Redis) answers, 0 while the breaker holds it down",
+            self.store_up.clone(),
+        );
+        registry.register(
+            "fleet_fallbacks",
+            "Requests that used per-replica state (decision=local) or were refused (decision=deny) because the fleet store was down, by part",
+            self.fallbacks.clone(),
+        );
+        registry.register(
+            "fleet_round_trips",
+            "Round trips to the fleet store, by operation",
+            self.round_trips.clone(),
+        );
+        registry.register(
+            "fleet_store_errors",
+            "Fleet store operations that failed or timed out (each one opens the breaker), by operation",
+            self.store_errors.clone(),
+        );
+        registry.register(
+            "fleet_budget_reseeds",
+            "Times this replica found the store empty (restart without persistence) and reseeded today's spending from the ledger",
+            self.reseeds.clone(),
+        );
+        registry.register(
+            "fleet_lease_takeovers",
+            "Checkpoint leases taken over after their leader's lease lapsed without an answer",
+            self.lease_takeovers.clone(),
+        );
+        registry.register(
+            "fleet_coalesced_remote",
+            "Checkpoint submits answered with the published answer of another replica's call",
+            self.coalesced_remote.clone(),
+        );
+        registry.register(
+            "fleet_status_invalidations",
+            "Local status-cache copies dropped on a pub/sub message from another replica",
+            self.status_invalidations.clone(),
+        );
+    }
+}
+
 type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::budgets::Budgets;
 use crate::config::{AccountScope, ClientSettings, PathPattern, Settings};
+use crate::fleet::Fleet;
 use crate::layers::coalesce::Flights;
 use crate::layers::credits::CreditState;
 use crate::layers::status_cache::{StatusStore, StatusStoreSlot};
@@ -34,6 +35,9 @@ pub struct Process {
     /// Daily budgets: spent and reserved credits per client, kept across reloads.
     pub budgets: Budgets,
     pub credit_state: CreditState,
+    /// Fleet mode: limits, budgets, the status cache and coalescing shared through Redis.
+    /// `None`: embedded mode, nothing of fleet mode runs.
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 impl Default for Process {
@@ -45,16 +49,27 @@ impl Default for Process {
 
 impl Process {
     pub fn with_ledger(ledger: Arc<dyn Ledger>) -> Process {
+        Process::with_fleet(ledger, None)
+    }
+
+    /// A process in fleet mode when `fleet` is given (from `Fleet::connect`); its metrics join
+    /// the process's registry.
+    pub fn with_fleet(ledger: Arc<dyn Ledger>, fleet: Option<Arc<Fleet>>) -> Process {
+        let mut metrics = Metrics::default();
+        if let Some(f) = &fleet {
+            f.metrics.register(&mut metrics.registry);
+        }
         Process {
-            metrics: Metrics::default(),
+            metrics,
             in_flight: AtomicUsize::new(0),
             draining: AtomicBool::new(false),
             request_ids: RequestIds::default(),
-            status_store: StatusStoreSlot::default(),
+            status_store: StatusStoreSlot::with_fleet(fleet.clone()),
             checkpoint_flights: Flights::default(),
             ledger,
             budgets: Budgets::default(),
             credit_state: CreditState::default(),
+            fleet,
         }
     }
 }

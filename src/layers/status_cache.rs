@@ -24,9 +24,10 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use super::{take_ready, BoxFuture};
-use crate::config::StatusCacheSettings;
+use crate::config::{OnFailure, StatusCacheSettings};
 use crate::context::{AnsweredBy, RequestContext, RequestLog};
 use crate::error::GatewayError;
+use crate::fleet::Fleet;
 use crate::metrics::{Metrics, StatusLabels};
 use crate::shared::Process;
 
@@ -69,14 +70,26 @@ struct Entry {
 
 /// Account statuses by `account_id`, bounded (`max_entries`, least recently used out first)
 /// and expiring (`ttl` after the answer that taught it).
+///
+/// In fleet mode the store in Redis is the truth (the fleet keeps a short local copy,
+/// invalidated over pub/sub); `entries` here is then only the replica's own fallback while the
+/// store is down: it starts from what it learns during the outage, and whatever it learns while
+/// the store is up goes to the store and clears the local entry, so a later outage never
+/// answers from a stale one.
 pub struct StatusStore {
     entries: moka::future::Cache<Arc<str>, Entry>,
     ttl: Duration,
     max_entries: u64,
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl StatusStore {
     pub fn new(ttl: Duration, max_entries: u64) -> StatusStore {
+        StatusStore::with_fleet(ttl, max_entries, None)
+    }
+
+    /// A store whose truth is in the fleet's Redis when `fleet` is given.
+    pub fn with_fleet(ttl: Duration, max_entries: u64, fleet: Option<Arc<Fleet>>) -> StatusStore {
         StatusStore {
             entries: moka::future::Cache::builder()
                 .max_capacity(max_entries)
@@ -84,11 +97,18 @@ impl StatusStore {
                 .build(),
             ttl,
             max_entries,
+            fleet,
         }
     }
 
     /// The account's remembered status, unless it has expired.
     pub async fn get(&self, account: &str) -> Option<CachedStatus> {
+        if let Some(f) = &self.fleet {
+            match f.status_get(account).await {
+                Ok(s) => return s,
+                Err(_) => f.fell_back("status", OnFailure::Local),
+            }
+        }
         let e = self.entries.get(account).await?;
         (Instant::now() < e.expires).then_some(e.status)
     }
@@ -98,6 +118,13 @@ impl StatusStore {
     }
 
     pub async fn remember(&self, account: Arc<str>, status: CachedStatus) {
+        if let Some(f) = &self.fleet {
+            if f.status_set(&account, status, self.ttl).await.is_ok() {
+                self.entries.invalidate(&account).await;
+                return;
+            }
+            f.fell_back("status", OnFailure::Local);
+        }
         let expires = Instant::now() + self.ttl;
         self.entries
             .insert(account, Entry { status, expires })
@@ -106,15 +133,24 @@ impl StatusStore {
 
     /// Forget an account; true when it was remembered (and not expired).
     pub async fn forget(&self, account: &str) -> bool {
-        self.entries
+        let local = self
+            .entries
             .remove(account)
             .await
-            .is_some_and(|e| Instant::now() < e.expires)
+            .is_some_and(|e| Instant::now() < e.expires);
+        if let Some(f) = &self.fleet {
+            match f.status_forget(account).await {
+                Ok(shared) => return shared || local,
+                Err(_) => f.fell_back("status", OnFailure::Local),
+            }
+        }
+        local
     }
 
-    /// Cheap and synchronous: is there anything to forget? (Expired entries count.)
+    /// Cheap and synchronous: is there anything to forget? (Expired entries count; in fleet
+    /// mode another replica may have taught the store, so always.)
     fn holds(&self, account: &str) -> bool {
-        self.entries.contains_key(account)
+        self.fleet.is_some() || self.entries.contains_key(account)
     }
 
     /// Live entries by status, for the gauge (one pass; run at scrape time, not per request).
@@ -242,9 +278,14 @@ struct ErrorAnswer<'a> {
 /// the store its settings call for, and gets the same one back while `ttl` and `max_entries`
 /// stay the same.
 #[derive(Default)]
-pub struct StatusStoreSlot(Mutex<Option<Arc<StatusStore>>>);
+pub struct StatusStoreSlot(Mutex<Option<Arc<StatusStore>>>, Option<Arc<Fleet>>);
 
 impl StatusStoreSlot {
+    /// In fleet mode every store it makes keeps its truth in the fleet's Redis.
+    pub fn with_fleet(fleet: Option<Arc<Fleet>>) -> StatusStoreSlot {
+        StatusStoreSlot(Mutex::new(None), fleet)
+    }
+
     /// `None` when the cache is switched off (and the old store is dropped: re-enabling it
     /// must not bring back what it missed while off).
     pub fn for_settings(&self, s: &StatusCacheSettings) -> Option<Arc<StatusStore>> {
@@ -258,7 +299,11 @@ impl StatusStoreSlot {
                 Some(store.clone())
             }
             _ => {
-                let store = Arc::new(StatusStore::new(s.ttl, s.max_entries));
+                let store = Arc::new(StatusStore::with_fleet(
+                    s.ttl,
+                    s.max_entries,
+                    self.1.clone(),
+                ));
                 *slot = Some(store.clone());
                 Some(store)
             }

@@ -6,3 +6,4 @@
 mod ledger;
 mod replicas;
 mod servers;
+mod store;

@@ -1,0 +1,372 @@
+//! Checkpoint coalescing across replicas: one replica takes a lease on the account
+//! (`SET NX PX`), renews it while its call runs and publishes the answer; the others wait for
+//! it (pub/sub, with the answer also stored for late subscribers), and take over when the
+//! lease lapses without an answer. Within a replica the local `Flights` still dedupe, so only
+//! one local caller per account talks to the store.
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::{random_hex, scripts, Fleet, Unavailable, ANSWER_TTL};
+
+/// A checkpoint call's end as it travels between replicas: what the local coalescer copies
+/// (status, headers, body), or the gateway error the leader's callers got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteAnswer {
+    Answer {
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+    },
+    /// The call failed after it may have reached the upstream; `timeout`: it was a timeout
+    /// (504), else unavailable (502).
+    Failed {
+        timeout: Option<Duration>,
+        message: String,
+    },
+}
+
+fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if b.len() < n {
+        return None;
+    }
+    let (h, t) = b.split_at(n);
+    *b = t;
+    Some(h)
+}
+
+fn be_u16(b: &mut &[u8]) -> Option<u16> {
+    take(b, 2).map(|s| u16::from_be_bytes([s[0], s[1]]))
+}
+
+fn be_u32(b: &mut &[u8]) -> Option<u32> {
+    take(b, 4).map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+impl RemoteAnswer {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        match self {
+            RemoteAnswer::Answer {
+                status,
+                headers,
+                body,
+            } => {
+                out.push(b'A');
+                out.extend_from_slice(&status.as_u16().to_be_bytes());
+                let n = u16::try_from(headers.len()).unwrap_or(u16::MAX);
+                out.extend_from_slice(&n.to_be_bytes());
+                for (name, value) in headers.iter().take(usize::from(n)) {
+                    let name = name.as_str().as_bytes();
+                    let nl = u16::try_from(name.len()).unwrap_or(0);
+                    out.extend_from_slice(&nl.to_be_bytes());
+                    out.extend_from_slice(&name[..usize::from(nl)]);
+                    let v = value.as_bytes();
+                    let vl = u32::try_from(v.len()).unwrap_or(0);
+                    out.extend_from_slice(&vl.to_be_bytes());
+                    out.extend_from_slice(&v[..usize::try_from(vl).unwrap_or(0)]);
+                }
+                out.extend_from_slice(body);
+            }
+            RemoteAnswer::Failed { timeout, message } => {
+                out.push(b'F');
+                let ms = timeout.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
+                out.extend_from_slice(&ms.to_be_bytes());
+                out.extend_from_slice(message.as_bytes());
+            }
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<RemoteAnswer> {
+        let mut b = bytes;
+        match take(&mut b, 1)?[0] {
+            b'A' => {
+                let status = StatusCode::from_u16(be_u16(&mut b)?).ok()?;
+                let n = be_u16(&mut b)?;
+                let mut headers = HeaderMap::with_capacity(usize::from(n));
+                for _ in 0..n {
+                    let nl = be_u16(&mut b)?;
+                    let name = HeaderName::from_bytes(take(&mut b, usize::from(nl))?).ok()?;
+                    let vl = usize::try_from(be_u32(&mut b)?).ok()?;
+                    let value = HeaderValue::from_bytes(take(&mut b, vl)?).ok()?;
+                    headers.append(name, value);
+                }
+                let mut body = BytesMut::with_capacity(b.len());
+                body.extend_from_slice(b);
+                Some(RemoteAnswer::Answer {
+                    status,
+                    headers,
+                    body: body.freeze(),
+                })
+            }
+            b'F' => {
+                let ms = take(&mut b, 8)?;
+                let ms = u64::from_be_bytes(ms.try_into().ok()?);
+                Some(RemoteAnswer::Failed {
+                    timeout: (ms > 0).then(|| Duration::from_millis(ms)),
+                    message: String::from_utf8_lossy(b).into_owned(),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// What a replica is to do with a checkpoint for (account, code).
+#[derive(Debug)]
+pub enum FlightRole {
+    /// No replica has a call in flight for the account: make it, then
+    /// [`LeaderLease::publish`] its answer.
+    Leader(LeaderLease),
+    /// Another replica's call with the same code ended with this answer.
+    Answer(RemoteAnswer),
+    /// A call with another code was in flight and has ended (or its leader died): look at the
+    /// status cache again, then try again.
+    Ended,
+    /// `deadline` passed while waiting.
+    TimedOut,
+}
+
+/// The lease of the replica making the call. Renewed every lease/3 until published or
+/// dropped; dropped without publishing, it lapses and another replica takes over.
+#[derive(Debug)]
+pub struct LeaderLease {
+    fleet: Weak<Fleet>,
+    lease_key: String,
+    value: String,
+    token: String,
+    renew: tokio::task::AbortHandle,
+}
+
+impl LeaderLease {
+    /// Store the answer (30 s, for late followers), release the lease and tell every replica:
+    /// one round trip.
+    pub async fn publish(self, answer: &RemoteAnswer) -> Result<(), Unavailable> {
+        self.renew.abort();
+        let Some(fleet) = self.fleet.upgrade() else {
+            return Err(Unavailable);
+        };
+        let mut inv = scripts::publish().prepare_invoke();
+        inv.key(fleet.key("answer", &self.token))
+            .key(self.lease_key.clone())
+            .arg(answer.encode())
+            .arg(u64::try_from(ANSWER_TTL.as_millis()).unwrap_or(30_000))
+            .arg(self.value.clone())
+            .arg(fleet.channel())
+            .arg(self.token.clone());
+        let mut c = fleet.conn();
+        fleet
+            .run("publish", inv.invoke_async::<i64>(&mut c))
+            .await
+            .map(|_| ())
+    }
+}
+
+impl Drop for LeaderLease {
+    fn drop(&mut self) {
+        self.renew.abort();
+    }
+}
+
+enum Waited {
+    Answer(Bytes),
+    /// The lease is gone or someone else's, and no answer was stored.
+    Lapsed,
+    TimedOut,
+}
+
+/// Takes a follower's registration out of the waiters' map when it was the last one.
+struct Registration<'a> {
+    fleet: &'a Fleet,
+    token: String,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        let mut map = self.fleet.lock_flights();
+        if map
+            .get(&self.token)
+            .is_some_and(|tx| tx.receiver_count() <= 1)
+        {
+            map.remove(&self.token);
+        }
+    }
+}
+
+impl Fleet {
+    fn lease_key(&self, account: &str) -> String {
+        self.key("lease", account)
+    }
+
+    /// Lead, follow or wait for the checkpoint call for `account` with `code` across the
+    /// fleet, until `deadline`.
+    pub async fn flight(
+        self: &Arc<Self>,
+        account: &str,
+        code: Option<&str>,
+        deadline: Instant,
+    ) -> Result<FlightRole, Unavailable> {
+        let lease_key = self.lease_key(account);
+        let code_tag = match code {
+            Some(c) => format!("={c}"),
+            None => "-".to_owned(),
+        };
+        let lease_ms = u64::try_from(self.lease.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        loop {
+            if Instant::now() >= deadline {
+                return Ok(FlightRole::TimedOut);
+            }
+            let token = random_hex(16);
+            let value = format!("{token}\t{code_tag}");
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(&lease_key)
+                .arg(&value)
+                .arg("NX")
+                .arg("PX")
+                .arg(lease_ms)
+                .arg("GET");
+            let mut c = self.conn();
+            let held: Option<String> = self.run("lease", cmd.query_async(&mut c)).await?;
+            let Some(held) = held else {
+                let renew = tokio::spawn(renew_loop(
+                    Arc::downgrade(self),
+                    lease_key.clone(),
+                    value.clone(),
+                    self.lease,
+                ));
+                return Ok(FlightRole::Leader(LeaderLease {
+                    fleet: Arc::downgrade(self),
+                    lease_key,
+                    value,
+                    token,
+                    renew: renew.abort_handle(),
+                }));
+            };
+            let (held_token, held_code) = held.split_once('\t').unwrap_or((&held, ""));
+            let same = held_code == code_tag;
+            match self
+                .wait_for(held_token, &lease_key, &held, deadline)
+                .await?
+            {
+                Waited::Answer(bytes) if same => {
+                    return Ok(match RemoteAnswer::decode(&bytes) {
+                        Some(a) => {
+                            self.metrics.coalesced_remote.inc();
+                            FlightRole::Answer(a)
+                        }
+                        None => FlightRole::Answer(RemoteAnswer::Failed {
+                            timeout: None,
+                            message: "the shared checkpoint call's answer could not be read".into(),
+                        }),
+                    });
+                }
+                Waited::Lapsed if same => {
+                    self.metrics.lease_takeovers.inc();
+                    tracing::warn!(
+                        account,
+                        "checkpoint leader's lease lapsed without an answer; taking over"
+                    );
+                    continue;
+                }
+                Waited::Answer(_) | Waited::Lapsed => return Ok(FlightRole::Ended),
+                Waited::TimedOut => return Ok(FlightRole::TimedOut),
+            }
+        }
+    }
+
+    async fn wait_for(
+        &self,
+        token: &str,
+        lease_key: &str,
+        held: &str,
+        deadline: Instant,
+    ) -> Result<Waited, Unavailable> {
+        // Subscribe first, then look for a stored answer: no answer can slip in between.
+        let mut rx = {
+            let mut map = self.lock_flights();
+            map.entry(token.to_owned())
+                .or_insert_with(|| watch::channel(None).0)
+                .subscribe()
+        };
+        let _registration = Registration {
+            fleet: self,
+            token: token.to_owned(),
+        };
+        let poll = (self.lease / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
+        let answer_key = self.key("answer", token);
+        loop {
+            let mut pipe = redis::pipe();
+            pipe.cmd("GET").arg(&answer_key).cmd("GET").arg(lease_key);
+            let mut c = self.conn();
+            let (answer, lease): (Option<Vec<u8>>, Option<String>) =
+                self.run("lease_wait", pipe.query_async(&mut c)).await?;
+            if let Some(a) = answer {
+                return Ok(Waited::Answer(Bytes::from(a)));
+            }
+            if lease.as_deref() != Some(held) {
+                // Published between the two GETs? The message may be on its way: one more look.
+                let arrived = rx.borrow_and_update().clone();
+                if let Some(a) = arrived {
+                    return Ok(Waited::Answer(a));
+                }
+                let mut c = self.conn();
+                let again: Option<Vec<u8>> = self
+                    .run(
+                        "lease_wait",
+                        redis::cmd("GET").arg(&answer_key).query_async(&mut c),
+                    )
+                    .await?;
+                return Ok(match again {
+                    Some(a) => Waited::Answer(Bytes::from(a)),
+                    None => Waited::Lapsed,
+                });
+            }
+            let next = (Instant::now() + poll).min(deadline);
+            let closed = tokio::select! {
+                r = rx.wait_for(Option::is_some) => match r {
+                    Ok(v) => {
+                        let a = v.clone();
+                        if let Some(a) = a {
+                            return Ok(Waited::Answer(a));
+                        }
+                        false
+                    }
+                    Err(_) => true,
+                },
+                _ = tokio::time::sleep_until(next) => false,
+            };
+            if closed {
+                // No sender (cannot happen while we are registered): poll instead.
+                tokio::time::sleep_until(next).await;
+            }
+            if Instant::now() >= deadline {
+                return Ok(Waited::TimedOut);
+            }
+        }
+    }
+}
+
+async fn renew_loop(fleet: Weak<Fleet>, key: String, value: String, lease: Duration) {
+    let every = (lease / 3).max(Duration::from_millis(10));
+    let ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(f) = fleet.upgrade() else { return };
+        let mut inv = scripts::renew().prepare_invoke();
+        inv.key(&key).arg(&value).arg(ms);
+        let mut c = f.conn();
+        match f.run("lease_renew", inv.invoke_async::<i64>(&mut c)).await {
+            Ok(1) => {}
+            // Lost (lapsed and taken) or the store is down: nothing more to renew.
+            _ => return,
+        }
+    }
+}

@@ -1,0 +1,476 @@
+//! Fleet mode: the state that must be one across replicas (rate limits, budgets, the status
+//! cache, checkpoint coalescing) lives in one Redis when `[fleet] redis_url` is set. Without
+//! it (embedded mode) none of this runs: the layers check `Process::fleet` (an
+//! `Option<Arc<Fleet>>`) once and go on with the per-process state.
+//!
+//! # Keys
+//!
+//! Every key and the one channel start with `fleet.key_prefix` (default `lgw:`), so several
+//! gateways can share a Redis. One Redis, not a cluster: the scripts touch keys of different
+//! accounts and clients together, so a cluster would need hash tags (`{…}`) on all of them;
+//! they are not there.
+//!
+//! | key | type, TTL | what |
+//! |---|---|---|
+//! | `P marker` | string, none | set with the budget seed; missing = the store is new or came back empty |
+//! | `P gcra:NAME:COUNT/PERIODms/BURST:a:ACCOUNT` (`:c:CLIENT`) | string, until the bucket is full | GCRA theoretical arrival time (µs, Redis clock) of an account/rule or client limit; the limit's identity is in the key, so a changed quota starts afresh, as a local reload does |
+//! | `P cool:ACCOUNT` | string, `upstream_429_cooldown` | upstream RATE_LIMITED cooldown |
+//! | `P budget:DAY:CLIENT` | hash `spent`, `reserved`, 3 days | daily budget (DAY: days since the epoch, UTC) |
+//! | `P status:ACCOUNT` | string, `status_cache.ttl` | `connected` / `checkpoint_required` |
+//! | `P lease:ACCOUNT` | string `TOKEN\tCODE`, `checkpoint_lease` (renewed) | the replica making the checkpoint call |
+//! | `P answer:TOKEN` | bytes, 30 s | that call's answer, for followers that subscribed late |
+//! | channel `P events` | pub/sub | `s…` status changed (drop local copies), `f…` a checkpoint answer |
+//!
+//! # Scripts and round trips
+//!
+//! Scripts (see `scripts.rs`) run with `EVALSHA` (reloaded by `redis::Script` after a restart)
+//! and read the server clock (`TIME`), so replica clocks do not matter.
+//!
+//! - A request that reaches `account_limit` (it will be forwarded): **1 round trip**, the
+//!   `admit` script: upstream-429 cooldown, account/rule GCRA, per-client GCRA and the budget
+//!   reservation, all or nothing (nothing is consumed when any part refuses). After the
+//!   answer, **1 more**, `settle` (off the caller's path: it runs on the call's own task,
+//!   after the ledger row, and is retried while the store is down).
+//! - An upstream RATE_LIMITED: 1 more (`SET cool PX`).
+//! - `POST /v2/checkpoint`: the status lookup is served from the replica's local copy
+//!   (`fleet.local_status_ttl`) or costs 1 `GET`; a learned status costs 1 (`SET` + `PUBLISH`
+//!   pipelined). A cache hit costs 0 or 1 round trip and nothing else. A checkpoint that goes
+//!   upstream: 1 for the lease (`SET NX PX GET`), 1 per renewal (every lease/3) while the call
+//!   runs, 1 to publish the answer; a follower on another replica: the lease attempt, 1 `GET`
+//!   of the stored answer, then it waits for the pub/sub message (polling the lease and the
+//!   answer every `lease/4`, at most 500 ms, to notice a dead leader).
+//! - Requests that cost nothing and never reach `account_limit` (cache hits, coalesced
+//!   followers, refusals above it): 0.
+//!
+//! # Failure
+//!
+//! Every command is bounded by `fleet.timeout`. A failure or timeout opens a breaker: the store
+//! counts as down and no request pays a timeout while it is; a background probe (`PING` every
+//! 500 ms) closes it again, so replicas return to shared state by themselves. While it is
+//! down, `fleet.on_store_failure` decides: `local` uses the replica's own limiters, budgets,
+//! status cache and coalescing (counted in `linkup_gateway_fleet_fallbacks_total{part,
+//! decision="local"}` and logged when the breaker opens); `deny` refuses requests that cost
+//! credits with 503 `STORE_UNAVAILABLE` (Retry-After 1), and lets free requests go on with
+//! local state. Limits default to `local`, budgets to `deny`.
+//!
+//! A store that comes back empty (restart without persistence, failover to an empty replica)
+//! has lost its marker: `admit` and `settle` refuse to run without it, the breaker opens, and
+//! the probe reseeds today's `spent` per client from the ledger (`spent_on(today)`, the ledger
+//! is shared in a fleet) with HSETNX semantics and sets the marker in the same script, so only
+//! one replica seeds. What stays open: reservations in flight at the restart are lost (their
+//! settle finds no marker and skips; the ledger row carries the charge into the next reseed
+//! only if it was written before the reseed read the ledger); a settle of a request forwarded
+//! before the restart that lands after the reseed, whose ledger row the reseed already counted,
+//! is counted twice (errs on the safe side: the budget is spent early, never overshot). Rate
+//! limit buckets and cooldowns start afresh, as after a local restart.
+
+mod admit;
+mod lease;
+mod scripts;
+mod status;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::RedisResult;
+use tokio::sync::watch;
+
+use crate::config::{FleetSettings, OnFailure};
+use crate::layers::status_cache::CachedStatus;
+use crate::ledger::Ledger;
+use crate::metrics::{FleetMetrics, OpLabels, PartLabels};
+
+pub use admit::{Admission, AdmitRequest, BudgetCheck, LimitCheck, Part, Shadowed};
+pub use lease::{FlightRole, LeaderLease, RemoteAnswer};
+
+/// How often the probe looks at the store (and at its marker).
+pub const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// Budget hashes outlive their day by this much (a request in flight across midnight settles
+/// into yesterday's hash).
+const BUDGET_TTL_SECS: u64 = 3 * 86_400;
+/// How long a published checkpoint answer stays readable for late followers.
+const ANSWER_TTL: Duration = Duration::from_secs(30);
+
+/// The store could not be used for this operation (down, timed out, or empty and not yet
+/// reseeded): the caller falls back as `fleet.on_store_failure` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the fleet store is unavailable")]
+pub struct Unavailable;
+
+/// Shared state of a fleet of replicas, in Redis. See the module docs.
+pub struct Fleet {
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    /// `fleet.on_store_failure.limits`.
+    pub limits_on_failure: OnFailure,
+    /// `fleet.on_store_failure.budgets`.
+    pub budgets_on_failure: OnFailure,
+    lease: Duration,
+    up: AtomicBool,
+    pub metrics: FleetMetrics,
+    ledger: Arc<dyn Ledger>,
+    /// Short local copies of account statuses (`None`: known to be unknown), dropped on a
+    /// pub/sub message from another replica.
+    local_status: moka::future::Cache<Arc<str>, Option<CachedStatus>>,
+    /// Followers waiting for a checkpoint answer, by the leader's token.
+    flights: Mutex<HashMap<String, watch::Sender<Option<Bytes>>>>,
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// This replica's id in pub/sub messages (its own messages are skipped).
+    instance: String,
+    reseeding: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Fleet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fleet")
+            .field("prefix", &self.prefix)
+            .field("up", &self.is_up())
+            .finish()
+    }
+}
+
+fn random_hex(bytes: usize) -> String {
+    use rand::RngCore;
+    let mut b = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+impl Fleet {
+    /// Connect to `fleet.redis_url` and start the probe and the pub/sub subscriber (they end
+    /// when the `Fleet` is dropped, or on [`Fleet::shutdown`]). An unreachable Redis is not an
+    /// error: the fleet starts down (local or deny, as configured) and the probe brings it up.
+    /// Err only for a missing or malformed URL; the message never holds the URL.
+    pub async fn connect(
+        settings: &FleetSettings,
+        ledger: Arc<dyn Ledger>,
+    ) -> Result<Arc<Fleet>, String> {
+        let url = settings
+            .redis_url
+            .as_ref()
+            .ok_or_else(|| "fleet.redis_url is not set".to_string())?;
+        let client = redis::Client::open(url.expose())
+            .map_err(|_| "fleet.redis_url is not a valid Redis URL".to_string())?;
+        let timeout = settings.timeout;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
+            .map_err(|e| format!("cannot set up the fleet store connection: {:?}", e.kind()))?;
+        let local_ttl = settings.local_status_ttl.max(Duration::from_millis(1));
+        let fleet = Arc::new(Fleet {
+            conn,
+            prefix: settings.key_prefix.clone(),
+            timeout,
+            limits_on_failure: settings.limits_on_failure,
+            budgets_on_failure: settings.budgets_on_failure,
+            lease: settings.checkpoint_lease,
+            up: AtomicBool::new(false),
+            metrics: FleetMetrics::default(),
+            ledger,
+            local_status: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(local_ttl)
+                .build(),
+            flights: Mutex::new(HashMap::new()),
+            tasks: Mutex::new(Vec::new()),
+            instance: random_hex(8),
+            reseeding: tokio::sync::Mutex::new(()),
+        });
+        // Up at once when the store answers, so the first requests use it.
+        fleet.probe_once().await;
+        let probe = tokio::spawn(probe_loop(Arc::downgrade(&fleet)));
+        let sub = tokio::spawn(subscriber(Arc::downgrade(&fleet), client));
+        fleet
+            .lock_tasks()
+            .extend([probe.abort_handle(), sub.abort_handle()]);
+        Ok(fleet)
+    }
+
+    /// Stop the background tasks (also done on drop).
+    pub fn shutdown(&self) {
+        for t in self.lock_tasks().drain(..) {
+            t.abort();
+        }
+    }
+
+    fn lock_tasks(&self) -> MutexGuard<'_, Vec<tokio::task::AbortHandle>> {
+        self.tasks.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Is the store in use (breaker closed)?
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `fleet.checkpoint_lease`.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    fn key(&self, kind: &str, rest: &str) -> String {
+        let mut k = String::with_capacity(self.prefix.len() + kind.len() + rest.len() + 1);
+        k.push_str(&self.prefix);
+        k.push_str(kind);
+        if !rest.is_empty() {
+            k.push(':');
+            k.push_str(rest);
+        }
+        k
+    }
+
+    fn marker_key(&self) -> String {
+        self.key("marker", "")
+    }
+
+    fn channel(&self) -> String {
+        self.key("events", "")
+    }
+
+    /// Count a fallback to local state (or a denial) for `part`.
+    pub fn fell_back(&self, part: &'static str, decision: OnFailure) {
+        self.metrics
+            .fallbacks
+            .get_or_create(&PartLabels {
+                part,
+                decision: match decision {
+                    OnFailure::Local => "local",
+                    OnFailure::Deny => "deny",
+                },
+            })
+            .inc();
+    }
+
+    fn mark_down(&self, op: &'static str, why: &str) {
+        self.metrics
+            .store_errors
+            .get_or_create(&OpLabels { op })
+            .inc();
+        if self.up.swap(false, Ordering::AcqRel) {
+            self.metrics.store_up.set(0);
+            tracing::warn!(
+                op,
+                error = why,
+                limits = ?self.limits_on_failure,
+                budgets = ?self.budgets_on_failure,
+                "fleet store down: limits, budgets, status cache and coalescing fall back as fleet.on_store_failure says until the probe sees it again"
+            );
+        }
+    }
+
+    fn mark_up(&self) {
+        if !self.up.swap(true, Ordering::AcqRel) {
+            self.metrics.store_up.set(1);
+            tracing::info!("fleet store up: back to shared state");
+        }
+    }
+
+    /// One operation against the store: refused at once while the breaker is open, bounded by
+    /// `fleet.timeout`, counted; a failure opens the breaker.
+    async fn run<T, F>(&self, op: &'static str, fut: F) -> Result<T, Unavailable>
+    where
+        F: std::future::Future<Output = RedisResult<T>>,
+    {
+        if !self.is_up() {
+            return Err(Unavailable);
+        }
+        self.raw(op, fut).await
+    }
+
+    /// As [`Fleet::run`], without looking at the breaker (the probe, the reseed).
+    async fn raw<T, F>(&self, op: &'static str, fut: F) -> Result<T, Unavailable>
+    where
+        F: std::future::Future<Output = RedisResult<T>>,
+    {
+        self.metrics
+            .round_trips
+            .get_or_create(&OpLabels { op })
+            .inc();
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.mark_down(op, &e.to_string());
+                Err(Unavailable)
+            }
+            Err(_) => {
+                self.mark_down(op, "timed out");
+                Err(Unavailable)
+            }
+        }
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// PING and look for the marker; reseed when it is gone; close the breaker when all is
+    /// well.
+    async fn probe_once(&self) {
+        let mut pipe = redis::pipe();
+        pipe.cmd("PING").ignore().exists(self.marker_key());
+        let mut c = self.conn();
+        let r: Result<(bool,), _> = self.raw("probe", pipe.query_async(&mut c)).await;
+        match r {
+            Ok((true,)) => self.mark_up(),
+            Ok((false,)) => {
+                if self.reseed().await.is_ok() {
+                    self.mark_up();
+                }
+            }
+            Err(Unavailable) => {}
+        }
+    }
+
+    /// The store is new or came back empty: seed today's spending from the ledger and set the
+    /// marker (only the first replica to get here writes; see the module docs).
+    async fn reseed(&self) -> Result<(), Unavailable> {
+        let _one = self.reseeding.lock().await;
+        let now = crate::budgets::now_ms();
+        let day = crate::budgets::utc_day(now);
+        let ledger = self.ledger.clone();
+        let date = crate::ledger::day_of(now);
+        let spent = match tokio::task::spawn_blocking(move || ledger.spent_on(date)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "fleet store is empty but the ledger cannot be read to reseed budgets; staying down");
+                return Err(Unavailable);
+            }
+            Err(_) => return Err(Unavailable),
+        };
+        let mut inv = scripts::reseed().prepare_invoke();
+        inv.key(self.marker_key());
+        inv.arg(format!("{} {}", self.instance, now))
+            .arg(BUDGET_TTL_SECS);
+        for (client, credits) in &spent {
+            inv.key(self.budget_key(day, client));
+            inv.arg(*credits);
+        }
+        let mut c = self.conn();
+        let seeded: i64 = self.raw("reseed", inv.invoke_async(&mut c)).await?;
+        if seeded == 1 {
+            self.metrics.reseeds.inc();
+            tracing::warn!(
+                clients = spent.len(),
+                credits = spent.values().sum::<u64>(),
+                "fleet store had no marker (new, or restarted empty): reseeded today's budgets from the ledger"
+            );
+        }
+        Ok(())
+    }
+
+    fn budget_key(&self, day: i64, client: &str) -> String {
+        self.key("budget", &format!("{day}:{client}"))
+    }
+
+    fn on_message(&self, payload: &[u8]) {
+        match payload.split_first() {
+            Some((b's', rest)) => {
+                let Ok(text) = std::str::from_utf8(rest) else {
+                    return;
+                };
+                let Some((instance, account)) = text.split_once('\n') else {
+                    return;
+                };
+                if instance != self.instance {
+                    self.metrics.status_invalidations.inc();
+                    let cache = self.local_status.clone();
+                    let account = account.to_owned();
+                    // moka's future cache invalidates asynchronously; cheap.
+                    tokio::spawn(async move { cache.invalidate(account.as_str()).await });
+                }
+            }
+            Some((b'f', rest)) => {
+                let Some(nl) = rest.iter().position(|b| *b == b'\n') else {
+                    return;
+                };
+                let Ok(token) = std::str::from_utf8(&rest[..nl]) else {
+                    return;
+                };
+                let answer = Bytes::copy_from_slice(&rest[nl + 1..]);
+                let map = self.lock_flights();
+                if let Some(tx) = map.get(token) {
+                    tx.send_replace(Some(answer));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn lock_flights(&self) -> MutexGuard<'_, HashMap<String, watch::Sender<Option<Bytes>>>> {
+        self.flights.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+async fn probe_loop(fleet: Weak<Fleet>) {
+    let mut every = tokio::time::interval(PROBE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let Some(f) = fleet.upgrade() else { return };
+        f.probe_once().await;
+    }
+}
+
+/// The pub/sub subscriber: status invalidations and checkpoint answers. Reconnects by itself;
+/// each (re)connection drops every local status copy, since messages may have been missed.
+async fn subscriber(fleet: Weak<Fleet>, client: redis::Client) {
+    loop {
+        let Some((channel, timeout)) = fleet.upgrade().map(|f| (f.channel(), f.timeout)) else {
+            return;
+        };
+        let connected = tokio::time::timeout(timeout.max(Duration::from_secs(1)), async {
+            let mut ps = client.get_async_pubsub().await?;
+            ps.subscribe(&channel).await?;
+            RedisResult::Ok(ps)
+        })
+        .await;
+        if let Ok(Ok(ps)) = connected {
+            if let Some(f) = fleet.upgrade() {
+                f.local_status.invalidate_all();
+            }
+            let mut stream = ps.into_on_message();
+            let mut check = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    msg = stream.next() => {
+                        let Some(msg) = msg else { break };
+                        let Some(f) = fleet.upgrade() else { return };
+                        f.on_message(msg.get_payload_bytes());
+                    }
+                    _ = check.tick() => {
+                        // A breaker opened by a command failure: the subscription may be dead
+                        // too (a half-open connection never ends the stream).
+                        let Some(f) = fleet.upgrade() else { return };
+                        if !f.is_up() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        match fleet.upgrade() {
+            Some(f) => f.local_status.invalidate_all(),
+            None => return,
+        }
+        tokio::time::sleep(PROBE_EVERY).await;
+    }
+}

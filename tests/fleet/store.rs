@@ -1,0 +1,547 @@
+//! The fleet store against a real redis-server: two `Fleet`s on one Redis act as one.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
+use linkup_gateway::budgets::{now_ms, utc_day};
+use linkup_gateway::config::{load_str, parse_quota, FleetSettings};
+use linkup_gateway::fleet::{
+    Admission, AdmitRequest, BudgetCheck, Fleet, FlightRole, LimitCheck, Part, RemoteAnswer,
+};
+use linkup_gateway::layers::status_cache::CachedStatus;
+use linkup_gateway::ledger::{Ledger, MemoryLedger, Outcome, Row};
+use linkup_gateway::limits::{Limiter, Subject};
+use tokio::time::Instant;
+
+use crate::servers::Redis;
+
+fn settings(url: &str, extra: &str) -> FleetSettings {
+    let text = format!(
+        "[upstream]\nurl = \"http://127.0.0.1:1\"\napi_key_env = \"K\"\n[fleet]\nredis_url = \"{url}\"\ntimeout = \"200ms\"\nlocal_status_ttl = \"30s\"\ncheckpoint_lease = \"1s\"\n{extra}"
+    );
+    load_str(&text, &[("K".into(), "k".into())], None)
+        .unwrap()
+        .fleet
+        .unwrap()
+}
+
+async fn fleet_with(url: &str, extra: &str, ledger: Arc<dyn Ledger>) -> Arc<Fleet> {
+    Fleet::connect(&settings(url, extra), ledger).await.unwrap()
+}
+
+async fn fleet(url: &str) -> Arc<Fleet> {
+    fleet_with(url, "", Arc::new(MemoryLedger::default())).await
+}
+
+async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f().await {
+        assert!(Instant::now() < deadline, "{what}: not within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn account(a: &str) -> Subject {
+    Subject::Account(Arc::from(a))
+}
+
+fn limit_only<'a>(l: &'a Limiter, s: &'a Subject) -> AdmitRequest<'a> {
+    AdmitRequest {
+        limit: Some(LimitCheck {
+            limiter: l,
+            subject: s,
+            shadow: false,
+        }),
+        ..Default::default()
+    }
+}
+
+fn budget_only(client: &str, cost: u64, budget: u64) -> AdmitRequest<'_> {
+    AdmitRequest {
+        budget: Some(BudgetCheck {
+            client,
+            cost,
+            budget: Some(budget),
+            enforce: true,
+            day: utc_day(now_ms()),
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_fleets_share_one_account_limit_with_local_retry_after() {
+    let redis = Redis::start();
+    let (a, b) = (fleet(&redis.url()).await, fleet(&redis.url()).await);
+    assert!(a.is_up() && b.is_up());
+    let l = Limiter::new("account", parse_quota("3/min").unwrap(), 3);
+    let s = account("acc_1");
+    let mut allowed = 0;
+    for (i, f) in [&a, &b, &a, &b, &a, &b].into_iter().enumerate() {
+        match f.admit(&limit_only(&l, &s)).await.unwrap() {
+            Admission::Allowed { limit, .. } => {
+                allowed += 1;
+                let (remaining, _) = limit.unwrap();
+                assert_eq!(remaining, 3 - allowed, "request {i}");
+            }
+            Admission::Refused { part, wait, .. } => {
+                assert_eq!(part, Part::Limit);
+                // As the local limiter: the 4th within 3/min waits 20 s (less the time gone by).
+                assert!(
+                    wait <= Duration::from_secs(20) && wait > Duration::from_secs(19),
+                    "{wait:?}"
+                );
+            }
+        }
+    }
+    assert_eq!(allowed, 3, "3/min across both replicas");
+    // Another account has its own bucket.
+    assert!(matches!(
+        b.admit(&limit_only(&l, &account("acc_2"))).await.unwrap(),
+        Admission::Allowed { .. }
+    ));
+    let rt = a
+        .metrics
+        .round_trips
+        .get_or_create(&linkup_gateway::metrics::OpLabels { op: "admit" })
+        .get();
+    assert_eq!(rt, 3, "one round trip per admit");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_client_limit_is_global_and_a_refusal_takes_nothing() {
+    let redis = Redis::start();
+    let (a, b) = (fleet(&redis.url()).await, fleet(&redis.url()).await);
+    let client = Limiter::new("client crm", parse_quota("2/min").unwrap(), 2);
+    let who = Subject::Client(Arc::from("crm"));
+    let acct = Limiter::new("account", parse_quota("100/min").unwrap(), 100);
+    let req = |i: usize| -> (Subject, usize) { (account(&format!("acc_{i}")), i) };
+    let mut allowed = 0;
+    for i in 0..6 {
+        let (s, _) = req(i);
+        let f = if i % 2 == 0 { &a } else { &b };
+        let r = AdmitRequest {
+            limit: Some(LimitCheck {
+                limiter: &acct,
+                subject: &s,
+                shadow: false,
+            }),
+            client: Some(LimitCheck {
+                limiter: &client,
+                subject: &who,
+                shadow: false,
+            }),
+            ..Default::default()
+        };
+        match f.admit(&r).await.unwrap() {
+            Admission::Allowed { .. } => allowed += 1,
+            Admission::Refused { part, .. } => assert_eq!(part, Part::Client),
+        }
+    }
+    assert_eq!(allowed, 2);
+    // All or nothing: the refused requests took no account cell (acc_2.. are untouched:
+    // a 1-burst account limit still allows them).
+    let one = Limiter::new("account", parse_quota("1/min").unwrap(), 1);
+    let s = account("acc_5");
+    assert!(matches!(
+        a.admit(&limit_only(&one, &s)).await.unwrap(),
+        Admission::Allowed { .. }
+    ));
+    // A budget refusal takes no limit cell either.
+    let s = account("acc_b");
+    let r = AdmitRequest {
+        limit: Some(LimitCheck {
+            limiter: &one,
+            subject: &s,
+            shadow: false,
+        }),
+        ..budget_only("poor", 5, 1)
+    };
+    assert!(matches!(
+        a.admit(&r).await.unwrap(),
+        Admission::Refused {
+            part: Part::Budget,
+            ..
+        }
+    ));
+    assert!(matches!(
+        b.admit(&limit_only(&one, &s)).await.unwrap(),
+        Admission::Allowed { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_cooldown_holds_the_account_on_every_replica() {
+    let redis = Redis::start();
+    let (a, b) = (fleet(&redis.url()).await, fleet(&redis.url()).await);
+    a.hold("acc", Duration::from_secs(60)).await.unwrap();
+    let r = AdmitRequest {
+        cooldown: Some(("acc", false)),
+        ..Default::default()
+    };
+    let Admission::Refused { part, wait, .. } = b.admit(&r).await.unwrap() else {
+        panic!("held back")
+    };
+    assert_eq!(part, Part::Cooldown);
+    assert!(wait > Duration::from_secs(59) && wait <= Duration::from_secs(60));
+    // Shadow: counted, not refused.
+    let r = AdmitRequest {
+        cooldown: Some(("acc", true)),
+        ..Default::default()
+    };
+    let Admission::Allowed { shadowed, .. } = b.admit(&r).await.unwrap() else {
+        panic!("shadow")
+    };
+    assert!(shadowed.cooldown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn a_budget_of_10_admits_exactly_10_of_100_across_two_replicas_and_settles() {
+    let redis = Redis::start();
+    let (a, b) = (fleet(&redis.url()).await, fleet(&redis.url()).await);
+    let ok = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let f = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let ok = ok.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Admission::Allowed { .. } = f.admit(&budget_only("crm", 1, 10)).await.unwrap() {
+                ok.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(ok.load(Ordering::SeqCst), 10);
+    let day = utc_day(now_ms());
+    let s = a.standing("crm", day).await.unwrap();
+    assert_eq!((s.spent, s.reserved), (0, 10));
+    // Settle: 4 charged 1, 3 charged 0, 3 ambiguous (kept as charged).
+    for charged in [1, 1, 1, 1, 0, 0, 0, 1, 1, 1] {
+        b.settle("crm", day, 1, charged).await.unwrap().unwrap();
+    }
+    let s = b.standing("crm", day).await.unwrap();
+    assert_eq!((s.spent, s.reserved), (7, 0));
+    // 3 left: one request of 3 fits, then nothing.
+    assert!(matches!(
+        a.admit(&budget_only("crm", 3, 10)).await.unwrap(),
+        Admission::Allowed { .. }
+    ));
+    let Admission::Refused { part, standing, .. } =
+        b.admit(&budget_only("crm", 1, 10)).await.unwrap()
+    else {
+        panic!("budget spent")
+    };
+    assert_eq!(
+        (part, standing.spent, standing.reserved),
+        (Part::Budget, 7, 3)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_status_learnt_by_one_replica_is_seen_by_the_other_and_changes_invalidate_copies() {
+    let redis = Redis::start();
+    let (a, b) = (fleet(&redis.url()).await, fleet(&redis.url()).await);
+    let acc: Arc<str> = Arc::from("acc_s");
+    assert_eq!(
+        b.status_get(&acc).await.unwrap(),
+        None,
+        "b now holds a local 'unknown'"
+    );
+    a.status_set(&acc, CachedStatus::Connected, Duration::from_secs(600))
+        .await
+        .unwrap();
+    // b's local copy (30 s) is dropped by a's message.
+    eventually("b sees connected", async || {
+        b.status_get(&acc).await.unwrap() == Some(CachedStatus::Connected)
+    })
+    .await;
+    assert!(
+        redis
+            .command(&["PTTL", "lgw:status:acc_s"])
+            .starts_with(":5"),
+        "TTL as status_cache.ttl"
+    );
+    // b's copy is local now; a change made by a drops it.
+    let before = b
+        .metrics
+        .round_trips
+        .get_or_create(&linkup_gateway::metrics::OpLabels { op: "status_get" })
+        .get();
+    assert_eq!(
+        b.status_get(&acc).await.unwrap(),
+        Some(CachedStatus::Connected)
+    );
+    let after = b
+        .metrics
+        .round_trips
+        .get_or_create(&linkup_gateway::metrics::OpLabels { op: "status_get" })
+        .get();
+    assert_eq!(before, after, "served from the local copy");
+    assert!(a.status_forget(&acc).await.unwrap());
+    eventually("b forgets", async || {
+        b.status_get(&acc).await.unwrap().is_none()
+    })
+    .await;
+    a.status_set(
+        &acc,
+        CachedStatus::CheckpointRequired,
+        Duration::from_secs(600),
+    )
+    .await
+    .unwrap();
+    eventually("b sees checkpoint_required", async || {
+        b.status_get(&acc).await.unwrap() == Some(CachedStatus::CheckpointRequired)
+    })
+    .await;
+    assert!(b.metrics.status_invalidations.get() >= 3);
+}
+
+fn answer(n: usize) -> RemoteAnswer {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    headers.insert("x-call", HeaderValue::from(n));
+    RemoteAnswer::Answer {
+        status: StatusCode::OK,
+        headers,
+        body: Bytes::from(format!(
+            "{{\"success\":true,\"data\":{{\"status\":\"connected\"}},\"n\":{n}}}"
+        )),
+    }
+}
+
+#[test]
+fn remote_answers_round_trip() {
+    for a in [
+        answer(7),
+        RemoteAnswer::Failed {
+            timeout: Some(Duration::from_secs(60)),
+            message: "the request took longer than 60s".into(),
+        },
+        RemoteAnswer::Failed {
+            timeout: None,
+            message: "reset".into(),
+        },
+    ] {
+        assert_eq!(RemoteAnswer::decode(&a.encode()), Some(a));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn two_hundred_attempts_across_two_replicas_make_one_leader_and_all_share_its_answer() {
+    let redis = Redis::start();
+    let (a, b) = (fleet(&redis.url()).await, fleet(&redis.url()).await);
+    let leaders = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let f = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let leaders = leaders.clone();
+        tasks.push(tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            match f.flight("acc_l", Some("123456"), deadline).await.unwrap() {
+                FlightRole::Leader(lease) => {
+                    leaders.fetch_add(1, Ordering::SeqCst);
+                    // The call takes longer than the lease: renewals keep it.
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    lease.publish(&answer(1)).await.unwrap();
+                    answer(1)
+                }
+                FlightRole::Answer(a) => a,
+                other => panic!("{other:?}"),
+            }
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), answer(1));
+    }
+    assert_eq!(leaders.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        redis.command(&["EXISTS", "lgw:lease:acc_l"]),
+        ":0\r\n",
+        "released"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_late_follower_reads_the_stored_answer_and_another_code_waits_then_goes_on() {
+    let redis = Redis::start();
+    let (a, b) = (fleet(&redis.url()).await, fleet(&redis.url()).await);
+    let deadline = || Instant::now() + Duration::from_secs(10);
+    let FlightRole::Leader(lease) = a.flight("acc", Some("1"), deadline()).await.unwrap() else {
+        panic!()
+    };
+    // Another code waits for the call in flight, then is told to look again.
+    let other = {
+        let b = b.clone();
+        tokio::spawn(async move { b.flight("acc", Some("2"), deadline()).await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !other.is_finished(),
+        "never two checkpoints in flight per account"
+    );
+    lease.publish(&answer(3)).await.unwrap();
+    assert!(matches!(other.await.unwrap(), FlightRole::Ended));
+    // A new attempt after the end leads afresh.
+    let FlightRole::Leader(lease) = b.flight("acc", Some("2"), deadline()).await.unwrap() else {
+        panic!("a finished call releases the account")
+    };
+    drop(lease);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_that_dies_without_an_answer_is_taken_over_after_its_lease() {
+    let redis = Redis::start();
+    let (a, b) = (fleet(&redis.url()).await, fleet(&redis.url()).await);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let FlightRole::Leader(lease) = a.flight("acc_d", None, deadline).await.unwrap() else {
+        panic!()
+    };
+    let started = Instant::now();
+    let follower = {
+        let b = b.clone();
+        tokio::spawn(async move { b.flight("acc_d", None, deadline).await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(lease); // dies: no answer, no more renewals
+    let FlightRole::Leader(_taken) = follower.await.unwrap() else {
+        panic!("takeover")
+    };
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "not before the lease lapsed"
+    );
+    assert_eq!(b.metrics.lease_takeovers.get(), 1);
+    // A bounded wait: a follower of a leader that never answers gives up at its deadline.
+    let r = a
+        .flight("acc_d", None, Instant::now() + Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(matches!(r, FlightRole::TimedOut));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn store_down_opens_the_breaker_and_it_closes_by_itself_after_a_restart() {
+    let redis = Redis::start();
+    let f = fleet_with(
+        &redis.url(),
+        "on_store_failure = { limits = \"local\", budgets = \"deny\" }",
+        Arc::new(MemoryLedger::default()),
+    )
+    .await;
+    assert!(f.is_up());
+    assert_eq!(f.metrics.store_up.get(), 1);
+    assert_eq!(
+        f.limits_on_failure,
+        linkup_gateway::config::OnFailure::Local
+    );
+    assert_eq!(
+        f.budgets_on_failure,
+        linkup_gateway::config::OnFailure::Deny
+    );
+    redis.stop();
+    // The first command fails (bounded by fleet.timeout) and opens the breaker...
+    let started = Instant::now();
+    assert!(f.admit(&budget_only("c", 1, 10)).await.is_err());
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(!f.is_up());
+    assert_eq!(f.metrics.store_up.get(), 0);
+    // ... and the next ones do not pay a timeout.
+    let started = Instant::now();
+    for _ in 0..100 {
+        assert!(f.admit(&budget_only("c", 1, 10)).await.is_err());
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(50),
+        "{:?}",
+        started.elapsed()
+    );
+    redis.restart();
+    eventually("the probe closes the breaker", async || f.is_up()).await;
+    assert!(matches!(
+        f.admit(&budget_only("c", 1, 10)).await.unwrap(),
+        Admission::Allowed { .. }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn budgets_are_reseeded_from_the_ledger_when_redis_comes_back_empty() {
+    let redis = Redis::start();
+    let ledger = Arc::new(MemoryLedger::default());
+    for credits in [4, 3] {
+        ledger
+            .record(Row {
+                at_ms: now_ms(),
+                request_id: "r".into(),
+                client: Arc::from("crm"),
+                account_id: None,
+                path: "/v2/profiles".into(),
+                action: None,
+                status: 200,
+                credits,
+                credits_known: true,
+                outcome: Outcome::Settled,
+            })
+            .await
+            .unwrap();
+    }
+    let a = fleet_with(&redis.url(), "", ledger.clone()).await;
+    let b = fleet_with(&redis.url(), "", ledger.clone()).await;
+    let day = utc_day(now_ms());
+    assert_eq!(
+        a.standing("crm", day).await.unwrap().spent,
+        7,
+        "seeded on first connect"
+    );
+    assert_eq!(
+        a.metrics.reseeds.get() + b.metrics.reseeds.get(),
+        1,
+        "by one replica"
+    );
+    redis.restart();
+    // The next admit finds the store empty (marker gone) and refuses to reserve against it.
+    eventually("an admit fails on the empty store", async || {
+        a.admit(&budget_only("crm", 1, 10)).await.is_err()
+    })
+    .await;
+    eventually("reseeded and back up", async || a.is_up() && b.is_up()).await;
+    assert_eq!(a.standing("crm", day).await.unwrap().spent, 7);
+    // 3 left of 10 across both.
+    assert!(matches!(
+        b.admit(&budget_only("crm", 3, 10)).await.unwrap(),
+        Admission::Allowed { .. }
+    ));
+    assert!(matches!(
+        a.admit(&budget_only("crm", 1, 10)).await.unwrap(),
+        Admission::Refused {
+            part: Part::Budget,
+            ..
+        }
+    ));
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_at_start_is_not_an_error_and_a_bad_url_is() {
+    let port = crate::servers::free_port();
+    let f = fleet(&format!("redis://127.0.0.1:{port}/0")).await;
+    assert!(!f.is_up());
+    let mut s = settings("redis://127.0.0.1:1/0", "");
+    s.redis_url = load_str(
+        "[upstream]\nurl = \"http://127.0.0.1:1\"\napi_key_env = \"K\"\n[fleet]\nredis_url = \"redis://:secret@[::1\"\n",
+        &[("K".into(), "k".into())],
+        None,
+    )
+    .ok()
+    .and_then(|c| c.fleet)
+    .and_then(|f| f.redis_url);
+    if s.redis_url.is_some() {
+        let e = Fleet::connect(&s, Arc::new(MemoryLedger::default()))
+            .await
+            .unwrap_err();
+        assert!(!e.contains("secret"), "{e}");
+    }
+}
