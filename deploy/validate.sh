@@ -4,11 +4,17 @@
 #     kubernetes-validate (strict: unknown fields fail), for Kubernetes 1.29 (the first with
 #     native sidecars on by default) and 1.37; ServiceMonitor against the subset schema in
 #     kubernetes/schemas/; any other kind fails (no silent "schema not found" pass);
-#   - structure the gateway relies on: native sidecar (initContainers + restartPolicy: Always),
-#     probes on /healthz and /readyz, resources, a non-root read-only securityContext, secret
-#     and ledger paths of the config mounted;
+#   - structure the gateway relies on, in each Deployment that runs it (sidecar.yaml,
+#     shared-service.yaml, fleet.yaml; fleet.yaml's Redis and PostgreSQL are StatefulSets):
+#     native sidecar (initContainers + restartPolicy: Always), probes on /healthz and /readyz,
+#     resources, a non-root read-only securityContext, secret paths of the config mounted, and
+#     a ledger: either [ledger] path on an emptyDir/PVC mount or [ledger] postgres_url (no
+#     volume); [fleet] only with postgres_url (one ledger for the fleet); no password in a
+#     store URL of a ConfigMap or of a literal env value (they come from Secrets);
 #   - every gateway config (ConfigMaps, gateway.container.toml, systemd/gateway.toml) with
-#     `linkup-gateway check-config`, secret paths pointed at temporary dummy files;
+#     `linkup-gateway check-config`, secret paths pointed at temporary dummy files; a
+#     ConfigMap together with its Deployment's LINKUP_GATEWAY__* env overrides ($(VAR) of a
+#     Secret replaced by a dummy), so a misspelt override fails;
 #   - the systemd unit with `systemd-analyze verify` (any warning fails);
 #   - the Dockerfile: static checks (no container engine runs here).
 # Usage: bash deploy/validate.sh [DEPLOY_DIR]   (default: this script's directory)
@@ -25,7 +31,8 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
   apt-get update -qq && apt-get install -y -qq systemd >/dev/null
 fi
 py=python3
-if ! "$py" -c 'import kubernetes_validate, yaml, jsonschema' >/dev/null 2>&1; then
+have_deps='import sys, kubernetes_validate, yaml, jsonschema; sys.version_info >= (3, 11) or __import__("tomli")'
+if ! "$py" -c "$have_deps" >/dev/null 2>&1; then
   venv="${XDG_CACHE_HOME:-$HOME/.cache}/linkup-gateway-validate"
   if [ ! -x "$venv/bin/python" ]; then
     if ! python3 -m venv "$venv" >/dev/null 2>&1; then
@@ -35,8 +42,9 @@ if ! "$py" -c 'import kubernetes_validate, yaml, jsonschema' >/dev/null 2>&1; th
     fi
   fi
   py="$venv/bin/python"
-  "$py" -c 'import kubernetes_validate' >/dev/null 2>&1 \
-    || "$py" -m pip install -q --disable-pip-version-check "kubernetes-validate==$KV_VERSION"
+  "$py" -c "$have_deps" >/dev/null 2>&1 \
+    || "$py" -m pip install -q --disable-pip-version-check "kubernetes-validate==$KV_VERSION" \
+         "tomli; python_version < '3.11'"
 fi
 (cd "$repo" && cargo build -q --locked --bin linkup-gateway)
 gateway="$repo/target/debug/linkup-gateway"
@@ -53,8 +61,11 @@ check_config() { # name file prefix
   printf 'dummy-api-key\n' >"$sec/api_key"
   printf 'dummy-admin-token\n' >"$sec/admin_token"
   sed "s#${prefix}#${sec}/#g" "$file" >"$sec/gateway.toml"
-  if out="$(LINKUP_API_KEY=x "$gateway" check-config --config "$sec/gateway.toml" 2>&1)"; then
-    echo "ok   $name: check-config: ${out#*: }"
+  # Overrides from the Deployment's env (written next to the config by the manifest check).
+  local -a envs=()
+  [ -f "${file%.toml}.env" ] && mapfile -t envs <"${file%.toml}.env"
+  if out="$(env LINKUP_API_KEY=x "${envs[@]}" "$gateway" check-config --config "$sec/gateway.toml" 2>&1)"; then
+    echo "ok   $name: check-config${envs[*]:+ (with ${#envs[@]} env override(s))}: ${out#*: }"
   else
     bad "$name: check-config:"; echo "$out" | sed '1d; s/^/     /'
   fi
@@ -69,6 +80,10 @@ if ! "$py" - "$deploy/kubernetes/schemas" "$tmp/configs" "${manifests[@]}" <<'PY
 import json, os, re, sys
 import jsonschema, yaml
 import kubernetes_validate as kv
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib
 
 schemas, outdir, files = sys.argv[1], sys.argv[2], sys.argv[3:]
 VERSIONS = ["1.29.0", "1.37.0"]
@@ -77,6 +92,8 @@ for f in os.listdir(schemas) if os.path.isdir(schemas) else []:
     s = json.load(open(os.path.join(schemas, f)))
     crds[(s["properties"]["apiVersion"]["const"], s["properties"]["kind"]["const"])] = s
 failed = False
+# scheme://user:PASSWORD@host: group 1 is the password.
+PASSWORD_IN_URL = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@:]*:([^/@]+)@")
 
 def fail(where, msg):
     global failed
@@ -109,13 +126,40 @@ def check_gateway_container(where, c, pod, cfg):
         d = os.path.dirname(m.group(1))
         if "secret" not in vols.get(mounts.get(d, ""), {}):
             fail(where, f"{key} {m.group(1)}: {d} is not a Secret volume mount")
-    m = re.search(r'^\s*path\s*=\s*"(/[^"]+)"', cfg.split("[ledger]", 1)[-1], re.M)
-    if not m or "[ledger]" not in cfg:
-        fail(where, "gateway.toml needs [ledger] path (absolute) on a writable volume")
+    try:
+        toml = tomllib.loads(cfg)
+    except tomllib.TOMLDecodeError as e:
+        fail(where, f"gateway.toml: TOML: {e}")
+        return
+    ledger, fleet = toml.get("ledger", {}), toml.get("fleet")
+    path, pg = ledger.get("path"), ledger.get("postgres_url")
+    if pg is not None:
+        pass  # the fleet's ledger, in PostgreSQL: nothing to mount
+    elif not (isinstance(path, str) and path.startswith("/")):
+        fail(where, "gateway.toml needs [ledger] path (absolute) on a writable volume, "
+                    "or [ledger] postgres_url")
     else:
-        v = vols.get(mounts.get(os.path.dirname(m.group(1)), ""), {})
+        v = vols.get(mounts.get(os.path.dirname(path), ""), {})
         if not ("emptyDir" in v or "persistentVolumeClaim" in v):
-            fail(where, f"ledger {m.group(1)}: its directory is not an emptyDir or PVC mount")
+            fail(where, f"ledger {path}: its directory is not an emptyDir or PVC mount")
+    if fleet is not None and pg is None:
+        fail(where, "[fleet] needs [ledger] postgres_url: with a ledger per pod, /usage sees one "
+                    "replica and budgets are reseeded from one replica's rows")
+    # Store URLs: the ConfigMap is readable by anyone who may read the namespace's config;
+    # passwords come from Secrets (env valueFrom, or $(VAR) of a variable that does).
+    urls = {"ledger.postgres_url": pg, "fleet.redis_url": (fleet or {}).get("redis_url")}
+    for key, url in urls.items():
+        if isinstance(url, str) and PASSWORD_IN_URL.search(url):
+            fail(where, f"gateway.toml {key} holds a password: put the URL in a Secret (env)")
+    from_secret = {e["name"] for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+    for e in c.get("env", []):
+        m = PASSWORD_IN_URL.search(e.get("value", ""))
+        if not m:
+            continue
+        ref = re.fullmatch(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", m.group(1))
+        if not (ref and ref.group(1) in from_secret):
+            fail(where, f"env {e['name']}: a literal password in a URL; use $(VAR) of a variable "
+                        "from secretKeyRef, or valueFrom.secretKeyRef for the whole URL")
 
 for path in files:
     name = os.path.basename(path)
@@ -124,7 +168,7 @@ for path in files:
     except yaml.YAMLError as e:
         fail(name, f"YAML: {e}")
         continue
-    cfg = None
+    cfg = out = None
     for i, d in enumerate(docs):
         where = f"{name}[{i}] {d.get('kind')}/{(d.get('metadata') or {}).get('name')}"
         key = (d.get("apiVersion"), d.get("kind"))
@@ -169,6 +213,13 @@ for path in files:
             fail(where, "next to an app the gateway must be a native sidecar "
                         "(initContainers with restartPolicy: Always)")
         check_gateway_container(where, gw, pod, cfg)
+        # The gateway's LINKUP_GATEWAY__* overrides go to check-config with the ConfigMap
+        # (a misspelt key is refused there), $(VAR) references replaced by a dummy value.
+        # Overrides taken whole from a Secret cannot be checked here.
+        env = [f"{e['name']}={re.sub(r'[$][(][A-Za-z_][A-Za-z0-9_]*[)]', 'dummy-secret', e['value'])}"
+               for e in gw.get("env", []) if e["name"].startswith("LINKUP_GATEWAY__") and "value" in e]
+        if env and out:
+            open(os.path.splitext(out)[0] + ".env", "w").write("".join(l + "\n" for l in env))
         if not failed:
             print(f"ok   {where}: gateway container structure")
 sys.exit(1 if failed else 0)
