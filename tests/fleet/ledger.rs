@@ -469,3 +469,106 @@ async fn throughput() {
     );
     assert_eq!(ledger.totals().unwrap().0, rows);
 }
+
+/// A TCP proxy in front of the server that, once armed, forwards the next `COMMIT` and cuts
+/// the connection when the server has committed, before its answer reaches the ledger: a
+/// commit whose acknowledgement is lost.
+struct LoseNextCommitAck {
+    port: u16,
+    armed: Arc<AtomicBool>,
+    cuts: Arc<AtomicU64>,
+}
+
+impl LoseNextCommitAck {
+    fn start(upstream: u16, committed: Arc<dyn Fn() -> bool + Send + Sync>) -> Self {
+        use std::io::{Read, Write};
+        use std::net::{Shutdown, TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let cuts = Arc::new(AtomicU64::new(0));
+        let (armed2, cuts2) = (armed.clone(), cuts.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let mut server = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+                let (mut client_r, mut server_w) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let hold = Arc::new(AtomicBool::new(false));
+                let hold2 = hold.clone();
+                // Server to client, until told to hold back its answers.
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while let Ok(n) = server.read(&mut buf) {
+                        if n == 0 || hold2.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        if client.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+                let (armed, cuts, committed) = (armed2.clone(), cuts2.clone(), committed.clone());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 65536];
+                    while let Ok(n) = client_r.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let commit = buf[..n].windows(6).any(|w| w == b"COMMIT");
+                        if commit && armed.swap(false, Ordering::SeqCst) {
+                            hold.store(true, Ordering::SeqCst);
+                            server_w.write_all(&buf[..n]).unwrap();
+                            let deadline = Instant::now() + Duration::from_secs(30);
+                            while !committed() {
+                                assert!(Instant::now() < deadline, "the commit never landed");
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            cuts.fetch_add(1, Ordering::SeqCst);
+                            let _ = client_r.shutdown(Shutdown::Both);
+                            let _ = server_w.shutdown(Shutdown::Both);
+                            break;
+                        }
+                        if server_w.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        LoseNextCommitAck { port, armed, cuts }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_retried_after_a_lost_commit_acknowledgement_is_not_doubled() {
+    let pg = Arc::new(tokio::task::spawn_blocking(Postgres::start).await.unwrap());
+    let pg2 = pg.clone();
+    let proxy = LoseNextCommitAck::start(
+        pg.port,
+        Arc::new(move || {
+            pg2.psql("SELECT count(*) FROM ledger_rows WHERE request_id = 'lost-ack'") == "1"
+        }),
+    );
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port);
+    let ledger = open(&url, LedgerSync::BeforeResponse, 100).await;
+    ledger
+        .record(row("before".into(), date!(2026 - 11 - 25), "crm", 3))
+        .await
+        .unwrap();
+    proxy.armed.store(true, Ordering::SeqCst);
+    // The commit lands, its answer is lost, the writer retries the batch on a fresh
+    // connection at once: the caller sees success, and the row counts once.
+    ledger
+        .record(row("lost-ack".into(), date!(2026 - 11 - 25), "crm", 5))
+        .await
+        .unwrap();
+    assert_eq!(proxy.cuts.load(Ordering::SeqCst), 1);
+    assert_eq!(rows_and_uids(&pg), (2, 2));
+    assert_eq!(ledger.totals().unwrap(), (2, 8));
+    assert_eq!(
+        pg.psql("SELECT requests, credits FROM usage_daily WHERE client = 'crm'"),
+        "2|8"
+    );
+    assert!(ledger.write_error().is_none());
+}
