@@ -572,3 +572,113 @@ async fn a_batch_retried_after_a_lost_commit_acknowledgement_is_not_doubled() {
     );
     assert!(ledger.write_error().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_is_verified_against_sslrootcert() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
+    // A CA and a certificate for 127.0.0.1 it signs, readable by the server's user.
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "linkup-gateway test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix("lgw-pg-tls")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let (crt, key, ca) = (
+        dir.path().join("server.crt"),
+        dir.path().join("server.key"),
+        dir.path().join("ca.pem"),
+    );
+    std::fs::write(&crt, leaf.pem()).unwrap();
+    std::fs::write(&key, leaf_key.serialize_pem()).unwrap();
+    std::fs::write(&ca, ca_cert.pem()).unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if root {
+        let ok = std::process::Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(&crt)
+            .arg(&key)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+    pg.psql(&format!(
+        "ALTER SYSTEM SET ssl_cert_file = '{}'",
+        crt.display()
+    ));
+    pg.psql(&format!(
+        "ALTER SYSTEM SET ssl_key_file = '{}'",
+        key.display()
+    ));
+    pg.psql("ALTER SYSTEM SET ssl = on");
+    pg.psql("SELECT pg_reload_conf()");
+    until("the server to offer TLS", || pg.psql("SHOW ssl") == "on").await;
+
+    let base = format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port);
+    let verified = format!(
+        "{base}?sslmode=verify-full&sslrootcert={}&application_name=lgw-tls",
+        ca.display()
+    );
+    let ledger = open(&verified, LedgerSync::BeforeResponse, 10).await;
+    ledger
+        .record(row("tls".into(), date!(2026 - 11 - 25), "crm", 1))
+        .await
+        .unwrap();
+    assert_eq!(ledger.totals().unwrap(), (1, 1));
+    assert_eq!(
+        pg.psql(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE application_name = 'lgw-tls' AND ssl"
+        ),
+        "2",
+        "the writer and the reader both use TLS"
+    );
+
+    // Without the CA, the certificate does not verify: opening fails, and says why.
+    let url = format!("{base}?sslmode=require");
+    let e = tokio::task::spawn_blocking(move || {
+        PostgresLedger::open(&url, LedgerSync::BeforeResponse, 10)
+    })
+    .await
+    .unwrap()
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("certificate"), "{e}");
+    // sslmode=disable connects in clear.
+    let clear = open(
+        &format!("{base}?sslmode=disable&application_name=lgw-clear"),
+        LedgerSync::BeforeResponse,
+        10,
+    )
+    .await;
+    assert_eq!(clear.totals().unwrap(), (1, 1));
+    assert_eq!(
+        pg.psql(
+            "SELECT count(*) FROM pg_stat_ssl JOIN pg_stat_activity USING (pid) \
+             WHERE application_name = 'lgw-clear' AND NOT ssl"
+        ),
+        "2"
+    );
+}
