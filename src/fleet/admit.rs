@@ -247,6 +247,11 @@ impl Fleet {
         charged: u64,
         done: impl FnOnce(Option<Standing>) + Send + 'static,
     ) {
+        if reserved == 0 && charged == 0 {
+            // Nothing to move (a free request): no round trip.
+            done(None);
+            return;
+        }
         let weak: Weak<Fleet> = Arc::downgrade(self);
         tokio::spawn(async move {
             let give_up = tokio::time::Instant::now() + Duration::from_secs(3600);

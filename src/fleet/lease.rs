@@ -168,6 +168,24 @@ impl LeaderLease {
     }
 }
 
+impl LeaderLease {
+    /// Give the lease back without an answer (the call was refused before it reached the
+    /// upstream: the followers on other replicas go on by themselves, one of them leading).
+    pub async fn release(self) -> Result<(), Unavailable> {
+        self.renew.abort();
+        let Some(fleet) = self.fleet.upgrade() else {
+            return Err(Unavailable);
+        };
+        let mut inv = scripts::release().prepare_invoke();
+        inv.key(self.lease_key.clone()).arg(self.value.clone());
+        let mut c = fleet.conn();
+        fleet
+            .run("lease_release", inv.invoke_async::<i64>(&mut c))
+            .await
+            .map(|_| ())
+    }
+}
+
 impl Drop for LeaderLease {
     fn drop(&mut self) {
         self.renew.abort();

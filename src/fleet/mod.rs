@@ -96,6 +96,15 @@ const BUDGET_TTL_SECS: u64 = 3 * 86_400;
 /// How long a published checkpoint answer stays readable for late followers.
 const ANSWER_TTL: Duration = Duration::from_secs(30);
 
+/// Request extension set by `account_limit` when the fleet's `admit` reserved the request's
+/// budget in the store: `credits` then takes no local reservation and settles in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FleetReserved {
+    pub cost: u64,
+    /// The UTC day (days since the epoch) the reservation was made for.
+    pub day: i64,
+}
+
 /// The store could not be used for this operation (down, timed out, or empty and not yet
 /// reseeded): the caller falls back as `fleet.on_store_failure` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -113,6 +122,8 @@ pub struct Fleet {
     pub budgets_on_failure: OnFailure,
     lease: Duration,
     up: AtomicBool,
+    /// The pub/sub subscriber is subscribed (status copies are invalidated as they change).
+    subscribed: AtomicBool,
     pub metrics: FleetMetrics,
     ledger: Arc<dyn Ledger>,
     /// Short local copies of account statuses (`None`: known to be unknown), dropped on a
@@ -174,6 +185,7 @@ impl Fleet {
             budgets_on_failure: settings.budgets_on_failure,
             lease: settings.checkpoint_lease,
             up: AtomicBool::new(false),
+            subscribed: AtomicBool::new(false),
             metrics: FleetMetrics::default(),
             ledger,
             local_status: moka::future::Cache::builder()
@@ -209,6 +221,12 @@ impl Fleet {
     /// Is the store in use (breaker closed)?
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// Is the pub/sub subscriber subscribed? While it is not, local status copies may miss
+    /// another replica's change for up to `fleet.local_status_ttl`.
+    pub fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::Acquire)
     }
 
     pub fn key_prefix(&self) -> &str {
@@ -446,6 +464,7 @@ async fn subscriber(fleet: Weak<Fleet>, client: redis::Client) {
         if let Ok(Ok(ps)) = connected {
             if let Some(f) = fleet.upgrade() {
                 f.local_status.invalidate_all();
+                f.subscribed.store(true, Ordering::Release);
             }
             let mut stream = ps.into_on_message();
             let mut check = tokio::time::interval(Duration::from_secs(1));
@@ -468,7 +487,10 @@ async fn subscriber(fleet: Weak<Fleet>, client: redis::Client) {
             }
         }
         match fleet.upgrade() {
-            Some(f) => f.local_status.invalidate_all(),
+            Some(f) => {
+                f.subscribed.store(false, Ordering::Release);
+                f.local_status.invalidate_all();
+            }
             None => return,
         }
         tokio::time::sleep(PROBE_EVERY).await;

@@ -94,7 +94,8 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, -1} end
 local r = tonumber(redis.call('HGET', KEYS[2], 'reserved') or '0')
 local dec = tonumber(ARGV[1])
 if dec > r then dec = r end
-local reserved = redis.call('HINCRBY', KEYS[2], 'reserved', -dec)
+-- `0 - dec`, not `-dec`: -0 would reach Redis as "-0", which HINCRBY refuses.
+local reserved = redis.call('HINCRBY', KEYS[2], 'reserved', 0 - dec)
 local spent = redis.call('HINCRBY', KEYS[2], 'spent', ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return {spent, reserved}
@@ -122,6 +123,12 @@ const RENEW: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
+return 0
+"#;
+
+/// Release a checkpoint lease if it is still ours. KEYS: 1 lease. ARGV: 1 our value.
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 "#;
 
@@ -164,4 +171,9 @@ pub(crate) fn renew() -> &'static Script {
 pub(crate) fn publish() -> &'static Script {
     static S: OnceLock<Script> = OnceLock::new();
     script(&S, PUBLISH)
+}
+
+pub(crate) fn release() -> &'static Script {
+    static S: OnceLock<Script> = OnceLock::new();
+    script(&S, RELEASE)
 }

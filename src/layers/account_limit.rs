@@ -2,22 +2,35 @@
 //! account), with per-path/action rules (first match wins) and the upstream-429 cooldown.
 //! It sits below status_cache and coalesce, so it only counts requests that will reach the
 //! upstream: cache hits and coalesced followers are free.
+//!
+//! Fleet mode: here account, action, client and cost are all known, so this is where the one
+//! round trip happens: the fleet's `admit` script checks the cooldown, the account/rule limit
+//! and the per-client limit, and reserves the budget, all or nothing. `credits` then takes no
+//! local reservation (the `FleetReserved` extension says so) and settles in the store. While
+//! the store is down, `fleet.on_store_failure.limits` decides: `local` (these per-replica
+//! limiters) or `deny` (503 `STORE_UNAVAILABLE` for requests that cost credits).
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use serde::Deserialize;
 use tower::{Layer, Service};
 
 use super::{take_ready, BoxFuture};
+use crate::budgets::{now_ms, utc_day};
 use crate::config::ClientSettings;
+use crate::config::OnFailure;
 use crate::context::RequestContext;
 use crate::error::{GatewayError, RATELIMIT, RATELIMIT_POLICY};
-use crate::limits::{ratelimit_item, Subject, Verdict};
-use crate::metrics::{Label, RateLimitedLabels};
+use crate::fleet::{
+    Admission, AdmitRequest, BudgetCheck, Fleet, FleetReserved, LimitCheck, Part, Unavailable,
+};
+use crate::layers::credits::publish_standing;
+use crate::limits::{ratelimit_item, Limiter, Subject, Verdict};
+use crate::metrics::{ClientLabels, Label, RateLimitedLabels};
 use crate::shared::Shared;
 
 #[derive(Clone)]
@@ -68,6 +81,231 @@ fn upstream_rate_limited(resp: &Response<Bytes>) -> bool {
             .is_some_and(|c| c == "RATE_LIMITED")
 }
 
+/// A request that passed: the `RateLimit-Policy` and `RateLimit` items to add, if any.
+type Passed = Option<(HeaderValue, HeaderValue)>;
+
+fn count(shared: &Shared, client: &ClientSettings, reason: Arc<str>, shadow: bool) {
+    shared
+        .process
+        .metrics
+        .rate_limited
+        .get_or_create(&RateLimitedLabels {
+            client: Label(client.name.clone()),
+            reason: Label(reason),
+            shadow,
+        })
+        .inc();
+}
+
+fn cooldown_refusal(shared: &Shared, account: &str, left: Duration) -> GatewayError {
+    GatewayError::RateLimited {
+        message: format!(
+            "account {account} was rate limited by LinkupAPI and is held back for {} s; retry in {} s",
+            shared.limits.cooldown.as_secs(),
+            secs(left)
+        ),
+        retry_after: left,
+        policy: None,
+        state: None,
+    }
+}
+
+fn limit_message(
+    limiter: &Limiter,
+    account: Option<&Arc<str>>,
+    client: &ClientSettings,
+    wait: Duration,
+) -> String {
+    let who = match account {
+        Some(a) => format!("account {a}"),
+        None => format!("client `{}` (requests without an account)", client.name),
+    };
+    let rule = match &*limiter.name {
+        "account" => String::new(),
+        name => format!(" by rule `{name}`"),
+    };
+    format!(
+        "{who} is limited to {}{rule}; retry in {} s",
+        limiter.quota,
+        secs(wait)
+    )
+}
+
+fn limit_refusal(limiter: &Limiter, message: String, wait: Duration) -> GatewayError {
+    GatewayError::RateLimited {
+        message,
+        retry_after: wait,
+        policy: Some(limiter.policy.clone()),
+        state: Some(ratelimit_item(limiter, 0, wait)),
+    }
+}
+
+/// The per-replica check (embedded mode, and fleet mode while the store is down with
+/// `limits = "local"`).
+fn check_local(
+    shared: &Shared,
+    path: &str,
+    ctx: &RequestContext,
+    client: &ClientSettings,
+) -> Result<Passed, GatewayError> {
+    let limits = &shared.limits;
+    let account = ctx.account_id.as_ref();
+    let (limiter, shadow) = limits.for_request(path, ctx.action.as_deref());
+    if let Some(a) = account {
+        if let Some(left) = limits.cooldowns.remaining(a) {
+            count(shared, client, Arc::from("cooldown"), limits.default_shadow);
+            if limits.default_shadow {
+                tracing::info!(account = %a, shadow = true, "would refuse: upstream 429 cooldown");
+            } else {
+                return Err(cooldown_refusal(shared, a, left));
+            }
+        }
+    }
+    let subject = match account {
+        Some(a) => Subject::Account(a.clone()),
+        None => Subject::Client(client.name.clone()),
+    };
+    match limiter.check(&subject) {
+        Verdict::Allow { remaining, reset } => Ok(Some((
+            limiter.policy.clone(),
+            ratelimit_item(limiter, remaining, reset),
+        ))),
+        Verdict::Deny { wait } => {
+            count(shared, client, limiter.name.clone(), shadow);
+            let message = limit_message(limiter, account, client, wait);
+            if shadow {
+                tracing::info!(shadow = true, "would refuse: {message}");
+                Ok(None)
+            } else {
+                Err(limit_refusal(limiter, message, wait))
+            }
+        }
+    }
+}
+
+/// Fleet mode: the whole decision in one round trip (cooldown, account/rule limit, per-client
+/// limit, budget reservation; all or nothing). `Err(Unavailable)`: the store cannot be used.
+async fn check_fleet(
+    shared: &Shared,
+    fleet: &Fleet,
+    path: &str,
+    ctx: &RequestContext,
+    client: &ClientSettings,
+    cost: u64,
+    day: i64,
+) -> Result<Result<Passed, GatewayError>, Unavailable> {
+    let limits = &shared.limits;
+    let account = ctx.account_id.as_ref();
+    let (limiter, shadow) = limits.for_request(path, ctx.action.as_deref());
+    let subject = match account {
+        Some(a) => Subject::Account(a.clone()),
+        None => Subject::Client(client.name.clone()),
+    };
+    let client_subject = Subject::Client(client.name.clone());
+    let client_limiter = limits.clients.get(&client.name);
+    let r = AdmitRequest {
+        cooldown: account.map(|a| (&**a, limits.default_shadow)),
+        limit: Some(LimitCheck {
+            limiter,
+            subject: &subject,
+            shadow,
+        }),
+        client: client_limiter.map(|l| LimitCheck {
+            limiter: l,
+            subject: &client_subject,
+            shadow: client.shadow,
+        }),
+        budget: Some(BudgetCheck {
+            client: &client.name,
+            cost,
+            budget: client.daily_credit_budget,
+            enforce: !client.shadow,
+            day,
+        }),
+    };
+    let admission = fleet.admit(&r).await?;
+    let m = &shared.process.metrics;
+    Ok(match admission {
+        Admission::Allowed {
+            limit,
+            shadowed,
+            standing,
+        } => {
+            if shadowed.cooldown {
+                count(shared, client, Arc::from("cooldown"), true);
+                tracing::info!(account = ?account, shadow = true, "would refuse: upstream 429 cooldown");
+            }
+            if shadowed.limit {
+                count(shared, client, limiter.name.clone(), true);
+                tracing::info!(
+                    shadow = true,
+                    "would refuse: {}",
+                    limit_message(limiter, account, client, Duration::ZERO)
+                );
+            }
+            if shadowed.client {
+                count(shared, client, Arc::from("client"), true);
+                tracing::info!(client = %client.name, shadow = true, "would refuse: client rate limit");
+            }
+            if shadowed.budget {
+                m.budget_shadow_refusals
+                    .get_or_create(&ClientLabels {
+                        client: Label(client.name.clone()),
+                    })
+                    .inc();
+                tracing::info!(client = %client.name, spent = standing.spent, reserved = standing.reserved, cost, shadow = true, "would refuse: daily credit budget");
+            }
+            publish_standing(&shared.process, client, standing);
+            Ok(limit.map(|(remaining, reset)| {
+                (
+                    limiter.policy.clone(),
+                    ratelimit_item(limiter, remaining, reset),
+                )
+            }))
+        }
+        Admission::Refused {
+            part,
+            wait,
+            standing,
+        } => Err(match part {
+            Part::Cooldown => {
+                count(shared, client, Arc::from("cooldown"), false);
+                let a = account.map(|a| &**a).unwrap_or("");
+                cooldown_refusal(shared, a, wait)
+            }
+            Part::Limit => {
+                count(shared, client, limiter.name.clone(), false);
+                limit_refusal(limiter, limit_message(limiter, account, client, wait), wait)
+            }
+            Part::Client => {
+                count(shared, client, Arc::from("client"), false);
+                let l = client_limiter.unwrap_or(limiter);
+                GatewayError::RateLimited {
+                    message: format!(
+                        "client `{}` is limited to {}; retry in {} s",
+                        client.name,
+                        l.quota,
+                        secs(wait)
+                    ),
+                    retry_after: wait,
+                    policy: Some(l.policy.clone()),
+                    state: Some(ratelimit_item(l, 0, wait)),
+                }
+            }
+            Part::Budget => {
+                publish_standing(&shared.process, client, standing);
+                GatewayError::InsufficientCredits(format!(
+                    "client `{}` has a daily budget of {} credits; {} spent and {} reserved today, and this request would cost {cost}",
+                    client.name,
+                    client.daily_credit_budget.unwrap_or(0),
+                    standing.spent,
+                    standing.reserved
+                ))
+            }
+        }),
+    })
+}
+
 impl<S> Service<Request<Bytes>> for AccountLimit<S>
 where
     S: Service<Request<Bytes>, Response = Response<Bytes>, Error = GatewayError>
@@ -84,103 +322,88 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Bytes>) -> Self::Future {
         let shared = self.shared.clone();
-        let limits = &shared.limits;
         let (Some(ctx), Some(client)) = (
-            req.extensions().get::<RequestContext>(),
-            req.extensions().get::<Arc<ClientSettings>>(),
+            req.extensions().get::<RequestContext>().cloned(),
+            req.extensions().get::<Arc<ClientSettings>>().cloned(),
         ) else {
             // Not classified (a test stack without classify): nothing to key on.
             return Box::pin(self.inner.call(req));
         };
-        let count = |reason: Arc<str>, shadow: bool| {
-            shared
-                .process
-                .metrics
-                .rate_limited
-                .get_or_create(&RateLimitedLabels {
-                    client: Label(client.name.clone()),
-                    reason: Label(reason),
-                    shadow,
-                })
-                .inc();
+        let inner = take_ready(&mut self.inner);
+        let Some(fleet) = shared.process.fleet.clone() else {
+            // Embedded mode.
+            let passed = match check_local(&shared, req.uri().path(), &ctx, &client) {
+                Ok(p) => p,
+                Err(e) => return Box::pin(async move { Err(e) }),
+            };
+            return Box::pin(forward(shared, inner, req, ctx.account_id, passed));
         };
-        let account = ctx.account_id.clone();
-        let (limiter, shadow) = limits.for_request(req.uri().path(), ctx.action.as_deref());
-
-        if let Some(a) = &account {
-            if let Some(left) = limits.cooldowns.remaining(a) {
-                count(Arc::from("cooldown"), limits.default_shadow);
-                if limits.default_shadow {
-                    tracing::info!(account = %a, shadow = true, "would refuse: upstream 429 cooldown");
-                } else {
-                    let e = GatewayError::RateLimited {
-                        message: format!(
-                            "account {a} was rate limited by LinkupAPI and is held back for {} s; retry in {} s",
-                            limits.cooldown.as_secs(),
-                            secs(left)
-                        ),
-                        retry_after: left,
-                        policy: None,
-                        state: None,
-                    };
-                    return Box::pin(async move { Err(e) });
-                }
-            }
-        }
-
-        let subject = match &account {
-            Some(a) => Subject::Account(a.clone()),
-            None => Subject::Client(client.name.clone()),
-        };
-        let headers = match limiter.check(&subject) {
-            Verdict::Allow { remaining, reset } => Some(ratelimit_item(limiter, remaining, reset)),
-            Verdict::Deny { wait } => {
-                count(limiter.name.clone(), shadow);
-                let who = match &account {
-                    Some(a) => format!("account {a}"),
-                    None => format!("client `{}` (requests without an account)", client.name),
-                };
-                let rule = match &*limiter.name {
-                    "account" => String::new(),
-                    name => format!(" by rule `{name}`"),
-                };
-                let message = format!(
-                    "{who} is limited to {}{rule}; retry in {} s",
-                    limiter.quota,
-                    secs(wait)
-                );
-                if shadow {
-                    tracing::info!(shadow = true, "would refuse: {message}");
-                    None
-                } else {
-                    let e = GatewayError::RateLimited {
-                        message,
-                        retry_after: wait,
-                        policy: Some(limiter.policy.clone()),
-                        state: Some(ratelimit_item(limiter, 0, wait)),
-                    };
-                    return Box::pin(async move { Err(e) });
-                }
-            }
-        };
-        let policy = limiter.policy.clone();
-        let mut inner = take_ready(&mut self.inner);
         Box::pin(async move {
-            let mut resp = inner.call(req).await?;
-            if let Some(state) = headers {
-                resp.headers_mut().append(RATELIMIT_POLICY, policy);
-                resp.headers_mut().append(RATELIMIT, state);
-            }
-            if let Some(a) = account {
-                if upstream_rate_limited(&resp) {
-                    let limits = &shared.limits;
-                    tracing::warn!(account = %a, cooldown_s = limits.cooldown.as_secs(), "LinkupAPI rate limited the account; holding it back");
-                    limits.cooldowns.hold(a, limits.cooldown);
+            let path = req.uri().path().to_owned();
+            let cost = shared.settings.costs.expected(&path, ctx.action.as_deref());
+            let day = utc_day(now_ms());
+            let decided = if fleet.is_up() {
+                check_fleet(&shared, &fleet, &path, &ctx, &client, cost, day).await
+            } else {
+                Err(Unavailable)
+            };
+            let passed = match decided {
+                Ok(Ok(passed)) => {
+                    req.extensions_mut().insert(FleetReserved { cost, day });
+                    passed
                 }
-            }
-            Ok(resp)
+                Ok(Err(refusal)) => return Err(refusal),
+                Err(Unavailable) => {
+                    if cost > 0 && fleet.budgets_on_failure == OnFailure::Deny {
+                        // Refused before a local limit cell is taken for it.
+                        fleet.fell_back("budgets", OnFailure::Deny);
+                        return Err(GatewayError::StoreUnavailable(
+                            "the shared budget store is unavailable and fleet.on_store_failure.budgets is \"deny\"; requests that cost credits are refused until it is back; retry shortly".into(),
+                        ));
+                    }
+                    if cost > 0 && fleet.limits_on_failure == OnFailure::Deny {
+                        fleet.fell_back("limits", OnFailure::Deny);
+                        return Err(GatewayError::StoreUnavailable(
+                            "the shared rate-limit store is unavailable and fleet.on_store_failure.limits is \"deny\"; retry shortly".into(),
+                        ));
+                    }
+                    fleet.fell_back("limits", OnFailure::Local);
+                    // The per-client limit was already checked per replica (client_limit).
+                    check_local(&shared, &path, &ctx, &client)?
+                }
+            };
+            forward(shared, inner, req, ctx.account_id, passed).await
         })
     }
+}
+
+async fn forward<S>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    req: Request<Bytes>,
+    account: Option<Arc<str>>,
+    passed: Passed,
+) -> Result<Response<Bytes>, GatewayError>
+where
+    S: Service<Request<Bytes>, Response = Response<Bytes>, Error = GatewayError>,
+{
+    let mut resp = inner.call(req).await?;
+    if let Some((policy, state)) = passed {
+        resp.headers_mut().append(RATELIMIT_POLICY, policy);
+        resp.headers_mut().append(RATELIMIT, state);
+    }
+    if let Some(a) = account {
+        if upstream_rate_limited(&resp) {
+            let limits = &shared.limits;
+            tracing::warn!(account = %a, cooldown_s = limits.cooldown.as_secs(), "LinkupAPI rate limited the account; holding it back");
+            if let Some(fleet) = &shared.process.fleet {
+                // Every replica holds it back; the local hold covers a store outage.
+                let _ = fleet.hold(&a, limits.cooldown).await;
+            }
+            limits.cooldowns.hold(a, limits.cooldown);
+        }
+    }
+    Ok(resp)
 }

@@ -1,5 +1,15 @@
 //! client_limit: the per-client `requests_per_second`, checked right after authentication and
 //! before the body is read or parsed, so a flood of malformed bodies is limited too.
+//!
+//! Fleet mode: the global per-client limit is checked in the store by `account_limit`'s one
+//! round trip (where the body has been read and the account is known); this layer stays as a
+//! per-replica pre-filter, with no round trip. It can only refuse what the global limit would
+//! refuse too: a replica's traffic is a subset of the fleet's, so with the same quota and burst
+//! its bucket is never fuller than the fleet's (one caveat: a cell this pre-filter took for a
+//! request that the store then refused for another reason stays taken here; that slack is at
+//! most one emission interval per such refusal). Requests that never reach
+//! `account_limit` (cache hits, coalesced followers, malformed bodies) are limited only per
+//! replica.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};

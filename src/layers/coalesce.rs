@@ -28,8 +28,10 @@ use tracing::Instrument;
 
 use super::status_cache::{self, StatusStore};
 use super::{take_ready, BoxFuture};
+use crate::config::OnFailure;
 use crate::context::{AnsweredBy, RequestContext, RequestLog};
 use crate::error::GatewayError;
+use crate::fleet::{FlightRole, RemoteAnswer};
 use crate::shared::Process;
 
 pub const X_GATEWAY_COALESCED: &str = "x-gateway-coalesced";
@@ -50,6 +52,59 @@ enum Outcome {
 }
 
 impl Outcome {
+    /// Another replica's answer (fleet mode).
+    fn from_remote(a: RemoteAnswer) -> Outcome {
+        match a {
+            RemoteAnswer::Answer {
+                status,
+                headers,
+                body,
+            } => Outcome::Answer {
+                status,
+                version: Version::HTTP_11,
+                headers,
+                body,
+            },
+            RemoteAnswer::Failed {
+                timeout: Some(t), ..
+            } => Outcome::Failed(GatewayError::UpstreamTimeout(t)),
+            RemoteAnswer::Failed { message, .. } => {
+                Outcome::Failed(GatewayError::UpstreamUnavailable {
+                    message,
+                    maybe_sent: true,
+                })
+            }
+        }
+    }
+
+    /// What the other replicas get; `None`: nothing to share (a refusal of this caller, or no
+    /// call), they go on by themselves.
+    fn to_remote(&self) -> Option<RemoteAnswer> {
+        match self {
+            Outcome::Answer {
+                status,
+                headers,
+                body,
+                ..
+            } => Some(RemoteAnswer::Answer {
+                status: *status,
+                headers: headers.clone(),
+                body: body.clone(),
+            }),
+            Outcome::Failed(GatewayError::UpstreamTimeout(t)) => Some(RemoteAnswer::Failed {
+                timeout: Some(*t),
+                message: GatewayError::UpstreamTimeout(*t).to_string(),
+            }),
+            Outcome::Failed(GatewayError::UpstreamUnavailable { message, .. }) => {
+                Some(RemoteAnswer::Failed {
+                    timeout: None,
+                    message: message.clone(),
+                })
+            }
+            Outcome::Failed(_) | Outcome::Connected => None,
+        }
+    }
+
     fn of(result: &Result<Response<Bytes>, GatewayError>) -> Outcome {
         match result {
             Ok(r) => Outcome::Answer {
@@ -289,6 +344,58 @@ where
                                 return Ok(status_cache::hit(&account, log.as_ref(), &cfg.process));
                             }
                         }
+                        // Fleet mode: one call for the whole fleet. Only this submit (the
+                        // local leader) talks to the store; local followers wait on `tx`.
+                        let mut lease = None;
+                        if let Some(fleet) = &cfg.process.fleet {
+                            loop {
+                                if !fleet.is_up() {
+                                    fleet.fell_back("coalesce", OnFailure::Local);
+                                    break;
+                                }
+                                match fleet.flight(&account, code.as_deref(), deadline).await {
+                                    Ok(FlightRole::Leader(l)) => {
+                                        lease = Some(l);
+                                        break;
+                                    }
+                                    Ok(FlightRole::Answer(a)) => {
+                                        let outcome = Arc::new(Outcome::from_remote(a));
+                                        drop(guard);
+                                        tx.send_replace(Some(outcome.clone()));
+                                        if let Some(log) = &log {
+                                            log.set_credits(0);
+                                        }
+                                        cfg.process.metrics.checkpoint_coalesced.inc();
+                                        return outcome.copy();
+                                    }
+                                    Ok(FlightRole::Ended) => {
+                                        // Another code's call ended on another replica; it
+                                        // may have connected the account.
+                                        if let Some(store) = &cfg.store {
+                                            if store.is_connected(&account).await {
+                                                drop(guard);
+                                                tx.send_replace(Some(Arc::new(Outcome::Connected)));
+                                                return Ok(status_cache::hit(
+                                                    &account,
+                                                    log.as_ref(),
+                                                    &cfg.process,
+                                                ));
+                                            }
+                                        }
+                                    }
+                                    Ok(FlightRole::TimedOut) => {
+                                        let e = GatewayError::UpstreamTimeout(timeout);
+                                        drop(guard);
+                                        tx.send_replace(Some(Arc::new(Outcome::Failed(e.clone()))));
+                                        return Err(e);
+                                    }
+                                    Err(_) => {
+                                        fleet.fell_back("coalesce", OnFailure::Local);
+                                        break;
+                                    }
+                                }
+                            }
+                        }
                         let (mine_tx, mine) = oneshot::channel();
                         let call = inner.call(req);
                         let (store, account) = (cfg.store.clone(), account.clone());
@@ -304,6 +411,14 @@ where
                                 store.learn("checkpoint", Some(&account), resp).await;
                             }
                             let outcome = Arc::new(Outcome::of(&result));
+                            // The other replicas' followers get it too (or, for a refusal of
+                            // this caller, the lease back).
+                            if let Some(lease) = lease {
+                                let _ = match outcome.to_remote() {
+                                    Some(remote) => lease.publish(&remote).await,
+                                    None => lease.release().await,
+                                };
+                            }
                             // The entry goes before the answer: a submit arriving from now on
                             // starts afresh instead of taking a finished answer.
                             drop(guard);

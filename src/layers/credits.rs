@@ -19,10 +19,12 @@ use serde::Deserialize;
 use tower::{Layer, Service};
 
 use super::{take_ready, BoxFuture};
-use crate::budgets::{now_ms, utc_day};
+use crate::budgets::{now_ms, utc_day, Standing};
 use crate::config::ClientSettings;
+use crate::config::OnFailure;
 use crate::context::{AnsweredBy, RequestContext, RequestLog};
 use crate::error::GatewayError;
+use crate::fleet::FleetReserved;
 use crate::ledger::{Outcome, Row};
 use crate::metrics::{AccountLabels, ActionLabels, ClientLabels, Label, OutcomeLabels};
 use crate::shared::{Process, Shared};
@@ -122,6 +124,27 @@ struct Pending {
     request_id: String,
     cost: u64,
     day: i64,
+    /// The reservation is in the fleet store: settle it there.
+    shared_budget: bool,
+}
+
+/// Replace the request's reservation by what was charged: in the fleet store (off the
+/// caller's path, retried while the store is down) or in the process's budgets.
+fn settle(shared: &Arc<Shared>, p: &Pending, charged: u64) {
+    let process = &shared.process;
+    if let (true, Some(fleet)) = (p.shared_budget, &process.fleet) {
+        let (proc2, client) = (process.clone(), p.client.clone());
+        fleet.settle_eventually(p.client.name.clone(), p.day, p.cost, charged, move |s| {
+            if let Some(s) = s {
+                publish_standing(&proc2, &client, s);
+            }
+        });
+        return;
+    }
+    process
+        .budgets
+        .settle(&p.client.name, p.cost, charged, p.day);
+    publish_budget(process, &p.client, p.day);
 }
 
 impl<S> Service<Request<Bytes>> for Credits<S>
@@ -153,29 +176,54 @@ where
             .costs
             .expected(req.uri().path(), action.as_deref());
         let process = &shared.process;
+        // Fleet mode: account_limit reserved this request's budget in the store already.
+        let fleet_reserved = req.extensions().get::<FleetReserved>().copied();
 
         if cost > 0 {
-            if process.credit_state.ledger_failing.load(Ordering::Acquire) {
-                return Box::pin(async { Err(GatewayError::LedgerUnavailable) });
-            }
-            if process
+            let refusal = if process.credit_state.ledger_failing.load(Ordering::Acquire) {
+                Some(GatewayError::LedgerUnavailable)
+            } else if process
                 .credit_state
                 .upstream_exhausted
                 .load(Ordering::Acquire)
             {
+                Some(GatewayError::InsufficientCredits(
+                    "LinkupAPI reported insufficient credits; requests that cost credits are refused until a balance shows again".into(),
+                ))
+            } else {
+                None
+            };
+            if let Some(e) = refusal {
+                if let (Some(r), Some(fleet)) = (fleet_reserved, &process.fleet) {
+                    // Give the store's reservation back.
+                    fleet.settle_eventually(client.name.clone(), r.day, r.cost, 0, |_| {});
+                }
+                return Box::pin(async move { Err(e) });
+            }
+        }
+        let day = fleet_reserved.map_or_else(|| utc_day(now_ms()), |r| r.day);
+        let budget = client.daily_credit_budget;
+        if let (None, Some(fleet)) = (fleet_reserved, &process.fleet) {
+            // The store could not be used for this request's budget.
+            if cost > 0 && fleet.budgets_on_failure == OnFailure::Deny {
+                fleet.fell_back("budgets", OnFailure::Deny);
                 return Box::pin(async {
-                    Err(GatewayError::InsufficientCredits(
-                        "LinkupAPI reported insufficient credits; requests that cost credits are refused until a balance shows again".into(),
+                    Err(GatewayError::StoreUnavailable(
+                        "the shared budget store is unavailable and fleet.on_store_failure.budgets is \"deny\"; requests that cost credits are refused until it is back; retry shortly".into(),
                     ))
                 });
             }
+            if cost > 0 {
+                fleet.fell_back("budgets", OnFailure::Local);
+            }
         }
-        let day = utc_day(now_ms());
-        let budget = client.daily_credit_budget;
-        if let Err(e) = process
-            .budgets
-            .reserve(&client.name, cost, budget, !client.shadow, day)
-        {
+        let reserved = match fleet_reserved {
+            Some(_) => Ok(()),
+            None => process
+                .budgets
+                .reserve(&client.name, cost, budget, !client.shadow, day),
+        };
+        if let Err(e) = reserved {
             let message = format!(
                 "client `{}` has a daily budget of {} credits; {} spent and {} reserved today, and this request would cost {cost}",
                 client.name, e.budget, e.spent, e.reserved
@@ -193,8 +241,11 @@ where
                 return Box::pin(async move { Err(GatewayError::InsufficientCredits(message)) });
             }
         }
-        publish_budget(process, &client, day);
+        if fleet_reserved.is_none() {
+            publish_budget(process, &client, day);
+        }
         let pending = Pending {
+            shared_budget: fleet_reserved.is_some(),
             account: ctx.and_then(|c| c.account_id.clone()),
             action,
             path: req.uri().path().to_owned(),
@@ -270,15 +321,11 @@ where
         }
         // Never sent: nothing charged, no row.
         Err(_) => {
-            process.budgets.settle(&p.client.name, p.cost, 0, p.day);
-            publish_budget(process, &p.client, p.day);
+            settle(&shared, &p, 0);
             return result;
         }
     };
-    process
-        .budgets
-        .settle(&p.client.name, p.cost, charged, p.day);
-    publish_budget(process, &p.client, p.day);
+    settle(&shared, &p, charged);
     if let Some(log) = &log {
         log.set_credits(charged);
     }
@@ -356,7 +403,11 @@ pub async fn record(process: &Process, row: Row) {
 }
 
 fn publish_budget(process: &Process, client: &ClientSettings, day: i64) {
-    let standing = process.budgets.standing(&client.name, day);
+    publish_standing(process, client, process.budgets.standing(&client.name, day));
+}
+
+/// Set the budget gauges from a client's standing (local, or the fleet store's).
+pub(crate) fn publish_standing(process: &Process, client: &ClientSettings, standing: Standing) {
     let labels = ClientLabels {
         client: Label(client.name.clone()),
     };
