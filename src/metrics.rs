@@ -112,8 +112,9 @@ pub struct PartLabels {
     pub decision: &'static str,
 }
 
-/// A fleet store operation: `admit`, `settle`, `cooldown`, `status_get`, `status_set`,
-/// `status_forget`, `lease`, `lease_renew`, `lease_wait`, `publish`, `probe`, `reseed`.
+/// A fleet store operation: `admit`, `settle`, `cooldown`, `standing`, `status_get`,
+/// `status_set`, `status_forget`, `lease`, `lease_renew`, `lease_wait`, `lease_release`,
+/// `publish`, `probe`, `reseed`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
     pub op: &'static str,

@@ -26,21 +26,28 @@
 //! Scripts (see `scripts.rs`) run with `EVALSHA` (reloaded by `redis::Script` after a restart)
 //! and read the server clock (`TIME`), so replica clocks do not matter.
 //!
-//! - A request that reaches `account_limit` (it will be forwarded): **1 round trip**, the
-//!   `admit` script: upstream-429 cooldown, account/rule GCRA, per-client GCRA and the budget
-//!   reservation, all or nothing (nothing is consumed when any part refuses). After the
-//!   answer, **1 more**, `settle` (off the caller's path: it runs on the call's own task,
-//!   after the ledger row, and is retried while the store is down).
-//! - An upstream RATE_LIMITED: 1 more (`SET cool PX`).
+//! - A request that reaches `account_limit` (it is about to be forwarded): **1 round trip on
+//!   the caller's path**, the `admit` script: upstream-429 cooldown, account/rule GCRA,
+//!   per-client GCRA and the budget reservation, all or nothing (nothing is consumed when any
+//!   part refuses; a refusal costs that one round trip and nothing else). After the answer,
+//!   **1 more off the caller's path**, `settle`, on the call's own task (retried every 500 ms
+//!   while the store is down, for up to an hour); skipped when nothing was reserved and
+//!   nothing charged (a free request).
+//! - An upstream RATE_LIMITED answer: 1 more (`SET cool PX`).
 //! - `POST /v2/checkpoint`: the status lookup is served from the replica's local copy
-//!   (`fleet.local_status_ttl`) or costs 1 `GET`; a learned status costs 1 (`SET` + `PUBLISH`
-//!   pipelined). A cache hit costs 0 or 1 round trip and nothing else. A checkpoint that goes
-//!   upstream: 1 for the lease (`SET NX PX GET`), 1 per renewal (every lease/3) while the call
-//!   runs, 1 to publish the answer; a follower on another replica: the lease attempt, 1 `GET`
-//!   of the stored answer, then it waits for the pub/sub message (polling the lease and the
-//!   answer every `lease/4`, at most 500 ms, to notice a dead leader).
-//! - Requests that cost nothing and never reach `account_limit` (cache hits, coalesced
-//!   followers, refusals above it): 0.
+//!   (`fleet.local_status_ttl`, unknown accounts included) or costs 1 `GET`; a cache hit costs
+//!   that and nothing else. A checkpoint that goes upstream: the lookup, 1 for the lease
+//!   (`SET NX PX GET`), the `admit` and `settle` above, 1 for what the answer teaches the
+//!   status cache (`SET PX` + `PUBLISH`, pipelined), 1 to publish the answer (store, release,
+//!   `PUBLISH`, one script), and 1 per renewal every lease/3 while the call runs. A follower on
+//!   another replica: the lookup, the lease attempt, 1 pipelined `GET` of the stored answer
+//!   and the lease, then it waits for the pub/sub message (re-reading both every lease/4,
+//!   50–500 ms, to notice a dead leader). Followers on the same replica as a leader or
+//!   follower cost nothing (the local `Flights` dedupe first).
+//! - Requests the layers above `account_limit` answer or refuse (cache hits aside): 0.
+//! - In the background, per replica: the probe (`PING` + `EXISTS marker`, pipelined) every
+//!   500 ms, and one pub/sub connection. `linkup_gateway_fleet_round_trips_total{op}` counts
+//!   all of them by operation (`probe` included, so per-request figures leave it out).
 //!
 //! # Failure
 //!
@@ -62,7 +69,14 @@
 //! only if it was written before the reseed read the ledger); a settle of a request forwarded
 //! before the restart that lands after the reseed, whose ledger row the reseed already counted,
 //! is counted twice (errs on the safe side: the budget is spent early, never overshot). Rate
-//! limit buckets and cooldowns start afresh, as after a local restart.
+//! limit buckets and cooldowns start afresh, as after a local restart. With per-replica SQLite
+//! ledgers instead of one shared ledger, the first replica's spending wins the reseed.
+//!
+//! While the breaker is open, the replica's status cache is its own and starts from what it
+//! learns during the outage (whatever it learned while the store was up went to the store),
+//! and checkpoint coalescing is per replica (two replicas may then each make one call). The
+//! `linkup_gateway_status_cache_entries` gauge counts only the replica's own entries, so in
+//! fleet mode it shows what was learned during outages.
 
 mod admit;
 mod lease;

@@ -324,22 +324,30 @@ where
 
     fn call(&mut self, mut req: Request<Bytes>) -> Self::Future {
         let shared = self.shared.clone();
+        let Some(fleet) = shared.process.fleet.clone() else {
+            // Embedded mode: nothing of fleet mode on this path.
+            let (Some(ctx), Some(client)) = (
+                req.extensions().get::<RequestContext>(),
+                req.extensions().get::<Arc<ClientSettings>>(),
+            ) else {
+                // Not classified (a test stack without classify): nothing to key on.
+                return Box::pin(self.inner.call(req));
+            };
+            let passed = match check_local(&shared, req.uri().path(), ctx, client) {
+                Ok(p) => p,
+                Err(e) => return Box::pin(async move { Err(e) }),
+            };
+            let account = ctx.account_id.clone();
+            let inner = take_ready(&mut self.inner);
+            return Box::pin(forward(shared, inner, req, account, passed));
+        };
         let (Some(ctx), Some(client)) = (
             req.extensions().get::<RequestContext>().cloned(),
             req.extensions().get::<Arc<ClientSettings>>().cloned(),
         ) else {
-            // Not classified (a test stack without classify): nothing to key on.
             return Box::pin(self.inner.call(req));
         };
         let inner = take_ready(&mut self.inner);
-        let Some(fleet) = shared.process.fleet.clone() else {
-            // Embedded mode.
-            let passed = match check_local(&shared, req.uri().path(), &ctx, &client) {
-                Ok(p) => p,
-                Err(e) => return Box::pin(async move { Err(e) }),
-            };
-            return Box::pin(forward(shared, inner, req, ctx.account_id, passed));
-        };
         Box::pin(async move {
             let path = req.uri().path().to_owned();
             let cost = shared.settings.costs.expected(&path, ctx.action.as_deref());
