@@ -9,13 +9,15 @@
 //! to them over channels; [`PostgresLedger::open`] works from sync code and from inside a
 //! runtime alike.
 //!
-//! **Writes.** The writer drains everything queued into one transaction (group commit): the
-//! rows as one `INSERT ... SELECT FROM UNNEST(arrays)`, then the batch's sums, aggregated in
-//! memory, as one upsert per aggregate table with its keys sorted (replicas lock aggregate rows
-//! in one order, so they cannot deadlock). Each row carries a `row_uid` (128 random bits made
-//! when the row is queued) under a UNIQUE index; rows are inserted `ON CONFLICT (row_uid) DO
-//! NOTHING RETURNING row_uid`, and only the rows actually inserted are added to the
-//! aggregates, so a batch retried after a lost commit acknowledgement is never counted twice.
+//! **Writes.** The writer drains everything queued into one statement, so one round trip and
+//! one (implicit) transaction per batch (group commit): the rows as arrays, one per column,
+//! `UNNEST`ed into `ledger_rows`, and, in data-modifying CTEs of the same statement, the sums
+//! of the rows actually inserted upserted into each aggregate table with their keys sorted
+//! (replicas lock aggregate rows in one order). Each row carries a `row_uid` (128 random bits
+//! made when the row is queued) under a UNIQUE index; rows go in with `ON CONFLICT (row_uid)
+//! DO NOTHING RETURNING row_uid` and only those returned are summed, so a batch retried after
+//! a lost commit acknowledgement is never counted twice. Day and month keys are computed by
+//! the gateway (UTC), as SQLite's are. A deadlock or serialization failure is retried at once.
 //! With `sync = "before_response"` a caller is answered once the transaction has committed
 //! (the writer's session runs with `synchronous_commit = on`: committed is durable); with
 //! `"async"` once the row is queued, and [`Ledger::flush`] waits for the commits.
@@ -46,7 +48,7 @@
 //!
 //! The URL may hold a password: errors and logs name the host, port and database only.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -66,7 +68,7 @@ use tokio::sync::oneshot;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::sqlite::{month_key, whole_months};
-use super::{day_key, day_of, GroupBy, Ledger, LedgerError, Outcome, Row, UsageQuery, UsageRow};
+use super::{day_key, day_of, GroupBy, Ledger, LedgerError, Row, UsageQuery, UsageRow};
 use crate::config::LedgerSync;
 use crate::layers::BoxFuture;
 
@@ -138,17 +140,7 @@ const MIGRATIONS: &[&str] = &[
 /// `pg_advisory_xact_lock` key serializing migrations across replicas ("linkuplg").
 const MIGRATION_LOCK: i64 = 0x6c69_6e6b_7570_6c67;
 
-const INSERT_ROWS: &str = "INSERT INTO ledger_rows
-    (row_uid, at_ms, request_id, client, account_id, path, action, status, credits,
-     credits_known, outcome)
-    SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[],
-                         $6::text[], $7::text[], $8::int4[], $9::int8[], $10::bool[],
-                         $11::text[])
-    ON CONFLICT (row_uid) DO NOTHING
-    RETURNING row_uid";
-
-/// The aggregate tables, in the order a transaction upserts them, and whether their key has
-/// the account.
+/// The aggregate tables: name, period column, whether the key has the account.
 const AGGREGATES: [(&str, &str, bool); 4] = [
     ("usage_daily", "day", true),
     ("usage_monthly", "month", true),
@@ -156,27 +148,54 @@ const AGGREGATES: [(&str, &str, bool); 4] = [
     ("usage_monthly_no_account", "month", false),
 ];
 
-fn upsert_sql(table: &str, period: &str, with_account: bool) -> String {
-    let (account_col, account_arg, n) = if with_account {
-        ("account, ", "$3::text[], ", 3)
-    } else {
-        ("", "", 2)
-    };
-    format!(
-        "INSERT INTO {table} AS t ({period}, client, {account_col}action, outcome, requests, \
-         credits, unknown) \
-         SELECT * FROM UNNEST($1::text[], $2::text[], {account_arg}${a}::text[], \
-                              ${o}::text[], ${r}::int8[], ${c}::int8[], ${u}::int8[]) \
-         ON CONFLICT ({period}, client, {account_col}action, outcome) DO UPDATE SET \
-             requests = t.requests + excluded.requests, \
-             credits = t.credits + excluded.credits, \
-             unknown = t.unknown + excluded.unknown",
-        a = n + 1,
-        o = n + 2,
-        r = n + 3,
-        c = n + 4,
-        u = n + 5,
-    )
+/// One statement, so one round trip and one implicit transaction per batch: insert the rows
+/// (arrays, one per column, plus each row's day and month keys computed by the gateway)
+/// skipping any `row_uid` already there, then add only the rows actually inserted to each
+/// aggregate table, their keys in sorted order (replicas lock aggregate rows in one order).
+fn write_sql() -> String {
+    let mut sql = String::from(
+        "WITH input AS (
+            SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[],
+                                 $6::text[], $7::text[], $8::int4[], $9::int8[], $10::bool[],
+                                 $11::text[], $12::text[], $13::text[])
+                AS i (row_uid, at_ms, request_id, client, account_id, path, action, status,
+                      credits, credits_known, outcome, day, month)
+        ),
+        ins AS (
+            INSERT INTO ledger_rows (row_uid, at_ms, request_id, client, account_id, path,
+                                     action, status, credits, credits_known, outcome)
+            SELECT row_uid, at_ms, request_id, client, account_id, path, action, status,
+                   credits, credits_known, outcome
+            FROM input
+            ON CONFLICT (row_uid) DO NOTHING
+            RETURNING row_uid
+        ),
+        new AS (SELECT input.* FROM input JOIN ins USING (row_uid))",
+    );
+    for (table, period, with_account) in AGGREGATES {
+        let (account_col, account_val, keys) = if with_account {
+            ("account, ", "COALESCE(account_id, ''), ", "1, 2, 3, 4, 5")
+        } else {
+            ("", "", "1, 2, 3, 4")
+        };
+        let _ = write!(
+            sql,
+            ",
+        {table} AS (
+            INSERT INTO {table} AS t ({period}, client, {account_col}action, outcome,
+                                     requests, credits, unknown)
+            SELECT {period}, client, {account_val}COALESCE(action, ''), outcome, count(*),
+                   sum(credits), count(*) FILTER (WHERE NOT credits_known)
+            FROM new GROUP BY {keys} ORDER BY {keys}
+            ON CONFLICT ({period}, client, {account_col}action, outcome) DO UPDATE SET
+                requests = t.requests + excluded.requests,
+                credits = t.credits + excluded.credits,
+                unknown = t.unknown + excluded.unknown
+        )"
+        );
+    }
+    sql.push_str("\n        SELECT count(*) FROM ins");
+    sql
 }
 
 /// Most rows one transaction takes: bounds the latency of the first waiter in a batch, and
@@ -625,25 +644,16 @@ fn describe(e: &postgres::Error) -> String {
     out
 }
 
-/// A connection and the writer's statements, prepared on it.
+/// A connection and the writer's statement, prepared on it.
 struct Conn {
     client: Client,
-    insert: Statement,
-    upserts: Vec<Statement>,
+    write: Statement,
 }
 
 impl Conn {
     fn prepare(mut client: Client) -> Result<Conn, postgres::Error> {
-        let insert = client.prepare(INSERT_ROWS)?;
-        let upserts = AGGREGATES
-            .iter()
-            .map(|(t, p, a)| client.prepare(&upsert_sql(t, p, *a)))
-            .collect::<Result<_, _>>()?;
-        Ok(Conn {
-            client,
-            insert,
-            upserts,
-        })
+        let write = client.prepare(&write_sql())?;
+        Ok(Conn { client, write })
     }
 }
 
@@ -937,28 +947,9 @@ impl Writer {
     }
 }
 
-/// One aggregate table's sums in a batch, by (day or month, client, account, action,
-/// outcome); sorted, so every replica locks the aggregate rows in the same order.
-type Aggregate<'a> = BTreeMap<(String, &'a str, &'a str, &'a str, &'static str), Sums>;
-
-#[derive(Default)]
-struct Sums {
-    requests: u64,
-    credits: u64,
-    unknown: u64,
-}
-
-impl Sums {
-    fn add(&mut self, other: &Sums) {
-        self.requests = self.requests.saturating_add(other.requests);
-        self.credits = self.credits.saturating_add(other.credits);
-        self.unknown = self.unknown.saturating_add(other.unknown);
-    }
-}
-
-/// One transaction: the rows not yet in the table, then the sums of those, per table.
+/// One statement (an implicit transaction): the rows not yet in the table, and the sums of
+/// those in the aggregates.
 fn write_rows(conn: &mut Conn, rows: &[Pending]) -> Result<(), postgres::Error> {
-    let mut tx = conn.client.transaction()?;
     let uids: Vec<&str> = rows.iter().map(|p| p.uid.as_str()).collect();
     let at_ms: Vec<i64> = rows.iter().map(|p| p.row.at_ms).collect();
     let request_ids: Vec<&str> = rows.iter().map(|p| p.row.request_id.as_str()).collect();
@@ -970,8 +961,11 @@ fn write_rows(conn: &mut Conn, rows: &[Pending]) -> Result<(), postgres::Error> 
     let credits: Vec<i64> = rows.iter().map(|p| to_i64(p.row.credits)).collect();
     let known: Vec<bool> = rows.iter().map(|p| p.row.credits_known).collect();
     let outcomes: Vec<&str> = rows.iter().map(|p| p.row.outcome.as_str()).collect();
-    let inserted = tx.query(
-        &conn.insert,
+    let days: Vec<Date> = rows.iter().map(|p| day_of(p.row.at_ms)).collect();
+    let day_keys: Vec<String> = days.iter().map(|d| day_key(*d)).collect();
+    let month_keys: Vec<String> = days.iter().map(|d| month_key(*d)).collect();
+    conn.client.query_one(
+        &conn.write,
         &[
             &uids,
             &at_ms,
@@ -984,78 +978,11 @@ fn write_rows(conn: &mut Conn, rows: &[Pending]) -> Result<(), postgres::Error> 
             &credits,
             &known,
             &outcomes,
+            &day_keys,
+            &month_keys,
         ],
     )?;
-    let mut inserted: HashSet<&str> = inserted
-        .iter()
-        .filter_map(|r| r.try_get::<_, &str>(0).ok())
-        .collect();
-    // Only the rows this transaction inserted count: a retried row is already summed.
-    let mut sums: HashMap<(Date, &str, &str, &str, Outcome), Sums> = HashMap::new();
-    for p in rows {
-        if !inserted.remove(p.uid.as_str()) {
-            continue;
-        }
-        let r = &p.row;
-        let key = (
-            day_of(r.at_ms),
-            &*r.client,
-            r.account_id.as_deref().unwrap_or(""),
-            r.action.as_deref().unwrap_or(""),
-            r.outcome,
-        );
-        sums.entry(key).or_default().add(&Sums {
-            requests: 1,
-            credits: r.credits,
-            unknown: u64::from(!r.credits_known),
-        });
-    }
-    if !sums.is_empty() {
-        let mut tables: [Aggregate<'_>; 4] = Default::default();
-        for (&(day, client, account, action, outcome), s) in &sums {
-            let (day, month) = (day_key(day), month_key(day));
-            let outcome = outcome.as_str();
-            for (i, (period, account)) in [
-                (day.clone(), account),
-                (month.clone(), account),
-                (day, ""),
-                (month, ""),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                tables[i]
-                    .entry((period, client, account, action, outcome))
-                    .or_default()
-                    .add(s);
-            }
-        }
-        for ((table, statement), (_, _, with_account)) in
-            tables.iter().zip(&conn.upserts).zip(AGGREGATES)
-        {
-            let periods: Vec<&str> = table.keys().map(|k| k.0.as_str()).collect();
-            let clients: Vec<&str> = table.keys().map(|k| k.1).collect();
-            let accounts: Vec<&str> = table.keys().map(|k| k.2).collect();
-            let actions: Vec<&str> = table.keys().map(|k| k.3).collect();
-            let outcomes: Vec<&str> = table.keys().map(|k| k.4).collect();
-            let requests: Vec<i64> = table.values().map(|s| to_i64(s.requests)).collect();
-            let credits: Vec<i64> = table.values().map(|s| to_i64(s.credits)).collect();
-            let unknown: Vec<i64> = table.values().map(|s| to_i64(s.unknown)).collect();
-            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&periods, &clients];
-            if with_account {
-                params.push(&accounts);
-            }
-            params.extend([
-                &actions as &(dyn ToSql + Sync),
-                &outcomes,
-                &requests,
-                &credits,
-                &unknown,
-            ]);
-            tx.execute(statement, &params)?;
-        }
-    }
-    tx.commit()
+    Ok(())
 }
 
 /// The reader thread's connection.

@@ -470,9 +470,9 @@ async fn throughput() {
     assert_eq!(ledger.totals().unwrap().0, rows);
 }
 
-/// A TCP proxy in front of the server that, once armed, forwards the next `COMMIT` and cuts
-/// the connection when the server has committed, before its answer reaches the ledger: a
-/// commit whose acknowledgement is lost.
+/// A TCP proxy in front of the server that, once armed, forwards the next write of the row
+/// `lost-ack` and cuts the connection when the server has committed it, before its answer
+/// reaches the ledger: a commit whose acknowledgement is lost.
 struct LoseNextCommitAck {
     port: u16,
     armed: Arc<AtomicBool>,
@@ -515,7 +515,7 @@ impl LoseNextCommitAck {
                         if n == 0 {
                             break;
                         }
-                        let commit = buf[..n].windows(6).any(|w| w == b"COMMIT");
+                        let commit = buf[..n].windows(8).any(|w| w == b"lost-ack");
                         if commit && armed.swap(false, Ordering::SeqCst) {
                             hold.store(true, Ordering::SeqCst);
                             server_w.write_all(&buf[..n]).unwrap();
