@@ -84,7 +84,7 @@ mod scripts;
 mod status;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
@@ -143,6 +143,9 @@ pub struct Fleet {
     /// Short local copies of account statuses (`None`: known to be unknown), dropped on a
     /// pub/sub message from another replica.
     local_status: moka::future::Cache<Arc<str>, Option<CachedStatus>>,
+    /// Bumped on every status invalidation: a `GET` that raced with one does not keep its
+    /// (possibly stale) answer as the local copy.
+    status_epoch: AtomicU64,
     /// Followers waiting for a checkpoint answer, by the leader's token.
     flights: Mutex<HashMap<String, watch::Sender<Option<Bytes>>>>,
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
@@ -206,6 +209,7 @@ impl Fleet {
                 .max_capacity(100_000)
                 .time_to_live(local_ttl)
                 .build(),
+            status_epoch: AtomicU64::new(0),
             flights: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
             instance: random_hex(8),
@@ -406,7 +410,7 @@ impl Fleet {
         self.key("budget", &format!("{day}:{client}"))
     }
 
-    fn on_message(&self, payload: &[u8]) {
+    async fn on_message(&self, payload: &[u8]) {
         match payload.split_first() {
             Some((b's', rest)) => {
                 let Ok(text) = std::str::from_utf8(rest) else {
@@ -416,11 +420,9 @@ impl Fleet {
                     return;
                 };
                 if instance != self.instance {
+                    self.status_epoch.fetch_add(1, Ordering::AcqRel);
                     self.metrics.status_invalidations.inc();
-                    let cache = self.local_status.clone();
-                    let account = account.to_owned();
-                    // moka's future cache invalidates asynchronously; cheap.
-                    tokio::spawn(async move { cache.invalidate(account.as_str()).await });
+                    self.local_status.invalidate(account).await;
                 }
             }
             Some((b'f', rest)) => {
@@ -431,8 +433,7 @@ impl Fleet {
                     return;
                 };
                 let answer = Bytes::copy_from_slice(&rest[nl + 1..]);
-                let map = self.lock_flights();
-                if let Some(tx) = map.get(token) {
+                if let Some(tx) = self.lock_flights().get(token) {
                     tx.send_replace(Some(answer));
                 }
             }
@@ -477,6 +478,7 @@ async fn subscriber(fleet: Weak<Fleet>, client: redis::Client) {
         .await;
         if let Ok(Ok(ps)) = connected {
             if let Some(f) = fleet.upgrade() {
+                f.status_epoch.fetch_add(1, Ordering::AcqRel);
                 f.local_status.invalidate_all();
                 f.subscribed.store(true, Ordering::Release);
             }
@@ -487,7 +489,7 @@ async fn subscriber(fleet: Weak<Fleet>, client: redis::Client) {
                     msg = stream.next() => {
                         let Some(msg) = msg else { break };
                         let Some(f) = fleet.upgrade() else { return };
-                        f.on_message(msg.get_payload_bytes());
+                        f.on_message(msg.get_payload_bytes()).await;
                     }
                     _ = check.tick() => {
                         // A breaker opened by a command failure: the subscription may be dead
@@ -503,6 +505,7 @@ async fn subscriber(fleet: Weak<Fleet>, client: redis::Client) {
         match fleet.upgrade() {
             Some(f) => {
                 f.subscribed.store(false, Ordering::Release);
+                f.status_epoch.fetch_add(1, Ordering::AcqRel);
                 f.local_status.invalidate_all();
             }
             None => return,

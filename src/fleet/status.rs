@@ -2,6 +2,7 @@
 //! a short local copy (`fleet.local_status_ttl`), dropped when another replica publishes a
 //! change.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ impl Fleet {
         if let Some(s) = self.local_status.get(account).await {
             return Ok(s);
         }
+        let epoch = self.status_epoch.load(Ordering::Acquire);
         let mut c = self.conn();
         let v: Option<String> = self
             .run(
@@ -35,7 +37,11 @@ impl Fleet {
             )
             .await?;
         let s = v.as_deref().and_then(CachedStatus::from_upstream);
-        self.local_status.insert(Arc::from(account), s).await;
+        // Keep it as the local copy unless a change was announced meanwhile (the answer may
+        // predate it).
+        if self.status_epoch.load(Ordering::Acquire) == epoch {
+            self.local_status.insert(Arc::from(account), s).await;
+        }
         Ok(s)
     }
 

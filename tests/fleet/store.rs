@@ -198,6 +198,52 @@ async fn upstream_cooldown_holds_the_account_on_every_replica() {
     assert!(shadowed.cooldown);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shadow_limits_and_budgets_count_but_never_refuse_as_locally() {
+    let redis = Redis::start();
+    let f = fleet(&redis.url()).await;
+    let l = Limiter::new("account", parse_quota("1/min").unwrap(), 1);
+    let s = account("acc_sh");
+    let shadow = |l: &'static Limiter, s: &'static Subject| AdmitRequest {
+        limit: Some(LimitCheck {
+            limiter: l,
+            subject: s,
+            shadow: true,
+        }),
+        budget: Some(BudgetCheck {
+            client: "sh",
+            cost: 2,
+            budget: Some(1),
+            enforce: false,
+            day: utc_day(now_ms()),
+        }),
+        ..Default::default()
+    };
+    let (l, s): (&'static Limiter, &'static Subject) =
+        (Box::leak(Box::new(l)), Box::leak(Box::new(s)));
+    let Admission::Allowed { shadowed, .. } = f.admit(&shadow(l, s)).await.unwrap() else {
+        panic!()
+    };
+    assert!(!shadowed.limit && shadowed.budget, "{shadowed:?}");
+    let Admission::Allowed {
+        shadowed,
+        limit,
+        standing,
+    } = f.admit(&shadow(l, s)).await.unwrap()
+    else {
+        panic!()
+    };
+    assert!(shadowed.limit && shadowed.budget, "{shadowed:?}");
+    assert_eq!(limit, None, "no RateLimit header for a shadow refusal");
+    assert_eq!(standing.reserved, 4, "a shadow budget still reserves");
+    // A shadow refusal took no cell: the bucket refuses (enforced) for the same wait as before.
+    let Admission::Refused { part, wait, .. } = f.admit(&limit_only(l, s)).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(part, Part::Limit);
+    assert!(wait > Duration::from_secs(59), "{wait:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 8)]
 async fn a_budget_of_10_admits_exactly_10_of_100_across_two_replicas_and_settles() {
     let redis = Redis::start();
