@@ -305,6 +305,7 @@ impl PostgresLedger {
             .name("ledger-pg-writer".into())
             .spawn(move || {
                 let conn = match connect_with_retry(&writer_target).and_then(|mut client| {
+                    check_encoding(&mut client)?;
                     migrate(&mut client)?;
                     Conn::prepare(client).map_err(|e| {
                         format!("cannot prepare the ledger's statements: {}", describe(&e))
@@ -433,6 +434,7 @@ impl Ledger for PostgresLedger {
         if let Err(e) = self.admit() {
             return Box::pin(std::future::ready(Err(e)));
         }
+        let row = without_nul(row);
         let uid = format!("{:032x}", rand::random::<u128>());
         let (done, answer) = match self.sync {
             LedgerSync::Async => (None, None),
@@ -491,6 +493,33 @@ impl Drop for PostgresLedger {
             }
         }
     }
+}
+
+/// PostgreSQL text cannot hold NUL: a row carrying one (a caller's `action`, say) would fail
+/// its batch on every retry and wedge the ledger. NUL becomes U+FFFD instead.
+fn without_nul(mut row: Row) -> Row {
+    fn clean(s: &str) -> Option<String> {
+        s.contains('\0').then(|| s.replace('\0', "\u{FFFD}"))
+    }
+    fn clean_arc(s: &mut Arc<str>) {
+        if let Some(c) = clean(s) {
+            *s = c.into();
+        }
+    }
+    if let Some(c) = clean(&row.request_id) {
+        row.request_id = c;
+    }
+    if let Some(c) = clean(&row.path) {
+        row.path = c;
+    }
+    clean_arc(&mut row.client);
+    if let Some(a) = row.account_id.as_mut() {
+        clean_arc(a);
+    }
+    if let Some(a) = row.action.as_mut() {
+        clean_arc(a);
+    }
+    row
 }
 
 impl Target {
@@ -670,6 +699,23 @@ fn connect_with_retry(target: &Target) -> Result<Client, String> {
             }
             Err(e) => return Err(format!("cannot connect: {}", describe(&e))),
         }
+    }
+}
+
+/// Rows carry any Unicode text (client names, actions): a database that cannot store it would
+/// fail batches forever, so refuse it at startup.
+fn check_encoding(client: &mut Client) -> Result<(), String> {
+    let encoding: String = client
+        .query_one("SHOW server_encoding", &[])
+        .and_then(|r| r.try_get(0))
+        .map_err(|e| format!("cannot read the server encoding: {}", describe(&e)))?;
+    if encoding.eq_ignore_ascii_case("UTF8") {
+        Ok(())
+    } else {
+        Err(format!(
+            "the database's encoding is {encoding}; the ledger needs UTF8 \
+             (CREATE DATABASE ... ENCODING 'UTF8')"
+        ))
     }
 }
 

@@ -682,3 +682,38 @@ async fn tls_is_verified_against_sslrootcert() {
         "2"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn awkward_text_is_stored_and_a_non_utf8_database_is_refused() {
+    let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
+    let ledger = open(&pg.url(), LedgerSync::BeforeResponse, 10).await;
+    // A NUL (which PostgreSQL text cannot hold) must not wedge the writer.
+    let mut r = row("nul".into(), date!(2026 - 11 - 25), "crm\u{1F600}", 4);
+    r.action = Some("sea\0rch".into());
+    ledger.record(r).await.unwrap();
+    let q = UsageQuery {
+        from_day: date!(2026 - 11 - 25),
+        to_day: date!(2026 - 11 - 25),
+        by: vec![GroupBy::Client, GroupBy::Action],
+    };
+    let usage = ledger.usage(&q).unwrap();
+    assert_eq!(usage.len(), 1);
+    assert_eq!(usage[0].client.as_deref(), Some("crm\u{1F600}"));
+    assert_eq!(usage[0].action.as_deref(), Some("sea\u{FFFD}rch"));
+    assert!(ledger.write_error().is_none());
+
+    pg.psql(
+        "CREATE DATABASE latin ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' \
+         TEMPLATE template0",
+    );
+    let url = format!("postgres://postgres@127.0.0.1:{}/latin", pg.port);
+    let e = tokio::task::spawn_blocking(move || {
+        PostgresLedger::open(&url, LedgerSync::BeforeResponse, 10)
+    })
+    .await
+    .unwrap()
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("LATIN1") && e.contains("UTF8"), "{e}");
+}
