@@ -1,6 +1,7 @@
 //! Limits and budgets in the store: the one-round-trip `admit`, `settle`, and the upstream-429
 //! cooldown.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -88,6 +89,22 @@ fn micros(d: Duration) -> u64 {
 
 fn nonneg(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+/// Counts a settle from spawn to end (whatever the end).
+struct PendingSettle(Arc<AtomicUsize>);
+
+impl PendingSettle {
+    fn new(n: &Arc<AtomicUsize>) -> PendingSettle {
+        n.fetch_add(1, Ordering::AcqRel);
+        PendingSettle(n.clone())
+    }
+}
+
+impl Drop for PendingSettle {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Fleet {
@@ -253,7 +270,9 @@ impl Fleet {
             return;
         }
         let weak: Weak<Fleet> = Arc::downgrade(self);
+        let pending = PendingSettle::new(&self.pending_settles);
         tokio::spawn(async move {
+            let _pending = pending;
             let give_up = tokio::time::Instant::now() + Duration::from_secs(3600);
             loop {
                 let Some(f) = weak.upgrade() else { return };

@@ -152,6 +152,8 @@ pub struct Fleet {
     /// This replica's id in pub/sub messages (its own messages are skipped).
     instance: String,
     reseeding: tokio::sync::Mutex<()>,
+    /// Settles spawned and not yet done (see [`Fleet::drain`]).
+    pending_settles: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -214,6 +216,7 @@ impl Fleet {
             tasks: Mutex::new(Vec::new()),
             instance: random_hex(8),
             reseeding: tokio::sync::Mutex::new(()),
+            pending_settles: Arc::default(),
         });
         // Up at once when the store answers, so the first requests use it.
         fleet.probe_once().await;
@@ -223,6 +226,26 @@ impl Fleet {
             .lock_tasks()
             .extend([probe.abort_handle(), sub.abort_handle()]);
         Ok(fleet)
+    }
+
+    /// Wait (up to `within`) until every settle spawned so far has reached the store: call it
+    /// on shutdown after the last request, before the process exits. True when none is left.
+    pub async fn drain(&self, within: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let left = self.pending_settles.load(Ordering::Acquire);
+            if left == 0 {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    settles = left,
+                    "fleet: settles still waiting for the store at shutdown; their reservations stay held until the day ends"
+                );
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Stop the background tasks (also done on drop).

@@ -272,6 +272,12 @@ async fn a_budget_of_10_admits_exactly_10_of_100_across_two_replicas_and_settles
     }
     let s = b.standing("crm", day).await.unwrap();
     assert_eq!((s.spent, s.reserved), (7, 0));
+    // The spawned form, drained as on shutdown.
+    a.settle_eventually(Arc::from("crm"), day, 0, 0, |_| {});
+    assert!(a.admit(&budget_only("crm", 1, 10)).await.is_ok());
+    a.settle_eventually(Arc::from("crm"), day, 1, 0, |_| {});
+    assert!(a.drain(Duration::from_secs(5)).await);
+    assert_eq!(b.standing("crm", day).await.unwrap().reserved, 0);
     // 3 left: one request of 3 fits, then nothing.
     assert!(matches!(
         a.admit(&budget_only("crm", 3, 10)).await.unwrap(),
