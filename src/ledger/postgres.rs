@@ -28,11 +28,17 @@
 //! rows once the server is back: never lost, never doubled. While it backs off, new rows are
 //! kept and their callers answered with the error at once. At most `buffer_rows` rows wait
 //! (queued or kept); beyond, [`Ledger::record`] fails at once with
-//! [`LedgerError::BufferFull`]. A connection found dead (the server restarted while the
-//! ledger was idle) is replaced and the batch retried once before anyone sees an error.
+//! [`LedgerError::BufferFull`]. A failure on a connection that had been idle (the server
+//! restarted meanwhile) is retried once on a fresh connection before anyone sees an error. A
+//! statement running 30 s (`statement_timeout`), or data the server leaves unacknowledged as
+//! long (`tcp_user_timeout`, keepalives), fails like an outage. Dropping the ledger writes
+//! what is queued, retrying for up to 5 s, and logs the rows it could not write.
+//! Text a row carries is stored as is, except NUL (PostgreSQL text cannot hold it), which
+//! becomes U+FFFD; the database must be UTF8 (checked at open).
 //!
 //! **Reads** run on the reader thread's own connection, reconnecting on failure; while the
-//! server is down they return [`LedgerError::Query`].
+//! server is down they return [`LedgerError::Query`] (at once when connections are refused,
+//! after the connect timeout, 5 s by default, when the host does not answer).
 //!
 //! **Opening** connects both threads and migrates the schema (versioned steps in
 //! `ledger_schema_migrations`, each in a transaction under `pg_advisory_xact_lock`, so replicas
@@ -207,6 +213,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 const OPEN_RETRY: Duration = Duration::from_secs(3);
 /// A connection attempt's deadline, unless the URL sets `connect_timeout`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A statement running, or data unacknowledged by the server, this long fails (and its rows
+/// are retried).
+const STUCK_AFTER: Duration = Duration::from_secs(30);
 /// How long dropping the ledger keeps retrying rows it could not write yet.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// Retries of a transaction that lost a deadlock or serialization conflict.
@@ -537,8 +546,15 @@ impl Target {
         if config.get_application_name().is_none() {
             config.application_name("linkup-gateway");
         }
+        // A server that vanishes without closing the connection (host down, network cut) is
+        // noticed within about half a minute, not the kernel's default of many minutes.
         config.keepalives(true);
-        config.keepalives_idle(Duration::from_secs(30));
+        config.keepalives_idle(Duration::from_secs(15));
+        config.keepalives_interval(Duration::from_secs(5));
+        config.keepalives_retries(3);
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(STUCK_AFTER);
+        }
         let display = display(&config);
         let tls = tls(root_file.as_ref()).map_err(|reason| LedgerError::Open {
             path: display.clone(),
@@ -554,6 +570,12 @@ impl Target {
 
     fn connect(&self) -> Result<Client, postgres::Error> {
         let mut client = self.config.connect(self.tls.clone())?;
+        // A statement stuck on a lock fails (its rows are kept and retried) instead of
+        // holding every caller.
+        client.batch_execute(&format!(
+            "SET statement_timeout = {}",
+            STUCK_AFTER.as_millis()
+        ))?;
         // Committed must mean durable, whatever the server's default.
         if self.sync == LedgerSync::BeforeResponse {
             client.batch_execute("SET synchronous_commit = on")?;
