@@ -705,11 +705,15 @@ mod stacks {
     }
 
     pub async fn pending(r: &Replica, email: &str) -> String {
+        pending_with(r, email, "app_challenge").await
+    }
+
+    pub async fn pending_with(r: &Replica, email: &str, challenge: &str) -> String {
         let a = r
             .post(
                 "/v2/login",
                 &format!(
-                    r#"{{"platform":"linkedin","email":"{email}","password":"p","challenge_type":"app_challenge"}}"#
+                    r#"{{"platform":"linkedin","email":"{email}","password":"p","challenge_type":"{challenge}"}}"#
                 ),
             )
             .await;
@@ -902,5 +906,54 @@ async fn store_down_with_local_fallback_uses_the_replicas_own_limits_and_budgets
     assert!(
         m.contains(r#"linkup_gateway_fleet_fallbacks_total{part="budgets",decision="local"}"#),
         "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn another_code_on_another_stack_waits_for_the_call_in_flight_then_may_be_a_cache_hit() {
+    let redis = Redis::start();
+    let emu = emulator().await;
+    let extra = "[rate_limit]\nper_account = \"1000/sec\"\nburst = 1000\n";
+    let a = Arc::new(replica(&emu, &redis, extra).await);
+    let b = Arc::new(replica(&emu, &redis, extra).await);
+    for (first, second) in [("000000", "123456"), ("123456", "000000")] {
+        let id = pending_with(&a, &format!("order-{first}@x.io"), "code_challenge").await;
+        slow(&emu, &id, 600);
+        let send = |r: &Arc<Replica>, code: &'static str| {
+            let (r, body) = (
+                r.clone(),
+                format!(r#"{{"account_id":"{id}","code":"{code}"}}"#),
+            );
+            tokio::spawn(async move { r.post("/v2/checkpoint", &body).await })
+        };
+        let calls = emu.stats().total_calls;
+        let first_call = send(&a, first);
+        eventually("the first call upstream", async || {
+            emu.stats().in_flight == 1
+        })
+        .await;
+        let second_call = send(&b, second);
+        let (x, y) = (first_call.await.unwrap(), second_call.await.unwrap());
+        if first == "000000" {
+            assert_eq!(x.status, 400, "{}", x.json);
+            assert_eq!(y.status, 200, "{}", y.json);
+            assert!(
+                !y.headers.contains_key("x-gateway-cache"),
+                "forwarded after the wrong code"
+            );
+            assert_eq!(emu.stats().total_calls - calls, 2);
+        } else {
+            assert_eq!(x.status, 200, "{}", x.json);
+            assert_eq!(
+                y.headers["x-gateway-cache"], "hit",
+                "connected meanwhile, on the other stack"
+            );
+            assert_eq!(emu.stats().total_calls - calls, 1);
+        }
+    }
+    assert_eq!(
+        emu.stats().max_in_flight,
+        1,
+        "never two checkpoints for one account"
     );
 }
