@@ -717,3 +717,25 @@ async fn awkward_text_is_stored_and_a_non_utf8_database_is_refused() {
     .to_string();
     assert!(e.contains("LATIN1") && e.contains("UTF8"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_queued_before_a_drop_are_written() {
+    let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
+    let ledger = open(&pg.url(), LedgerSync::Async, 10_000).await;
+    for i in 0..500 {
+        ledger
+            .record(row(format!("q-{i}"), date!(2026 - 11 - 25), "crm", 1))
+            .await
+            .unwrap();
+    }
+    // Dropping joins the writer, which commits what is queued first.
+    let ledger = Arc::into_inner(ledger).unwrap();
+    tokio::task::spawn_blocking(move || drop(ledger))
+        .await
+        .unwrap();
+    assert_eq!(rows_and_uids(&pg), (500, 500));
+    assert_eq!(
+        pg.psql("SELECT sum(requests) FROM usage_monthly_no_account"),
+        "500"
+    );
+}
