@@ -158,7 +158,6 @@ fn usage(
     by: &str,
     format: UsageFormat,
 ) -> ExitCode {
-    use linkup_gateway::ledger::{Ledger, SqliteLedger};
     let q = match linkup_gateway::usage::query(from, to, Some(by)) {
         Ok(q) => q,
         Err(e) => {
@@ -176,14 +175,15 @@ fn usage(
             return ExitCode::from(1);
         }
     };
-    if !settings.path.exists() {
+    if settings.postgres_url.is_none() && !settings.path.exists() {
         eprintln!(
             "usage: no ledger at {} (ledger.path): nothing recorded yet",
             settings.path.display()
         );
         return ExitCode::from(1);
     }
-    let rows = SqliteLedger::open(&settings.path, settings.sync).and_then(|l| l.usage(&q));
+    // The fleet's ledger when `ledger.postgres_url` is set: every replica's rows.
+    let rows = linkup_gateway::ledger::open(&settings).and_then(|l| l.usage(&q));
     match rows {
         Ok(rows) => {
             let out = match format {

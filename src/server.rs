@@ -86,9 +86,28 @@ impl Gateway {
     /// Bind both listeners and start serving. `settings.server.listen` may use port 0.
     pub async fn start(settings: Settings) -> Result<Gateway, StartError> {
         let config_path = settings.source.clone();
-        let ledger = crate::ledger::SqliteLedger::open(&settings.ledger.path, settings.ledger.sync)
-            .map_err(|e| StartError::Setup(format!("ledger.path: {e}")))?;
-        let process = Arc::new(Process::with_ledger(Arc::new(ledger)));
+        let ledger_key = if settings.ledger.postgres_url.is_some() {
+            "ledger.postgres_url"
+        } else {
+            "ledger.path"
+        };
+        // Opening connects and migrates (PostgreSQL) or opens the file: blocking work.
+        let ledger_settings = settings.ledger.clone();
+        let ledger = tokio::task::spawn_blocking(move || crate::ledger::open(&ledger_settings))
+            .await
+            .map_err(|e| StartError::Setup(format!("{ledger_key}: {e}")))?
+            .map_err(|e| StartError::Setup(format!("{ledger_key}: {e}")))?;
+        // Fleet mode: limits, budgets, the status cache and checkpoint leases in Redis. An
+        // unreachable Redis is not fatal: the replica starts on its on_store_failure policy.
+        let fleet = match &settings.fleet {
+            Some(f) => Some(
+                crate::fleet::Fleet::connect(f, ledger.clone())
+                    .await
+                    .map_err(StartError::Setup)?,
+            ),
+            None => None,
+        };
+        let process = Arc::new(Process::with_fleet(ledger, fleet));
         // Today's budgets resume where the ledger says they were.
         let today = crate::usage::today();
         let ledger = process.ledger.clone();
@@ -96,7 +115,7 @@ impl Gateway {
             Ok(Ok(spent)) => process
                 .budgets
                 .restore(&spent, crate::budgets::utc_day(crate::budgets::now_ms())),
-            Ok(Err(e)) => return Err(StartError::Setup(format!("ledger.path: {e}"))),
+            Ok(Err(e)) => return Err(StartError::Setup(format!("{ledger_key}: {e}"))),
             Err(e) => return Err(StartError::Setup(format!("ledger: {e}"))),
         }
         let generation = Generation::build(settings, &process, None).map_err(StartError::Setup)?;
@@ -222,6 +241,10 @@ impl Gateway {
         self.process.draining.store(true, Ordering::SeqCst);
         let _ = self.stop_data.send(true);
         let _ = self.data_task.await;
+        // Budget settles still on their way to the fleet store go before the process does.
+        if let Some(fleet) = &self.process.fleet {
+            fleet.drain(std::time::Duration::from_secs(5)).await;
+        }
         // Every row of every answer given is durable before the process goes.
         if let Err(e) = self.process.ledger.flush().await {
             tracing::error!(error = %e, "ledger flush at shutdown failed");
