@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use super::{scripts, Fleet, Unavailable, BUDGET_TTL_SECS, PROBE_EVERY};
+use super::{scripts, Fleet, Unavailable, BUDGET_TTL_SECS, PATIENCE, PROBE_EVERY};
 use crate::budgets::Standing;
 use crate::limits::{Limiter, Subject};
 
@@ -131,7 +131,11 @@ impl Fleet {
 
     /// The one round trip of a forwarded request: cooldown, limit, client limit and budget
     /// reservation, all or nothing.
-    pub async fn admit(&self, r: &AdmitRequest<'_>) -> Result<Admission, Unavailable> {
+    ///
+    /// Cancellation-safe: the script runs on its own task; when nobody takes its answer (the
+    /// caller went away, or `fleet.timeout` passed while the script still ran), a reservation
+    /// it made is given back, so a slow store or a hung-up caller never leaks budget.
+    pub async fn admit(self: &Arc<Self>, r: &AdmitRequest<'_>) -> Result<Admission, Unavailable> {
         let flag = |b: bool| if b { "1" } else { "0" };
         let mut inv = scripts::admit().prepare_invoke();
         inv.key(self.marker_key());
@@ -180,8 +184,37 @@ impl Fleet {
             )
             .arg(flag(r.budget.is_some_and(|b| b.enforce)))
             .arg(BUDGET_TTL_SECS);
+        if !self.is_up() {
+            return Err(Unavailable);
+        }
         let mut c = self.conn();
-        let v: Vec<i64> = self.run("admit", inv.invoke_async(&mut c)).await?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<redis::RedisResult<Vec<i64>>>();
+        let unclaimed = r
+            .budget
+            .filter(|b| b.cost > 0)
+            .map(|b| (Arc::<str>::from(b.client), b.day, b.cost));
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let res: redis::RedisResult<Vec<i64>> = inv.invoke_async(&mut c).await;
+            if let Err(Ok(v)) = tx.send(res) {
+                let reserved = v.first() == Some(&0);
+                if let (true, Some((client, day, cost)), Some(f)) =
+                    (reserved, unclaimed, weak.upgrade())
+                {
+                    tracing::debug!(client = %client, cost, "fleet admit answered after its caller left; giving the reservation back");
+                    f.settle_eventually(client, day, cost, 0, |_| {});
+                }
+            }
+        });
+        let v: Vec<i64> = self
+            .run("admit", async {
+                rx.await.unwrap_or_else(|_| {
+                    Err(redis::RedisError::from(std::io::Error::other(
+                        "the admit task ended without an answer",
+                    )))
+                })
+            })
+            .await?;
         let at = |i: usize| v.get(i).copied().unwrap_or(0);
         let standing = Standing {
             spent: nonneg(at(4)),
@@ -236,6 +269,21 @@ impl Fleet {
         reserved: u64,
         charged: u64,
     ) -> Result<Option<Standing>, Unavailable> {
+        self.settle_within(client, day, reserved, charged, self.timeout)
+            .await
+    }
+
+    async fn settle_within(
+        &self,
+        client: &str,
+        day: i64,
+        reserved: u64,
+        charged: u64,
+        within: Duration,
+    ) -> Result<Option<Standing>, Unavailable> {
+        if !self.is_up() {
+            return Err(Unavailable);
+        }
         let mut inv = scripts::settle().prepare_invoke();
         inv.key(self.marker_key())
             .key(self.budget_key(day, client))
@@ -243,7 +291,9 @@ impl Fleet {
             .arg(charged)
             .arg(BUDGET_TTL_SECS);
         let mut c = self.conn();
-        let v: Vec<i64> = self.run("settle", inv.invoke_async(&mut c)).await?;
+        let v: Vec<i64> = self
+            .bounded("settle", inv.invoke_async(&mut c), within)
+            .await?;
         match (v.first().copied(), v.get(1).copied()) {
             (Some(spent), Some(reserved)) if spent >= 0 => Ok(Some(Standing {
                 spent: nonneg(spent),
@@ -256,6 +306,12 @@ impl Fleet {
     /// [`Fleet::settle`], retried every probe interval while the store is down (for up to an
     /// hour; the budget hash outlives its day), so a reservation is never left held because
     /// the store blinked. Returns at once; the standing comes to `done` when it settles.
+    ///
+    /// Each attempt waits up to 5 s for the store's answer (not `fleet.timeout`), so a slow
+    /// store gives a definite answer rather than an ambiguous timeout; only a connection lost
+    /// with the script in flight, or a store slower than 5 s, can make a retry settle twice
+    /// (spent counted twice, and the reserved count lowered twice, which can free another
+    /// request's reservation early: off by that request's cost until it settles).
     pub fn settle_eventually(
         self: &Arc<Self>,
         client: Arc<str>,
@@ -277,7 +333,12 @@ impl Fleet {
             loop {
                 let Some(f) = weak.upgrade() else { return };
                 if f.is_up() {
-                    if let Ok(s) = f.settle(&client, day, reserved, charged).await {
+                    // Patient: a timeout here would be ambiguous (the script may have run),
+                    // and a retry could then settle twice.
+                    let settled = f
+                        .settle_within(&client, day, reserved, charged, PATIENCE)
+                        .await;
+                    if let Ok(s) = settled {
                         done(s);
                         return;
                     }

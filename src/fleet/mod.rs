@@ -107,6 +107,9 @@ pub const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// Budget hashes outlive their day by this much (a request in flight across midnight settles
 /// into yesterday's hash).
 const BUDGET_TTL_SECS: u64 = 3 * 86_400;
+/// How long background work (settles) waits for the store's answer before it counts as
+/// failed and is retried.
+const PATIENCE: Duration = Duration::from_secs(5);
 /// How long a published checkpoint answer stays readable for late followers.
 const ANSWER_TTL: Duration = Duration::from_secs(30);
 
@@ -190,7 +193,11 @@ impl Fleet {
         let timeout = settings.timeout;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
+            // Callers stop waiting after `fleet.timeout` (see `run`); the connection itself
+            // waits longer, so work that must not be repeated blindly (a settle, a reservation
+            // given back) gets a definite answer from a slow store instead of an ambiguous
+            // timeout.
+            .set_response_timeout(Some(PATIENCE.max(timeout)))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)
@@ -353,11 +360,23 @@ impl Fleet {
     where
         F: std::future::Future<Output = RedisResult<T>>,
     {
+        self.bounded(op, fut, self.timeout).await
+    }
+
+    async fn bounded<T, F>(
+        &self,
+        op: &'static str,
+        fut: F,
+        within: Duration,
+    ) -> Result<T, Unavailable>
+    where
+        F: std::future::Future<Output = RedisResult<T>>,
+    {
         self.metrics
             .round_trips
             .get_or_create(&OpLabels { op })
             .inc();
-        match tokio::time::timeout(self.timeout, fut).await {
+        match tokio::time::timeout(within, fut).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 self.mark_down(op, &e.to_string());

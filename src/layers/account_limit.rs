@@ -187,7 +187,7 @@ fn check_local(
 /// limit, budget reservation; all or nothing). `Err(Unavailable)`: the store cannot be used.
 async fn check_fleet(
     shared: &Shared,
-    fleet: &Fleet,
+    fleet: &Arc<Fleet>,
     path: &str,
     ctx: &RequestContext,
     client: &ClientSettings,

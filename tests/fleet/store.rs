@@ -525,6 +525,32 @@ async fn store_down_opens_the_breaker_and_it_closes_by_itself_after_a_restart() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reservation_answered_after_its_caller_gave_up_is_given_back() {
+    let redis = Redis::start();
+    let f = fleet(&redis.url()).await;
+    let day = utc_day(now_ms());
+    // The store stalls longer than fleet.timeout (1 s): the caller gives up, the script runs
+    // when the store wakes, and nobody takes its reservation.
+    assert!(redis
+        .command(&["CLIENT", "PAUSE", "1500", "ALL"])
+        .starts_with("+OK"));
+    assert!(f.admit(&budget_only("cx", 2, 10)).await.is_err());
+    assert!(!f.is_up(), "the timeout opened the breaker");
+    let settles = || {
+        f.metrics
+            .round_trips
+            .get_or_create(&linkup_gateway::metrics::OpLabels { op: "settle" })
+            .get()
+    };
+    eventually("the reservation is given back", async || {
+        f.is_up()
+            && settles() >= 1
+            && f.standing("cx", day).await.ok().map(|s| s.reserved) == Some(0)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn budgets_are_reseeded_from_the_ledger_when_redis_comes_back_empty() {
     let redis = Redis::start();
     let ledger = Arc::new(MemoryLedger::default());
