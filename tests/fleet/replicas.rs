@@ -119,7 +119,7 @@ impl FleetUnderTest {
         let dir = tempfile::tempdir().unwrap();
         let key_file = dir.path().join("upstream.key");
         std::fs::write(&key_file, UPSTREAM_KEY).unwrap();
-        let f = FleetUnderTest {
+        let mut f = FleetUnderTest {
             emu,
             redis,
             pg,
