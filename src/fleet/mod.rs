@@ -51,7 +51,10 @@
 //!
 //! # Failure
 //!
-//! Every command is bounded by `fleet.timeout`. A failure or timeout opens a breaker: the store
+//! Every command a request waits for is bounded by `fleet.timeout`. (The connection itself
+//! waits up to 5 s, so background work gets a definite answer: an `admit` answered after its
+//! caller gave up has its reservation given back, and a settle is retried only after a
+//! definite failure.) A failure or timeout opens a breaker: the store
 //! counts as down and no request pays a timeout while it is; a background probe (`PING` every
 //! 500 ms) closes it again, so replicas return to shared state by themselves. While it is
 //! down, `fleet.on_store_failure` decides: `local` uses the replica's own limiters, budgets,
