@@ -4,6 +4,7 @@
 #   bash benches/load.sh            # full run (~4 minutes)
 #   bash benches/load.sh --quick    # shorter runs, fewer scenarios (~1 minute)
 #   bash benches/load.sh --soak     # adds a 5-minute constant-load soak (RSS drift)
+#   bash benches/load.sh --fleet    # adds fleet mode (Redis + PostgreSQL) against embedded
 #
 # Targets, all on 127.0.0.1:
 #   (a) direct   nginx `return 200` with a LinkupAPI-shaped JSON answer (the fixed upstream)
@@ -21,11 +22,13 @@ cd "$(dirname "$0")/.."
 
 QUICK=0
 SOAK=0
+FLEET=0
 for a in "$@"; do
   case "$a" in
     --quick) QUICK=1 ;;
     --soak) SOAK=1 ;;
-    *) echo "usage: bash benches/load.sh [--quick] [--soak]" >&2; exit 2 ;;
+    --fleet) FLEET=1 ;;
+    *) echo "usage: bash benches/load.sh [--quick] [--soak] [--fleet]" >&2; exit 2 ;;
   esac
 done
 DUR=${DUR:-$([ "$QUICK" = 1 ] && echo 5 || echo 15)}
@@ -47,8 +50,10 @@ WORK=$(mktemp -d /tmp/lgw-load.XXXXXX)
 OUT=$PWD/target/load
 mkdir -p "$OUT"
 PIDS=()
+PG_STOP=""
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  if [ -n "$PG_STOP" ]; then eval "$PG_STOP" >/dev/null 2>&1 || true; fi
   wait 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -56,6 +61,7 @@ trap cleanup EXIT
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 P_UP=18081 P_NGX=18082 P_GW=18083 P_GWA=18093 P_EMU=18084 P_GWS=18085 P_GWSA=18095
+P_REDIS=18086 P_PG=18087 P_GWF=18088 P_GWFA=18098
 UPSTREAM_KEY=load-upstream-key
 VKEY=lgw_load_test_key
 VSHA=$(printf '%s' "$VKEY" | sha256sum | cut -d' ' -f1)
@@ -134,14 +140,18 @@ coalesce = true
 [status_cache]
 ttl = "10m"
 [ledger]
-path = "$4"
+$4
 sync = "${LGW_SYNC:-before_response}"
 [costs]
 default = 1
+${5:-}
 EOF
 }
-gateway_conf $P_GW $P_GWA "http://127.0.0.1:$P_UP" "$WORK/ledger.sqlite3" > "$WORK/gateway.toml"
-gateway_conf $P_GWS $P_GWSA "http://127.0.0.1:$P_EMU" "$WORK/ledger-slow.sqlite3" > "$WORK/gateway-slow.toml"
+gateway_conf $P_GW $P_GWA "http://127.0.0.1:$P_UP" "path = \"$WORK/ledger.sqlite3\"" > "$WORK/gateway.toml"
+gateway_conf $P_GWS $P_GWSA "http://127.0.0.1:$P_EMU" "path = \"$WORK/ledger-slow.sqlite3\"" > "$WORK/gateway-slow.toml"
+gateway_conf $P_GWF $P_GWFA "http://127.0.0.1:$P_UP" "postgres_url = \"postgres://postgres@127.0.0.1:$P_PG/postgres\"" \
+  "[fleet]
+redis_url = \"redis://127.0.0.1:$P_REDIS/0\"" > "$WORK/gateway-fleet.toml"
 
 cat > "$WORK/post.lua" <<'EOF'
 local key = os.getenv("LGW_KEY") or "none"
@@ -221,6 +231,41 @@ if [ "$SOAK" = 1 ]; then
   echo "  $SOAK_LINE"
 fi
 
+# Fleet mode: the same gateway with its limits, budgets, cache and leases in Redis and its
+# ledger in PostgreSQL (private servers from Debian's packages, started here), against the
+# embedded gateway above, at 64 connections; and Redis round trips per request.
+if [ "$FLEET" = 1 ]; then
+  if ! need redis-server || ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+    echo "installing redis-server and postgresql (Debian packages)..."
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq && apt-get install -y -qq redis-server postgresql >/dev/null
+  fi
+  PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
+  AS=(); [ "$(id -u)" = 0 ] && AS=(runuser -u postgres --)
+  redis-server --bind 127.0.0.1 --port $P_REDIS --save "" --appendonly no --dir "$WORK" >/dev/null 2>&1 & PIDS+=($!)
+  mkdir -p "$WORK/pg"; [ "$(id -u)" = 0 ] && chown postgres: "$WORK" "$WORK/pg"
+  "${AS[@]}" "$PGBIN/initdb" -D "$WORK/pg/data" -U postgres --auth=trust -N >/dev/null
+  "${AS[@]}" "$PGBIN/pg_ctl" -D "$WORK/pg/data" -l "$WORK/pg/log" -w \
+    -o "-p $P_PG -k $WORK/pg -c listen_addresses=127.0.0.1" start >/dev/null
+  PG_STOP="${AS[*]} $PGBIN/pg_ctl -D $WORK/pg/data -m immediate stop"
+  wait_port $P_REDIS; wait_port $P_PG
+  LGW_UPSTREAM_KEY=$UPSTREAM_KEY "$BIN" --log-format json --log-level "$GW_LOG" serve --config "$WORK/gateway-fleet.toml" > "$WORK/gateway-fleet.log" 2>&1 & GWF=$!; PIDS+=($GWF)
+  wait_port $P_GWF
+  LGW_KEY=$VKEY wrk -t2 -c64 -d2s -s "$WORK/post.lua" "http://127.0.0.1:$P_GWF" >/dev/null
+  fleet_counts() { # requests, store round trips other than the probe
+    curl -s "http://127.0.0.1:$P_GWFA/metrics" | awk '
+      /^linkup_gateway_requests_total\{/ {r += $NF}
+      /^linkup_gateway_fleet_round_trips_total\{/ && !/op="probe"/ {t += $NF}
+      END {printf "%d %d\n", r, t}'
+  }
+  read -r r0 t0 <<<"$(fleet_counts)"
+  echo "fleet mode (Redis + PostgreSQL), 64 connections, ${DUR}s:"
+  run fleet "http://127.0.0.1:$P_GWF" 64 "$DUR" "$GWF"
+  read -r r1 t1 <<<"$(fleet_counts)"
+  FLEET_RT=$(awk -v r=$((r1 - r0)) -v t=$((t1 - t0)) 'BEGIN {printf "%.2f", (r > 0 ? t / r : 0)}')
+  echo "  Redis round trips per request (probe excluded): $FLEET_RT"
+fi
+
 # The slow upstream: the emulator answering after 200 ms, 10,000 connections.
 if [ "$SLOW" = 1 ]; then
 "$BIN" --log-format json --log-level warn emulator --listen "127.0.0.1:$P_EMU" --api-key "$UPSTREAM_KEY" --credits 1000000000000 > "$WORK/emulator.log" 2>&1 & PIDS+=($!)
@@ -251,6 +296,10 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
     echo "| $c | $(ratio "${!g}" "${!n}") | $(ratio "${!g}" "${!d}") | $(awk -v a="${!gp}" -v b="${!dp}" 'BEGIN{printf "%.3f", (a-b)/1000}') | $(awk -v a="${!np}" -v b="${!dp}" 'BEGIN{printf "%.3f", (a-b)/1000}') |"
   done
   [ -n "${SOAK_LINE:-}" ] && { echo; echo "$SOAK_LINE"; }
+  if [ "$FLEET" = 1 ]; then
+    echo
+    echo "Fleet mode at 64 connections: fleet/embedded throughput $(ratio "$RPS_fleet_64" "${RPS_gateway_64:-0}"), Redis round trips per request $FLEET_RT (all of them, the settle after the answer included; probe excluded)."
+  fi
   echo
   echo "Ledger rows written by the gateway: $(sqlite3 "$WORK/ledger.sqlite3" 'select count(*) from ledger_rows' 2>/dev/null || echo '?')"
 } | tee "$OUT/results.md"
