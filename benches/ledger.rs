@@ -75,7 +75,7 @@ impl Names {
             at_ms,
             request_id: format!("{:016x}", i as u64 * 0x9e37_79b9),
             client: self.clients[account % CLIENTS].clone(),
-            account_id: (i % 10 != 0).then(|| self.accounts[account].clone()),
+            account_id: (!i.is_multiple_of(10)).then(|| self.accounts[account].clone()),
             path: "/v2/network".to_string(),
             action: self.actions[i % ACTIONS.len()].clone(),
             status: 200,
@@ -84,7 +84,7 @@ impl Names {
             } else {
                 0
             },
-            credits_known: i % 50 != 0,
+            credits_known: !i.is_multiple_of(50),
             outcome,
         }
     }
