@@ -252,18 +252,20 @@ if [ "$FLEET" = 1 ]; then
   LGW_UPSTREAM_KEY=$UPSTREAM_KEY "$BIN" --log-format json --log-level "$GW_LOG" serve --config "$WORK/gateway-fleet.toml" > "$WORK/gateway-fleet.log" 2>&1 & GWF=$!; PIDS+=($GWF)
   wait_port $P_GWF
   LGW_KEY=$VKEY wrk -t2 -c64 -d2s -s "$WORK/post.lua" "http://127.0.0.1:$P_GWF" >/dev/null
-  fleet_counts() { # requests, store round trips other than the probe
+  fleet_counts() { # requests, store round trips other than the probe, of them on the caller's path (admit)
     curl -s "http://127.0.0.1:$P_GWFA/metrics" | awk '
       /^linkup_gateway_requests_total\{/ {r += $NF}
       /^linkup_gateway_fleet_round_trips_total\{/ && !/op="probe"/ {t += $NF}
-      END {printf "%d %d\n", r, t}'
+      /^linkup_gateway_fleet_round_trips_total\{/ && /op="admit"/ {a += $NF}
+      END {printf "%d %d %d\n", r, t, a}'
   }
-  read -r r0 t0 <<<"$(fleet_counts)"
+  read -r r0 t0 a0 <<<"$(fleet_counts)"
   echo "fleet mode (Redis + PostgreSQL), 64 connections, ${DUR}s:"
   run fleet "http://127.0.0.1:$P_GWF" 64 "$DUR" "$GWF"
-  read -r r1 t1 <<<"$(fleet_counts)"
+  read -r r1 t1 a1 <<<"$(fleet_counts)"
   FLEET_RT=$(awk -v r=$((r1 - r0)) -v t=$((t1 - t0)) 'BEGIN {printf "%.2f", (r > 0 ? t / r : 0)}')
-  echo "  Redis round trips per request (probe excluded): $FLEET_RT"
+  FLEET_HOT=$(awk -v r=$((r1 - r0)) -v t=$((a1 - a0)) 'BEGIN {printf "%.2f", (r > 0 ? t / r : 0)}')
+  echo "  Redis round trips per request: $FLEET_HOT on the caller's path (admit), $FLEET_RT in all (probe excluded)"
 fi
 
 # The slow upstream: the emulator answering after 200 ms, 10,000 connections.
@@ -298,7 +300,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
   [ -n "${SOAK_LINE:-}" ] && { echo; echo "$SOAK_LINE"; }
   if [ "$FLEET" = 1 ]; then
     echo
-    echo "Fleet mode at 64 connections: fleet/embedded throughput $(ratio "$RPS_fleet_64" "${RPS_gateway_64:-0}"), Redis round trips per request $FLEET_RT (all of them, the settle after the answer included; probe excluded)."
+    echo "Fleet mode at 64 connections: fleet/embedded throughput $(ratio "$RPS_fleet_64" "${RPS_gateway_64:-0}"), Redis round trips per request: $FLEET_HOT on the caller's path (the admit script), $FLEET_RT in all (the settle after the answer included; probe excluded)."
   fi
   echo
   echo "Ledger rows written by the gateway: $(sqlite3 "$WORK/ledger.sqlite3" 'select count(*) from ledger_rows' 2>/dev/null || echo '?')"
