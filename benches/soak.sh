@@ -87,6 +87,8 @@ end
 EOF
 
 rss() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$GW/status"; }
+# RSS split: anonymous (heap) and file-backed (SQLite's mapped WAL index, the binary).
+rss_split() { awk '/RssAnon/ {a=$2} /RssFile/ {f=$2} /RssShmem/ {s=$2} END {printf "anon %.1f file %.1f shmem %.1f", a/1024, f/1024, s/1024}' "/proc/$GW/status"; }
 RSS0=$(rss)
 echo "soak: ${SOAK_SECS}s, $CONNS connections, faults every 20 s (resets, 5xx, slow, rate limited)"
 # Faults on a timer: each lasts a few requests, then the emulator is healthy again.
@@ -101,6 +103,15 @@ echo "soak: ${SOAK_SECS}s, $CONNS connections, faults every 20 s (resets, 5xx, s
     done
   done
 ) & PIDS+=($!)
+# RSS every SAMPLE_SECS, to tell growth from warm-up.
+SAMPLE_SECS=${SAMPLE_SECS:-30}
+(
+  t=0
+  while true; do
+    echo "t=${t}s rss $(rss) MB ($(rss_split) MB)" >> "$WORK/rss.txt"
+    sleep "$SAMPLE_SECS"; t=$((t + SAMPLE_SECS))
+  done
+) & PIDS+=($!)
 ACCOUNTS_FILE=$WORK/accounts.txt VKEY=$VKEY wrk -t2 -c"$CONNS" -d"${SOAK_SECS}s" --timeout 10s -s "$WORK/mix.lua" \
   "http://127.0.0.1:$P_GW" | tee "$WORK/wrk.out" | grep -E "requests in|Requests/sec|Non-2xx|SOCKET_ERRORS|Latency"
 RSS1=$(rss)
@@ -111,7 +122,8 @@ CHARGED=$(curl -s "http://127.0.0.1:$P_EMU/_emulator/stats" | sed -E 's/.*"credi
 read -r SETTLED AMBIGUOUS ROWS < <(sqlite3 "$WORK/ledger.sqlite3" \
   "select coalesce(sum(case when outcome<>'ambiguous' then credits end),0), coalesce(sum(case when outcome='ambiguous' then credits end),0), count(*) from ledger_rows" | tr '|' ' ')
 echo
-echo "gateway RSS: start ${RSS0} MB, end ${RSS1} MB"
+echo "gateway RSS: start ${RSS0} MB, end ${RSS1} MB; every ${SAMPLE_SECS} s:"
+sed 's/^/  /' "$WORK/rss.txt"
 echo "ledger: $ROWS rows; settled/cached/coalesced credits $SETTLED; ambiguous (reserved) $AMBIGUOUS"
 echo "emulator charged: $CHARGED"
 if [ "$SETTLED" -le "$CHARGED" ] && [ "$CHARGED" -le $((SETTLED + AMBIGUOUS)) ]; then

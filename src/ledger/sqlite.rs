@@ -152,6 +152,12 @@ const UPSERT_MONTHLY_NO_ACCOUNT: &str = "INSERT INTO usage_monthly_no_account
 
 /// Most commands one transaction takes: bounds the latency of the first waiter in a batch.
 const MAX_BATCH: usize = 16_384;
+/// Under concurrency (the previous commit held at least [`BUSY_BATCH`] rows), the writer waits
+/// up to this long for more rows before committing, as PostgreSQL's `commit_delay` does: one
+/// fsync and one round of aggregate upserts then serve more callers. A lone caller (a batch
+/// of fewer rows) never waits.
+const COMMIT_WINDOW: Duration = Duration::from_micros(300);
+const BUSY_BATCH: usize = 4;
 /// How long the writer waits before retrying kept rows when no new row arrives.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// Rows kept for retry while writes fail; beyond, the oldest are dropped (and logged), so a
@@ -160,6 +166,11 @@ const MAX_KEPT: usize = 100_000;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// At most one checkpoint per this long: the WAL holds about this much writing.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// A WAL longer than this many frames (~64 MB of 4 KB pages) is truncated by a blocking
+/// checkpoint. Passive checkpoints copy frames but never rewind a WAL that a busy writer keeps
+/// appending to, so under constant load it would grow without end, and the WAL index (mapped,
+/// counted in RSS) with it.
+const WAL_TRUNCATE_FRAMES: i64 = 16_384;
 
 /// The embedded ledger. Dropping it writes what is queued, fsyncs, and joins the writer.
 pub struct SqliteLedger {
@@ -573,8 +584,17 @@ fn open_checkpointer(path: &Path) -> rusqlite::Result<Connection> {
 /// a commit, at most once per [`CHECKPOINT_EVERY`]; returns when the writer has gone.
 fn run_checkpoints(conn: Connection, wake: Receiver<()>, path: &str) {
     while wake.recv().is_ok() {
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::warn!(path, error = %e, "ledger checkpoint failed; will retry");
+        // (busy, frames in the WAL, frames copied)
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+            // Everything but the last frames is copied by now, so the truncating checkpoint
+            // holds the writer back only for those and one fsync.
+            Ok(frames) if frames >= WAL_TRUNCATE_FRAMES => {
+                if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                    tracing::warn!(path, error = %e, "ledger WAL truncation failed; will retry");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(path, error = %e, "ledger checkpoint failed; will retry"),
         }
         let until = Instant::now() + CHECKPOINT_EVERY;
         loop {
@@ -682,6 +702,7 @@ impl Sums {
 impl Writer {
     fn run(mut self, commands: Receiver<Command>) {
         let mut batch = Vec::new();
+        let mut last_batch = 0usize;
         loop {
             // Block for the first command; with rows to retry, only for a while.
             let first = if self.kept.is_empty() {
@@ -695,14 +716,29 @@ impl Writer {
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => closing = true,
             }
-            // Group commit: everything that queued up meanwhile joins this transaction.
+            // Group commit: everything that queued up meanwhile joins this transaction, and
+            // under concurrency what arrives within the commit window too.
+            let window_ends = (last_batch >= BUSY_BATCH).then(|| Instant::now() + COMMIT_WINDOW);
             while !closing && batch.len() < MAX_BATCH {
                 match commands.try_recv() {
                     Ok(command) => batch.push(command),
-                    Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => closing = true,
+                    Err(TryRecvError::Empty) => {
+                        let left = window_ends
+                            .map(|end| end.saturating_duration_since(Instant::now()))
+                            .unwrap_or_default();
+                        if left.is_zero() {
+                            break;
+                        }
+                        match commands.recv_timeout(left) {
+                            Ok(command) => batch.push(command),
+                            Err(RecvTimeoutError::Timeout) => break,
+                            Err(RecvTimeoutError::Disconnected) => closing = true,
+                        }
+                    }
                 }
             }
+            last_batch = batch.len();
             self.write(&mut batch, closing);
             if closing {
                 let kept = self.kept.len();
