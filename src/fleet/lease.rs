@@ -12,7 +12,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{random_hex, scripts, Fleet, Unavailable, ANSWER_TTL};
+use super::{random_hex, scripts, Fleet, Unavailable, ANSWER_TTL, PATIENCE, PROBE_EVERY};
 
 /// A checkpoint call's end as it travels between replicas: what the local coalescer copies
 /// (status, headers, body), or the gateway error the leader's callers got.
@@ -134,45 +134,96 @@ pub enum FlightRole {
 }
 
 /// The lease of the replica making the call. Renewed every lease/3 until published or
-/// dropped; dropped without publishing, it lapses and another replica takes over.
+/// dropped (a failed renewal is retried until the lease would lapse: one slow command, which
+/// opens the breaker, must not hand the call to another replica); dropped without publishing,
+/// it lapses and another replica takes over.
 #[derive(Debug)]
 pub struct LeaderLease {
     fleet: Weak<Fleet>,
     lease_key: String,
     value: String,
     token: String,
-    renew: tokio::task::AbortHandle,
+    renew: Option<tokio::task::AbortHandle>,
+    took_over: bool,
 }
 
 impl LeaderLease {
+    /// This replica became the leader by taking over from a leader whose lease lapsed without
+    /// an answer: that leader's call may have reached the upstream and taught the status cache,
+    /// so look at it again before calling.
+    pub fn took_over(&self) -> bool {
+        self.took_over
+    }
+
     /// Store the answer (30 s, for late followers), release the lease and tell every replica:
-    /// one round trip.
-    pub async fn publish(self, answer: &RemoteAnswer) -> Result<(), Unavailable> {
-        self.renew.abort();
+    /// one round trip, on its own task, retried while the store does not answer (for up to
+    /// 30 s, whatever the breaker says), the lease being renewed meanwhile. Returns at once;
+    /// the receiver completes when the answer is stored (it errs when publishing gave up).
+    pub fn publish(mut self, answer: &RemoteAnswer) -> tokio::sync::oneshot::Receiver<()> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        let renew = self.renew.take();
         let Some(fleet) = self.fleet.upgrade() else {
-            return Err(Unavailable);
+            if let Some(r) = renew {
+                r.abort();
+            }
+            return rx;
         };
-        let mut inv = scripts::publish().prepare_invoke();
-        inv.key(fleet.key("answer", &self.token))
-            .key(self.lease_key.clone())
-            .arg(answer.encode())
-            .arg(u64::try_from(ANSWER_TTL.as_millis()).unwrap_or(30_000))
-            .arg(self.value.clone())
-            .arg(fleet.channel())
-            .arg(self.token.clone());
-        let mut c = fleet.conn();
-        fleet
-            .run("publish", inv.invoke_async::<i64>(&mut c))
-            .await
-            .map(|_| ())
+        let fleet_weak = Arc::downgrade(&fleet);
+        drop(fleet);
+        let (lease_key, value, token) = (
+            std::mem::take(&mut self.lease_key),
+            std::mem::take(&mut self.value),
+            std::mem::take(&mut self.token),
+        );
+        let encoded = answer.encode();
+        tokio::spawn(async move {
+            let give_up = Instant::now() + ANSWER_TTL;
+            loop {
+                let Some(fleet) = fleet_weak.upgrade() else {
+                    break;
+                };
+                let mut inv = scripts::publish().prepare_invoke();
+                inv.key(fleet.key("answer", &token))
+                    .key(lease_key.clone())
+                    .arg(encoded.as_slice())
+                    .arg(u64::try_from(ANSWER_TTL.as_millis()).unwrap_or(30_000))
+                    .arg(value.as_str())
+                    .arg(fleet.channel())
+                    .arg(token.as_str());
+                let mut c = fleet.conn();
+                // Not breaker-gated: the breaker may be open for one slow command elsewhere,
+                // and followers on other replicas wait for this answer.
+                let r = fleet
+                    .bounded("publish", inv.invoke_async::<i64>(&mut c), PATIENCE)
+                    .await;
+                drop(fleet);
+                if r.is_ok() {
+                    let _ = done.send(());
+                    break;
+                }
+                if Instant::now() >= give_up {
+                    tracing::warn!(
+                        "fleet: a checkpoint answer could not be published for 30 s; followers on other replicas time out or take over"
+                    );
+                    break;
+                }
+                tokio::time::sleep(PROBE_EVERY).await;
+            }
+            if let Some(r) = renew {
+                r.abort();
+            }
+        });
+        rx
     }
 }
 
 impl LeaderLease {
     /// Give the lease back without an answer (the call was refused before it reached the
     /// upstream: the followers on other replicas go on by themselves, one of them leading).
-    pub async fn release(self) -> Result<(), Unavailable> {
-        self.renew.abort();
+    pub async fn release(mut self) -> Result<(), Unavailable> {
+        if let Some(r) = self.renew.take() {
+            r.abort();
+        }
         let Some(fleet) = self.fleet.upgrade() else {
             return Err(Unavailable);
         };
@@ -188,7 +239,9 @@ impl LeaderLease {
 
 impl Drop for LeaderLease {
     fn drop(&mut self) {
-        self.renew.abort();
+        if let Some(r) = self.renew.take() {
+            r.abort();
+        }
     }
 }
 
@@ -238,6 +291,7 @@ impl Fleet {
         let lease_ms = u64::try_from(self.lease.as_millis())
             .unwrap_or(u64::MAX)
             .max(1);
+        let mut took_over = false;
         loop {
             if Instant::now() >= deadline {
                 return Ok(FlightRole::TimedOut);
@@ -252,6 +306,7 @@ impl Fleet {
                 .arg(lease_ms)
                 .arg("GET");
             let mut c = self.conn();
+            let sent = Instant::now();
             let held: Option<String> = self.run("lease", cmd.query_async(&mut c)).await?;
             let Some(held) = held else {
                 let renew = tokio::spawn(renew_loop(
@@ -259,13 +314,15 @@ impl Fleet {
                     lease_key.clone(),
                     value.clone(),
                     self.lease,
+                    sent,
                 ));
                 return Ok(FlightRole::Leader(LeaderLease {
                     fleet: Arc::downgrade(self),
                     lease_key,
                     value,
                     token,
-                    renew: renew.abort_handle(),
+                    renew: Some(renew.abort_handle()),
+                    took_over,
                 }));
             };
             let (held_token, held_code) = held.split_once('\t').unwrap_or((&held, ""));
@@ -292,6 +349,7 @@ impl Fleet {
                         account,
                         "checkpoint leader's lease lapsed without an answer; taking over"
                     );
+                    took_over = true;
                     continue;
                 }
                 Waited::Answer(_) | Waited::Lapsed => return Ok(FlightRole::Ended),
@@ -300,6 +358,12 @@ impl Fleet {
         }
     }
 
+    /// Wait for the answer of the leader holding `held`. A read that fails (a slow command,
+    /// the breaker open) does not end the wait: a leader is known to be in flight, and calling
+    /// now could make a second upstream call with the same single-use code. The follower
+    /// keeps waiting (pub/sub still brings the answer) and reading again, and gives up only
+    /// when the store has not been readable for a whole lease (the leader then cannot have
+    /// renewed it either: the fleet falls back to per-replica coalescing), or at `deadline`.
     async fn wait_for(
         &self,
         token: &str,
@@ -320,32 +384,49 @@ impl Fleet {
         };
         let poll = (self.lease / 4).clamp(Duration::from_millis(50), Duration::from_millis(500));
         let answer_key = self.key("answer", token);
+        // When the store last answered (the lease was seen held just before this wait).
+        let mut seen = Instant::now();
         loop {
             let mut pipe = redis::pipe();
             pipe.cmd("GET").arg(&answer_key).cmd("GET").arg(lease_key);
             let mut c = self.conn();
-            let (answer, lease): (Option<Vec<u8>>, Option<String>) =
-                self.run("lease_wait", pipe.query_async(&mut c)).await?;
-            if let Some(a) = answer {
-                return Ok(Waited::Answer(Bytes::from(a)));
-            }
-            if lease.as_deref() != Some(held) {
-                // Published between the two GETs? The message may be on its way: one more look.
-                let arrived = rx.borrow_and_update().clone();
-                if let Some(a) = arrived {
-                    return Ok(Waited::Answer(a));
+            let read: Result<(Option<Vec<u8>>, Option<String>), _> =
+                self.run("lease_wait", pipe.query_async(&mut c)).await;
+            match read {
+                Ok((Some(a), _)) => return Ok(Waited::Answer(Bytes::from(a))),
+                Ok((None, lease)) if lease.as_deref() != Some(held) => {
+                    // Published between the two GETs? The message may be on its way: one
+                    // more look.
+                    let arrived = rx.borrow_and_update().clone();
+                    if let Some(a) = arrived {
+                        return Ok(Waited::Answer(a));
+                    }
+                    let mut c = self.conn();
+                    let again: Result<Option<Vec<u8>>, _> = self
+                        .run(
+                            "lease_wait",
+                            redis::cmd("GET").arg(&answer_key).query_async(&mut c),
+                        )
+                        .await;
+                    match again {
+                        Ok(Some(a)) => return Ok(Waited::Answer(Bytes::from(a))),
+                        Ok(None) => return Ok(Waited::Lapsed),
+                        // Look again on the next round.
+                        Err(Unavailable) => {}
+                    }
                 }
-                let mut c = self.conn();
-                let again: Option<Vec<u8>> = self
-                    .run(
-                        "lease_wait",
-                        redis::cmd("GET").arg(&answer_key).query_async(&mut c),
-                    )
-                    .await?;
-                return Ok(match again {
-                    Some(a) => Waited::Answer(Bytes::from(a)),
-                    None => Waited::Lapsed,
-                });
+                Ok((None, _)) => seen = Instant::now(),
+                Err(Unavailable) => {
+                    if Instant::now() >= seen + self.lease {
+                        tracing::warn!(
+                            "fleet: the checkpoint leader's lease could not be read for a whole lease; coalescing falls back to this replica"
+                        );
+                        return Err(Unavailable);
+                    }
+                }
+            }
+            if let Some(a) = rx.borrow_and_update().clone() {
+                return Ok(Waited::Answer(a));
             }
             let next = (Instant::now() + poll).min(deadline);
             let closed = tokio::select! {
@@ -372,19 +453,49 @@ impl Fleet {
     }
 }
 
-async fn renew_loop(fleet: Weak<Fleet>, key: String, value: String, lease: Duration) {
+/// Renew the lease every lease/3 while the call runs. A renewal that fails (the store is slow
+/// or away, or this replica's breaker is open) is retried, not breaker-gated, until the lease
+/// would lapse: only then can another replica take over. Ends when the lease turns out to be
+/// someone else's, or when it has certainly lapsed.
+async fn renew_loop(
+    fleet: Weak<Fleet>,
+    key: String,
+    value: String,
+    lease: Duration,
+    taken: Instant,
+) {
     let every = (lease / 3).max(Duration::from_millis(10));
+    let retry = (lease / 20).clamp(Duration::from_millis(10), Duration::from_millis(200));
     let ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1);
+    // The lease certainly lapses at `lapses` (counted from when the command that set or
+    // renewed it was sent: the store started its TTL later than that).
+    let mut lapses = taken + lease;
+    let mut next = taken + every;
     loop {
-        tokio::time::sleep(every).await;
+        tokio::time::sleep_until(next).await;
+        let now = Instant::now();
+        if now >= lapses {
+            tracing::warn!(
+                "fleet: the checkpoint lease could not be renewed before it lapsed; another replica may take over"
+            );
+            return;
+        }
         let Some(f) = fleet.upgrade() else { return };
         let mut inv = scripts::renew().prepare_invoke();
         inv.key(&key).arg(&value).arg(ms);
         let mut c = f.conn();
-        match f.run("lease_renew", inv.invoke_async::<i64>(&mut c)).await {
-            Ok(1) => {}
-            // Lost (lapsed and taken) or the store is down: nothing more to renew.
-            _ => return,
+        let within = f.timeout.min(lapses - now);
+        match f
+            .bounded("lease_renew", inv.invoke_async::<i64>(&mut c), within)
+            .await
+        {
+            Ok(1) => {
+                lapses = now + lease;
+                next = now + every;
+            }
+            // Lost: it lapsed and is someone else's now (or was released).
+            Ok(_) => return,
+            Err(Unavailable) => next = (Instant::now() + retry).min(lapses),
         }
     }
 }

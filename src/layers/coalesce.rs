@@ -355,6 +355,27 @@ where
                                 }
                                 match fleet.flight(&account, code.as_deref(), deadline).await {
                                     Ok(FlightRole::Leader(l)) => {
+                                        if l.took_over() {
+                                            // The leader whose lease lapsed may have connected
+                                            // the account (it teaches the status cache before
+                                            // it publishes): look again, afresh, before
+                                            // calling with a single-use code.
+                                            fleet.status_drop_local(&account).await;
+                                            if let Some(store) = &cfg.store {
+                                                if store.is_connected(&account).await {
+                                                    let _ = l.release().await;
+                                                    drop(guard);
+                                                    tx.send_replace(Some(Arc::new(
+                                                        Outcome::Connected,
+                                                    )));
+                                                    return Ok(status_cache::hit(
+                                                        &account,
+                                                        log.as_ref(),
+                                                        &cfg.process,
+                                                    ));
+                                                }
+                                            }
+                                        }
                                         lease = Some(l);
                                         break;
                                     }
@@ -414,10 +435,12 @@ where
                             // The other replicas' followers get it too (or, for a refusal of
                             // this caller, the lease back).
                             if let Some(lease) = lease {
-                                let _ = match outcome.to_remote() {
-                                    Some(remote) => lease.publish(&remote).await,
-                                    None => lease.release().await,
-                                };
+                                match outcome.to_remote() {
+                                    Some(remote) => drop(lease.publish(&remote)),
+                                    None => {
+                                        let _ = lease.release().await;
+                                    }
+                                }
                             }
                             // The entry goes before the answer: a submit arriving from now on
                             // starts afresh instead of taking a finished answer.

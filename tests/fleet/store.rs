@@ -480,6 +480,87 @@ async fn a_leader_that_dies_without_an_answer_is_taken_over_after_its_lease() {
     assert!(matches!(r, FlightRole::TimedOut));
 }
 
+/// A fleet with its own `fleet.timeout` and `checkpoint_lease`.
+async fn fleet_tuned(url: &str, timeout: &str, lease: &str) -> Arc<Fleet> {
+    let text = format!(
+        "[upstream]\nurl = \"http://127.0.0.1:1\"\napi_key_env = \"K\"\n[fleet]\nredis_url = \"{url}\"\ntimeout = \"{timeout}\"\nlocal_status_ttl = \"30s\"\ncheckpoint_lease = \"{lease}\"\n"
+    );
+    let s = load_str(&text, &[("K".into(), "k".into())], None)
+        .unwrap()
+        .fleet
+        .unwrap();
+    Fleet::connect(&s, Arc::new(MemoryLedger::default()))
+        .await
+        .unwrap()
+}
+
+fn round_trips(f: &Fleet, op: &'static str) -> u64 {
+    f.metrics
+        .round_trips
+        .get_or_create(&linkup_gateway::metrics::OpLabels { op })
+        .get()
+}
+
+/// Stall the store longer than `fleet.timeout` and wait until a command on `f` has timed out
+/// (one slow command opens its breaker).
+async fn open_breaker(redis: &Redis, f: &Fleet, pause_ms: u64) {
+    assert!(redis
+        .command(&["CLIENT", "PAUSE", &pause_ms.to_string(), "ALL"])
+        .starts_with("+OK"));
+    assert!(f.standing("nobody", 0).await.is_err());
+    assert!(!f.is_up(), "the slow command opened the breaker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_whose_breaker_opens_mid_call_keeps_its_lease_and_its_answer_reaches_the_followers(
+) {
+    // Before: a renewal refused by the open breaker ended the renewals, publish was refused
+    // while the breaker was open, and a follower whose read timed out gave up at once; so the
+    // follower either called upstream itself or took over after the lease, with the same
+    // single-use code: two upstream calls.
+    let redis = Redis::start();
+    let a = fleet_tuned(&redis.url(), "200ms", "2s").await;
+    let b = fleet_tuned(&redis.url(), "200ms", "2s").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let FlightRole::Leader(lease) = a.flight("acc_p", Some("1"), deadline).await.unwrap() else {
+        panic!("leader")
+    };
+    let follower = {
+        let b = b.clone();
+        tokio::spawn(async move { b.flight("acc_p", Some("1"), deadline).await })
+    };
+    eventually("the follower waits for the leader", async || {
+        round_trips(&b, "lease_wait") >= 1
+    })
+    .await;
+    // The store stalls while the call runs: both replicas' breakers open (the follower's
+    // reads time out too).
+    open_breaker(&redis, &a, 700).await;
+    // The call runs on for longer than the lease: the renewals must carry it over the stall.
+    let renewals = round_trips(&a, "lease_renew");
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert!(round_trips(&a, "lease_renew") > renewals);
+    assert_eq!(
+        redis.command(&["EXISTS", "lgw:lease:acc_p"]),
+        ":1\r\n",
+        "the lease is still held"
+    );
+    // The answer comes while the leader's breaker is open again.
+    open_breaker(&redis, &a, 500).await;
+    let published = lease.publish(&answer(7));
+    match follower.await.unwrap() {
+        Ok(FlightRole::Answer(got)) => assert_eq!(got, answer(7)),
+        other => panic!("the follower must get the leader's answer, got {other:?}"),
+    }
+    published.await.unwrap();
+    assert_eq!(b.metrics.lease_takeovers.get(), 0);
+    assert_eq!(
+        redis.command(&["EXISTS", "lgw:lease:acc_p"]),
+        ":0\r\n",
+        "released"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn store_down_opens_the_breaker_and_it_closes_by_itself_after_a_restart() {
     let redis = Redis::start();
