@@ -8,9 +8,10 @@
 //! (and is answered from the status cache if that call connected A): the upstream never has
 //! two checkpoints for one account in flight.
 //!
-//! The upstream call belongs to no caller: it runs on its own task, bounded by
-//! `request_timeout`, so the first caller hanging up neither cancels it for the others nor
-//! stops it from being recorded; that task also teaches the status cache, before it releases
+//! The upstream call belongs to no caller: the leader's whole work (the status re-check, in
+//! fleet mode the wait for another replica's call, the call itself, bounded by
+//! `request_timeout`, and publishing its answer) runs on its own task, so the first caller
+//! hanging up at any point neither fails the others nor stops the call from being recorded; that task also teaches the status cache, before it releases
 //! anyone. A waiter gives up after `request_timeout` too. The map of
 //! calls in flight ([`Flights`]) lives in the process, so a SIGHUP reload does not split it.
 
@@ -252,6 +253,129 @@ fn abandoned() -> GatewayError {
     }
 }
 
+/// The leader's work, on its own task: what every local waiter gets, and what the leading
+/// caller gets.
+struct Lead {
+    cfg: CoalesceLayer,
+    account: Arc<str>,
+    code: Option<Arc<str>>,
+    log: Option<Arc<RequestLog>>,
+    deadline: Instant,
+}
+
+type Led = (Arc<Outcome>, Result<Response<Bytes>, GatewayError>);
+
+impl Lead {
+    /// Answered from the status cache: no call.
+    fn connected(&self) -> Led {
+        (
+            Arc::new(Outcome::Connected),
+            Ok(status_cache::hit(
+                &self.account,
+                self.log.as_ref(),
+                &self.cfg.process,
+            )),
+        )
+    }
+
+    async fn is_connected(&self) -> bool {
+        match &self.cfg.store {
+            Some(store) => store.is_connected(&self.account).await,
+            None => false,
+        }
+    }
+
+    async fn run<S>(self, mut inner: S, req: Request<Bytes>) -> Led
+    where
+        S: Service<Request<Bytes>, Response = Response<Bytes>, Error = GatewayError>,
+    {
+        let cfg = &self.cfg;
+        let timeout = cfg.request_timeout;
+        // The status_cache layer looked before this submit joined; a call that ended in
+        // between taught the cache before it left the map, so a second look here closes that
+        // gap.
+        if self.is_connected().await {
+            return self.connected();
+        }
+        // Fleet mode: one call for the whole fleet. Only this task (the local leader) talks to
+        // the store; local followers wait on the flight's channel.
+        let mut lease = None;
+        if let Some(fleet) = &cfg.process.fleet {
+            loop {
+                if !fleet.is_up() {
+                    fleet.fell_back("coalesce", OnFailure::Local);
+                    break;
+                }
+                match fleet
+                    .flight(&self.account, self.code.as_deref(), self.deadline)
+                    .await
+                {
+                    Ok(FlightRole::Leader(l)) => {
+                        if l.took_over() {
+                            // The leader whose lease lapsed may have connected the account
+                            // (it teaches the status cache before it publishes): look again,
+                            // afresh, before calling with a single-use code.
+                            fleet.status_drop_local(&self.account).await;
+                            if self.is_connected().await {
+                                let _ = l.release().await;
+                                return self.connected();
+                            }
+                        }
+                        lease = Some(l);
+                        break;
+                    }
+                    Ok(FlightRole::Answer(a)) => {
+                        let outcome = Arc::new(Outcome::from_remote(a));
+                        if let Some(log) = &self.log {
+                            log.set_credits(0);
+                        }
+                        cfg.process.metrics.checkpoint_coalesced.inc();
+                        let mine = outcome.copy();
+                        return (outcome, mine);
+                    }
+                    Ok(FlightRole::Ended) => {
+                        // Another code's call ended on another replica; it may have connected
+                        // the account.
+                        if self.is_connected().await {
+                            return self.connected();
+                        }
+                    }
+                    Ok(FlightRole::TimedOut) => {
+                        let e = GatewayError::UpstreamTimeout(timeout);
+                        return (Arc::new(Outcome::Failed(e.clone())), Err(e));
+                    }
+                    Err(_) => {
+                        fleet.fell_back("coalesce", OnFailure::Local);
+                        break;
+                    }
+                }
+            }
+        }
+        let result = match tokio::time::timeout(timeout, inner.call(req)).await {
+            Ok(r) => r,
+            Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
+        };
+        // The call's owner teaches the cache before anyone is released: a waiter re-checking
+        // it must see what this call learnt, and a first caller that hung up must not take the
+        // lesson with it.
+        if let (Some(store), Ok(resp)) = (&cfg.store, &result) {
+            store.learn("checkpoint", Some(&self.account), resp).await;
+        }
+        let outcome = Arc::new(Outcome::of(&result));
+        // The other replicas' followers get it too (published on its own task, patiently), or,
+        // for a refusal of this caller, the lease back.
+        if let Some(lease) = lease {
+            match outcome.to_remote() {
+                Some(remote) => drop(lease.publish(&remote)),
+                None => {
+                    let _ = lease.release().await;
+                }
+            }
+        }
+        (outcome, result)
+    }
+}
+
 #[derive(Clone)]
 pub struct CoalesceLayer {
     enabled: bool,
@@ -325,7 +449,7 @@ where
             }) => (account.clone(), code.clone()),
             _ => return Box::pin(self.inner.call(req)),
         };
-        let mut inner = take_ready(&mut self.inner);
+        let inner = take_ready(&mut self.inner);
         let cfg = self.cfg.clone();
         Box::pin(async move {
             let timeout = cfg.request_timeout;
@@ -334,114 +458,20 @@ where
             loop {
                 match cfg.flights.join(&account, &code) {
                     Role::Lead(tx, guard) => {
-                        // The status_cache layer looked before this submit joined; a call that
-                        // ended in between taught the cache before it left the map, so a
-                        // second look here closes that gap.
-                        if let Some(store) = &cfg.store {
-                            if store.is_connected(&account).await {
-                                drop(guard);
-                                tx.send_replace(Some(Arc::new(Outcome::Connected)));
-                                return Ok(status_cache::hit(&account, log.as_ref(), &cfg.process));
-                            }
-                        }
-                        // Fleet mode: one call for the whole fleet. Only this submit (the
-                        // local leader) talks to the store; local followers wait on `tx`.
-                        let mut lease = None;
-                        if let Some(fleet) = &cfg.process.fleet {
-                            loop {
-                                if !fleet.is_up() {
-                                    fleet.fell_back("coalesce", OnFailure::Local);
-                                    break;
-                                }
-                                match fleet.flight(&account, code.as_deref(), deadline).await {
-                                    Ok(FlightRole::Leader(l)) => {
-                                        if l.took_over() {
-                                            // The leader whose lease lapsed may have connected
-                                            // the account (it teaches the status cache before
-                                            // it publishes): look again, afresh, before
-                                            // calling with a single-use code.
-                                            fleet.status_drop_local(&account).await;
-                                            if let Some(store) = &cfg.store {
-                                                if store.is_connected(&account).await {
-                                                    let _ = l.release().await;
-                                                    drop(guard);
-                                                    tx.send_replace(Some(Arc::new(
-                                                        Outcome::Connected,
-                                                    )));
-                                                    return Ok(status_cache::hit(
-                                                        &account,
-                                                        log.as_ref(),
-                                                        &cfg.process,
-                                                    ));
-                                                }
-                                            }
-                                        }
-                                        lease = Some(l);
-                                        break;
-                                    }
-                                    Ok(FlightRole::Answer(a)) => {
-                                        let outcome = Arc::new(Outcome::from_remote(a));
-                                        drop(guard);
-                                        tx.send_replace(Some(outcome.clone()));
-                                        if let Some(log) = &log {
-                                            log.set_credits(0);
-                                        }
-                                        cfg.process.metrics.checkpoint_coalesced.inc();
-                                        return outcome.copy();
-                                    }
-                                    Ok(FlightRole::Ended) => {
-                                        // Another code's call ended on another replica; it
-                                        // may have connected the account.
-                                        if let Some(store) = &cfg.store {
-                                            if store.is_connected(&account).await {
-                                                drop(guard);
-                                                tx.send_replace(Some(Arc::new(Outcome::Connected)));
-                                                return Ok(status_cache::hit(
-                                                    &account,
-                                                    log.as_ref(),
-                                                    &cfg.process,
-                                                ));
-                                            }
-                                        }
-                                    }
-                                    Ok(FlightRole::TimedOut) => {
-                                        let e = GatewayError::UpstreamTimeout(timeout);
-                                        drop(guard);
-                                        tx.send_replace(Some(Arc::new(Outcome::Failed(e.clone()))));
-                                        return Err(e);
-                                    }
-                                    Err(_) => {
-                                        fleet.fell_back("coalesce", OnFailure::Local);
-                                        break;
-                                    }
-                                }
-                            }
-                        }
+                        // Everything the leader does (the status re-check, the fleet flight,
+                        // the upstream call, publishing) runs on its own task from here on:
+                        // this caller hanging up at any point must not fail the local
+                        // followers waiting on `tx`.
                         let (mine_tx, mine) = oneshot::channel();
-                        let call = inner.call(req);
-                        let (store, account) = (cfg.store.clone(), account.clone());
+                        let lead = Lead {
+                            cfg: cfg.clone(),
+                            account: account.clone(),
+                            code: code.clone(),
+                            log: log.clone(),
+                            deadline,
+                        };
                         let task = async move {
-                            let result = match tokio::time::timeout(timeout, call).await {
-                                Ok(r) => r,
-                                Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
-                            };
-                            // The call's owner teaches the cache before anyone is released: a
-                            // waiter re-checking it must see what this call learnt, and a
-                            // first caller that hung up must not take the lesson with it.
-                            if let (Some(store), Ok(resp)) = (&store, &result) {
-                                store.learn("checkpoint", Some(&account), resp).await;
-                            }
-                            let outcome = Arc::new(Outcome::of(&result));
-                            // The other replicas' followers get it too (or, for a refusal of
-                            // this caller, the lease back).
-                            if let Some(lease) = lease {
-                                match outcome.to_remote() {
-                                    Some(remote) => drop(lease.publish(&remote)),
-                                    None => {
-                                        let _ = lease.release().await;
-                                    }
-                                }
-                            }
+                            let (outcome, result) = lead.run(inner, req).await;
                             // The entry goes before the answer: a submit arriving from now on
                             // starts afresh instead of taking a finished answer.
                             drop(guard);

@@ -1069,3 +1069,46 @@ async fn another_code_on_another_stack_waits_for_the_call_in_flight_then_may_be_
         "never two checkpoints for one account"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 8)]
+async fn a_local_leader_that_hangs_up_while_following_another_stack_does_not_fail_its_followers() {
+    // Before: the local leader's caller held the local flight while it followed the other
+    // stack's call; when it hung up, the local followers got 502 at once.
+    let redis = Redis::start();
+    let emu = emulator().await;
+    let extra = "[rate_limit]\nper_account = \"1000/sec\"\nburst = 1000\n";
+    let a = Arc::new(replica(&emu, &redis, extra).await);
+    let b = Arc::new(replica(&emu, &redis, extra).await);
+    let acc = pending(&a, "hangup@example.com").await;
+    slow(&emu, &acc, 1500);
+    let calls = emu.stats().total_calls;
+    let body = format!(r#"{{"account_id":"{acc}"}}"#);
+    let send = |r: &Arc<Replica>| {
+        let (r, body) = (r.clone(), body.clone());
+        tokio::spawn(async move { r.post("/v2/checkpoint", &body).await })
+    };
+    let remote = send(&b);
+    eventually("the other stack's call upstream", async || {
+        emu.stats().in_flight == 1
+    })
+    .await;
+    let waits = round_trips(&a.fleet, "lease_wait");
+    let leader = send(&a);
+    eventually("the local leader follows the other stack", async || {
+        round_trips(&a.fleet, "lease_wait") > waits
+    })
+    .await;
+    let follower = send(&a);
+    let flights = a.shared.process.checkpoint_flights.clone();
+    eventually("a local follower joined", async || {
+        flights.joined(&acc) == Some(1)
+    })
+    .await;
+    leader.abort();
+    assert!(leader.await.is_err_and(|e| e.is_cancelled()));
+    let got = follower.await.unwrap();
+    assert_eq!(got.status, 200, "{}", got.json);
+    assert_eq!(got.headers["x-gateway-coalesced"], "true");
+    assert_eq!(remote.await.unwrap().status, 200);
+    assert_eq!(emu.stats().total_calls - calls, 1, "one upstream call");
+}
