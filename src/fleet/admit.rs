@@ -60,15 +60,17 @@ pub struct Shadowed {
     pub budget: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admission {
     /// Every part allowed and took its cell and reservation. `limit`: the remaining cells and
     /// time to a full bucket of the account/rule limit (for the `RateLimit` header), when it
     /// was checked and allowed. `standing`: the client's budget after the reservation.
+    /// `marker`: the store's marker value at the reservation; pass it to the settle.
     Allowed {
         limit: Option<(u32, Duration)>,
         shadowed: Shadowed,
         standing: Standing,
+        marker: Arc<str>,
     },
     /// `part` refused; nothing was taken. `wait`: Retry-After (zero for the budget);
     /// `standing`: the budget when `part` is `Budget`.
@@ -90,6 +92,9 @@ fn micros(d: Duration) -> u64 {
 fn nonneg(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
+
+/// `ADMIT`'s reply: code, part, wait_us, remaining, spent, reserved, shadow bits, marker.
+type AdmitReply = (i64, i64, i64, i64, i64, i64, i64, String);
 
 /// Counts a settle from spawn to end (whatever the end).
 struct PendingSettle(Arc<AtomicUsize>);
@@ -188,25 +193,25 @@ impl Fleet {
             return Err(Unavailable);
         }
         let mut c = self.conn();
-        let (tx, rx) = tokio::sync::oneshot::channel::<redis::RedisResult<Vec<i64>>>();
+        let (tx, rx) = tokio::sync::oneshot::channel::<redis::RedisResult<AdmitReply>>();
         let unclaimed = r
             .budget
             .filter(|b| b.cost > 0)
             .map(|b| (Arc::<str>::from(b.client), b.day, b.cost));
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
-            let res: redis::RedisResult<Vec<i64>> = inv.invoke_async(&mut c).await;
+            let res: redis::RedisResult<AdmitReply> = inv.invoke_async(&mut c).await;
             if let Err(Ok(v)) = tx.send(res) {
-                let reserved = v.first() == Some(&0);
+                let reserved = v.0 == 0;
                 if let (true, Some((client, day, cost)), Some(f)) =
                     (reserved, unclaimed, weak.upgrade())
                 {
                     tracing::debug!(client = %client, cost, "fleet admit answered after its caller left; giving the reservation back");
-                    f.settle_eventually(client, day, cost, 0, |_| {});
+                    f.settle_eventually(client, day, cost, 0, Arc::from(v.7), |_| {});
                 }
             }
         });
-        let v: Vec<i64> = self
+        let v: AdmitReply = self
             .run("admit", async {
                 rx.await.unwrap_or_else(|_| {
                     Err(redis::RedisError::from(std::io::Error::other(
@@ -215,16 +220,15 @@ impl Fleet {
                 })
             })
             .await?;
-        let at = |i: usize| v.get(i).copied().unwrap_or(0);
+        let (code, part, wait_us, remaining, spent, reserved, bits, marker) = v;
         let standing = Standing {
-            spent: nonneg(at(4)),
-            reserved: nonneg(at(5)),
+            spent: nonneg(spent),
+            reserved: nonneg(reserved),
         };
-        match at(0) {
+        match code {
             0 => {
-                let bits = at(6);
                 let limit = r.limit.filter(|_| bits & 2 == 0).map(|l| {
-                    let remaining = u32::try_from(at(3).max(0)).unwrap_or(0);
+                    let remaining = u32::try_from(remaining.max(0)).unwrap_or(0);
                     let used = l.limiter.burst.saturating_sub(remaining);
                     (remaining, emission(l.limiter).saturating_mul(used))
                 });
@@ -237,10 +241,11 @@ impl Fleet {
                         budget: bits & 8 != 0,
                     },
                     standing,
+                    marker: Arc::from(marker),
                 })
             }
             1 => {
-                let part = match at(1) {
+                let part = match part {
                     1 => Part::Cooldown,
                     2 => Part::Limit,
                     3 => Part::Client,
@@ -248,7 +253,7 @@ impl Fleet {
                 };
                 Ok(Admission::Refused {
                     part,
-                    wait: Duration::from_micros(nonneg(at(2))),
+                    wait: Duration::from_micros(nonneg(wait_us)),
                     standing,
                 })
             }
@@ -260,16 +265,19 @@ impl Fleet {
         }
     }
 
-    /// Replace a reservation made by [`Fleet::admit`] by what was charged. `Ok(None)`: the
-    /// store came back empty since (the reservation is gone with it).
+    /// Replace a reservation made by [`Fleet::admit`] by what was charged. `marker`: the one
+    /// [`Admission::Allowed`] carried; when the store was reseeded since, only the charge is
+    /// added (the reservation went with the old store). `Ok(None)`: the store came back empty
+    /// since and is not reseeded yet (the reservation is gone with it).
     pub async fn settle(
         &self,
         client: &str,
         day: i64,
         reserved: u64,
         charged: u64,
+        marker: &str,
     ) -> Result<Option<Standing>, Unavailable> {
-        self.settle_within(client, day, reserved, charged, self.timeout)
+        self.settle_within(client, day, reserved, charged, marker, self.timeout)
             .await
     }
 
@@ -279,6 +287,7 @@ impl Fleet {
         day: i64,
         reserved: u64,
         charged: u64,
+        marker: &str,
         within: Duration,
     ) -> Result<Option<Standing>, Unavailable> {
         if !self.is_up() {
@@ -289,7 +298,8 @@ impl Fleet {
             .key(self.budget_key(day, client))
             .arg(reserved)
             .arg(charged)
-            .arg(BUDGET_TTL_SECS);
+            .arg(BUDGET_TTL_SECS)
+            .arg(marker);
         let mut c = self.conn();
         let v: Vec<i64> = self
             .bounded("settle", inv.invoke_async(&mut c), within)
@@ -318,6 +328,7 @@ impl Fleet {
         day: i64,
         reserved: u64,
         charged: u64,
+        marker: Arc<str>,
         done: impl FnOnce(Option<Standing>) + Send + 'static,
     ) {
         if reserved == 0 && charged == 0 {
@@ -336,7 +347,7 @@ impl Fleet {
                     // Patient: a timeout here would be ambiguous (the script may have run),
                     // and a retry could then settle twice.
                     let settled = f
-                        .settle_within(&client, day, reserved, charged, PATIENCE)
+                        .settle_within(&client, day, reserved, charged, &marker, PATIENCE)
                         .await;
                     if let Ok(s) = settled {
                         done(s);

@@ -67,12 +67,18 @@
 //! has lost its marker: `admit` and `settle` refuse to run without it, the breaker opens, and
 //! the probe reseeds today's `spent` per client from the ledger (`spent_on(today)`, the ledger
 //! is shared in a fleet) with HSETNX semantics and sets the marker in the same script, so only
-//! one replica seeds. What stays open: reservations in flight at the restart are lost (their
-//! settle finds no marker and skips; the ledger row carries the charge into the next reseed
-//! only if it was written before the reseed read the ledger); a settle of a request forwarded
-//! before the restart that lands after the reseed, whose ledger row the reseed already counted,
-//! is counted twice (errs on the safe side: the budget is spent early, never overshot). Rate
-//! limit buckets and cooldowns start afresh, as after a local restart. With per-replica SQLite
+//! one replica seeds. A reservation belongs to the store it was made in: `admit` returns the
+//! marker's value, the request carries it (`FleetReserved::marker`) and `settle` passes it
+//! back; a settle that finds another marker (the store was reseeded since) adds its charge to
+//! `spent` and leaves `reserved` alone, since that now counts only reservations made after the
+//! reseed. What stays open, for requests in flight across the restart (bounded by what they
+//! cost): their reservations are lost, so requests admitted after the reseed do not see them
+//! and the budget can be **overshot** by up to their cost; a settle that lands before the
+//! reseed (no marker) is skipped, and its charge reaches the store only through its ledger
+//! row, if the reseed read that row (if not, the charge is missing from the store for the day:
+//! overshot by it); a settle that lands after the reseed whose ledger row the reseed already
+//! counted is counted twice (spent early). Rate limit buckets and cooldowns start afresh, as
+//! after a local restart. With per-replica SQLite
 //! ledgers instead of one shared ledger, the first replica's spending wins the reseed.
 //!
 //! While the breaker is open, the replica's status cache is its own and starts from what it
@@ -118,11 +124,14 @@ const ANSWER_TTL: Duration = Duration::from_secs(30);
 
 /// Request extension set by `account_limit` when the fleet's `admit` reserved the request's
 /// budget in the store: `credits` then takes no local reservation and settles in the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FleetReserved {
     pub cost: u64,
     /// The UTC day (days since the epoch) the reservation was made for.
     pub day: i64,
+    /// The store's marker value when the reservation was made: the settle frees the
+    /// reservation only if the store still has it (not reseeded since).
+    pub marker: Arc<str>,
 }
 
 /// The store could not be used for this operation (down, timed out, or empty and not yet

@@ -16,22 +16,25 @@ use redis::Script;
 /// 6 limit_shadow, 7 has_client, 8 client_T_us, 9 client_tau_us, 10 client_shadow,
 /// 11 has_budget, 12 cost, 13 budget (-1: none), 14 budget_enforce, 15 budget_ttl_s.
 ///
-/// Returns `{code, part, wait_us, remaining, spent, reserved, shadow_bits}`: code 0 allowed,
-/// 1 refused by `part` (1 cooldown, 2 limit, 3 client, 4 budget), 2 store empty. Shadow bits:
-/// 1 cooldown, 2 limit, 4 client, 8 budget (would have refused).
+/// Returns `{code, part, wait_us, remaining, spent, reserved, shadow_bits, marker}`: code 0
+/// allowed, 1 refused by `part` (1 cooldown, 2 limit, 3 client, 4 budget), 2 store empty.
+/// Shadow bits: 1 cooldown, 2 limit, 4 client, 8 budget (would have refused). `marker`: the
+/// marker's value (empty when missing): a reservation belongs to the store seeded with it, and
+/// `SETTLE` frees it only there.
 ///
 /// GCRA as governor does it: emission T, tolerance tau = T * (burst - 1); a cell is allowed
 /// when max(TAT, now) + T - now <= tau + T, and the wait is the excess. A refusal (or a
 /// shadow refusal) leaves the bucket untouched, as governor does.
 const ADMIT: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {2, 0, 0, 0, 0, 0, 0} end
+local marker = redis.call('GET', KEYS[1])
+if not marker then return {2, 0, 0, 0, 0, 0, 0, ''} end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local shadow = 0
 if ARGV[1] == '1' then
   local left = redis.call('PTTL', KEYS[2])
   if left > 0 then
-    if ARGV[2] == '1' then shadow = shadow + 1 else return {1, 1, left * 1000, 0, 0, 0, 0} end
+    if ARGV[2] == '1' then shadow = shadow + 1 else return {1, 1, left * 1000, 0, 0, 0, 0, marker} end
   end
 end
 local function gcra(key, T, tau)
@@ -46,7 +49,7 @@ if ARGV[3] == '1' then
   local T, tau = tonumber(ARGV[4]), tonumber(ARGV[5])
   local new, over = gcra(KEYS[3], T, tau)
   if over > 0 then
-    if ARGV[6] == '1' then shadow = shadow + 2 else return {1, 2, over, 0, 0, 0, 0} end
+    if ARGV[6] == '1' then shadow = shadow + 2 else return {1, 2, over, 0, 0, 0, 0, marker} end
   else
     lnew = new
     remaining = math.floor((tau + T - (new - now)) / T)
@@ -56,7 +59,7 @@ if ARGV[7] == '1' then
   local T, tau = tonumber(ARGV[8]), tonumber(ARGV[9])
   local new, over = gcra(KEYS[4], T, tau)
   if over > 0 then
-    if ARGV[10] == '1' then shadow = shadow + 4 else return {1, 3, over, 0, 0, 0, 0} end
+    if ARGV[10] == '1' then shadow = shadow + 4 else return {1, 3, over, 0, 0, 0, 0, marker} end
   else
     cnew = new
   end
@@ -67,7 +70,7 @@ if ARGV[11] == '1' then
   reserved = tonumber(redis.call('HGET', KEYS[5], 'reserved') or '0')
   local cost, budget = tonumber(ARGV[12]), tonumber(ARGV[13])
   if budget >= 0 and spent + reserved + cost > budget then
-    if ARGV[14] == '1' then return {1, 4, 0, 0, spent, reserved, 0} end
+    if ARGV[14] == '1' then return {1, 4, 0, 0, spent, reserved, 0, marker} end
     shadow = shadow + 8
   end
 end
@@ -81,21 +84,31 @@ if ARGV[11] == '1' then
   reserved = redis.call('HINCRBY', KEYS[5], 'reserved', ARGV[12])
   redis.call('EXPIRE', KEYS[5], ARGV[15])
 end
-return {0, 0, 0, remaining, spent, reserved, shadow}
+return {0, 0, 0, remaining, spent, reserved, shadow, marker}
 "#;
 
 /// Replace a reservation by what was charged.
 ///
-/// KEYS: 1 marker, 2 budget hash. ARGV: 1 reserved, 2 charged, 3 budget_ttl_s.
+/// KEYS: 1 marker, 2 budget hash. ARGV: 1 reserved, 2 charged, 3 budget_ttl_s, 4 the marker
+/// value `ADMIT` saw when it reserved.
 /// Returns `{spent, reserved}`, or `{-1, -1}` when the store lost its marker (the reservation
-/// went with it; the ledger row carries the charge into the reseed).
+/// went with it; the ledger row carries the charge into the reseed). When the marker changed
+/// since the reservation (the store came back empty and was reseeded), the reservation went
+/// with the old store: the charge is added to `spent` and `reserved` is left alone (it counts
+/// only reservations made since the reseed, which are not this request's to free).
 const SETTLE: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, -1} end
-local r = tonumber(redis.call('HGET', KEYS[2], 'reserved') or '0')
-local dec = tonumber(ARGV[1])
-if dec > r then dec = r end
--- `0 - dec`, not `-dec`: -0 would reach Redis as "-0", which HINCRBY refuses.
-local reserved = redis.call('HINCRBY', KEYS[2], 'reserved', 0 - dec)
+local marker = redis.call('GET', KEYS[1])
+if not marker then return {-1, -1} end
+local reserved
+if marker == ARGV[4] then
+  local r = tonumber(redis.call('HGET', KEYS[2], 'reserved') or '0')
+  local dec = tonumber(ARGV[1])
+  if dec > r then dec = r end
+  -- `0 - dec`, not `-dec`: -0 would reach Redis as "-0", which HINCRBY refuses.
+  reserved = redis.call('HINCRBY', KEYS[2], 'reserved', 0 - dec)
+else
+  reserved = tonumber(redis.call('HGET', KEYS[2], 'reserved') or '0')
+end
 local spent = redis.call('HINCRBY', KEYS[2], 'spent', ARGV[2])
 redis.call('EXPIRE', KEYS[2], ARGV[3])
 return {spent, reserved}

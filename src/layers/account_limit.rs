@@ -184,7 +184,8 @@ fn check_local(
 }
 
 /// Fleet mode: the whole decision in one round trip (cooldown, account/rule limit, per-client
-/// limit, budget reservation; all or nothing). `Err(Unavailable)`: the store cannot be used.
+/// limit, budget reservation; all or nothing), and the store's marker value the reservation
+/// was made under. `Err(Unavailable)`: the store cannot be used.
 async fn check_fleet(
     shared: &Shared,
     fleet: &Arc<Fleet>,
@@ -193,7 +194,7 @@ async fn check_fleet(
     client: &ClientSettings,
     cost: u64,
     day: i64,
-) -> Result<Result<Passed, GatewayError>, Unavailable> {
+) -> Result<Result<(Passed, Arc<str>), GatewayError>, Unavailable> {
     let limits = &shared.limits;
     let account = ctx.account_id.as_ref();
     let (limiter, shadow) = limits.for_request(path, ctx.action.as_deref());
@@ -230,6 +231,7 @@ async fn check_fleet(
             limit,
             shadowed,
             standing,
+            marker,
         } => {
             if shadowed.cooldown {
                 count(shared, client, Arc::from("cooldown"), true);
@@ -256,12 +258,13 @@ async fn check_fleet(
                 tracing::info!(client = %client.name, spent = standing.spent, reserved = standing.reserved, cost, shadow = true, "would refuse: daily credit budget");
             }
             publish_standing(&shared.process, client, standing);
-            Ok(limit.map(|(remaining, reset)| {
+            let passed = limit.map(|(remaining, reset)| {
                 (
                     limiter.policy.clone(),
                     ratelimit_item(limiter, remaining, reset),
                 )
-            }))
+            });
+            Ok((passed, marker))
         }
         Admission::Refused {
             part,
@@ -358,8 +361,9 @@ where
                 Err(Unavailable)
             };
             let passed = match decided {
-                Ok(Ok(passed)) => {
-                    req.extensions_mut().insert(FleetReserved { cost, day });
+                Ok(Ok((passed, marker))) => {
+                    req.extensions_mut()
+                        .insert(FleetReserved { cost, day, marker });
                     passed
                 }
                 Ok(Err(refusal)) => return Err(refusal),

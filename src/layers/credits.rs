@@ -124,21 +124,28 @@ struct Pending {
     request_id: String,
     cost: u64,
     day: i64,
-    /// The reservation is in the fleet store: settle it there.
-    shared_budget: bool,
+    /// The reservation is in the fleet store (made under this marker value): settle it there.
+    fleet_marker: Option<Arc<str>>,
 }
 
 /// Replace the request's reservation by what was charged: in the fleet store (off the
 /// caller's path, retried while the store is down) or in the process's budgets.
 fn settle(shared: &Arc<Shared>, p: &Pending, charged: u64) {
     let process = &shared.process;
-    if let (true, Some(fleet)) = (p.shared_budget, &process.fleet) {
+    if let (Some(marker), Some(fleet)) = (&p.fleet_marker, &process.fleet) {
         let (proc2, client) = (process.clone(), p.client.clone());
-        fleet.settle_eventually(p.client.name.clone(), p.day, p.cost, charged, move |s| {
-            if let Some(s) = s {
-                publish_standing(&proc2, &client, s);
-            }
-        });
+        fleet.settle_eventually(
+            p.client.name.clone(),
+            p.day,
+            p.cost,
+            charged,
+            marker.clone(),
+            move |s| {
+                if let Some(s) = s {
+                    publish_standing(&proc2, &client, s);
+                }
+            },
+        );
         return;
     }
     process
@@ -177,7 +184,7 @@ where
             .expected(req.uri().path(), action.as_deref());
         let process = &shared.process;
         // Fleet mode: account_limit reserved this request's budget in the store already.
-        let fleet_reserved = req.extensions().get::<FleetReserved>().copied();
+        let fleet_reserved = req.extensions().get::<FleetReserved>().cloned();
 
         if cost > 0 {
             let refusal = if process.credit_state.ledger_failing.load(Ordering::Acquire) {
@@ -194,16 +201,25 @@ where
                 None
             };
             if let Some(e) = refusal {
-                if let (Some(r), Some(fleet)) = (fleet_reserved, &process.fleet) {
+                if let (Some(r), Some(fleet)) = (&fleet_reserved, &process.fleet) {
                     // Give the store's reservation back.
-                    fleet.settle_eventually(client.name.clone(), r.day, r.cost, 0, |_| {});
+                    fleet.settle_eventually(
+                        client.name.clone(),
+                        r.day,
+                        r.cost,
+                        0,
+                        r.marker.clone(),
+                        |_| {},
+                    );
                 }
                 return Box::pin(async move { Err(e) });
             }
         }
-        let day = fleet_reserved.map_or_else(|| utc_day(now_ms()), |r| r.day);
+        let day = fleet_reserved
+            .as_ref()
+            .map_or_else(|| utc_day(now_ms()), |r| r.day);
         let budget = client.daily_credit_budget;
-        if let (None, Some(fleet)) = (fleet_reserved, &process.fleet) {
+        if let (None, Some(fleet)) = (&fleet_reserved, &process.fleet) {
             // The store could not be used for this request's budget.
             if cost > 0 && fleet.budgets_on_failure == OnFailure::Deny {
                 fleet.fell_back("budgets", OnFailure::Deny);
@@ -217,7 +233,7 @@ where
                 fleet.fell_back("budgets", OnFailure::Local);
             }
         }
-        let reserved = match fleet_reserved {
+        let reserved = match &fleet_reserved {
             Some(_) => Ok(()),
             None => process
                 .budgets
@@ -245,7 +261,7 @@ where
             publish_budget(process, &client, day);
         }
         let pending = Pending {
-            shared_budget: fleet_reserved.is_some(),
+            fleet_marker: fleet_reserved.map(|r| r.marker),
             account: ctx.and_then(|c| c.account_id.clone()),
             action,
             path: req.uri().path().to_owned(),

@@ -229,6 +229,7 @@ async fn shadow_limits_and_budgets_count_but_never_refuse_as_locally() {
         shadowed,
         limit,
         standing,
+        ..
     } = f.admit(&shadow(l, s)).await.unwrap()
     else {
         panic!()
@@ -248,34 +249,42 @@ async fn shadow_limits_and_budgets_count_but_never_refuse_as_locally() {
 async fn a_budget_of_10_admits_exactly_10_of_100_across_two_replicas_and_settles() {
     let redis = Redis::start();
     let (a, b) = (fleet(&redis.url()).await, fleet(&redis.url()).await);
-    let ok = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for i in 0..100 {
         let f = if i % 2 == 0 { a.clone() } else { b.clone() };
-        let ok = ok.clone();
         tasks.push(tokio::spawn(async move {
-            if let Admission::Allowed { .. } = f.admit(&budget_only("crm", 1, 10)).await.unwrap() {
-                ok.fetch_add(1, Ordering::SeqCst);
+            match f.admit(&budget_only("crm", 1, 10)).await.unwrap() {
+                Admission::Allowed { marker, .. } => Some(marker),
+                Admission::Refused { .. } => None,
             }
         }));
     }
+    let mut markers = Vec::new();
     for t in tasks {
-        t.await.unwrap();
+        markers.extend(t.await.unwrap());
     }
-    assert_eq!(ok.load(Ordering::SeqCst), 10);
+    assert_eq!(markers.len(), 10);
+    let marker = markers[0].clone();
+    assert!(
+        markers.iter().all(|m| *m == marker),
+        "one store, one marker"
+    );
     let day = utc_day(now_ms());
     let s = a.standing("crm", day).await.unwrap();
     assert_eq!((s.spent, s.reserved), (0, 10));
     // Settle: 4 charged 1, 3 charged 0, 3 ambiguous (kept as charged).
     for charged in [1, 1, 1, 1, 0, 0, 0, 1, 1, 1] {
-        b.settle("crm", day, 1, charged).await.unwrap().unwrap();
+        b.settle("crm", day, 1, charged, &marker)
+            .await
+            .unwrap()
+            .unwrap();
     }
     let s = b.standing("crm", day).await.unwrap();
     assert_eq!((s.spent, s.reserved), (7, 0));
     // The spawned form, drained as on shutdown.
-    a.settle_eventually(Arc::from("crm"), day, 0, 0, |_| {});
+    a.settle_eventually(Arc::from("crm"), day, 0, 0, marker.clone(), |_| {});
     assert!(a.admit(&budget_only("crm", 1, 10)).await.is_ok());
-    a.settle_eventually(Arc::from("crm"), day, 1, 0, |_| {});
+    a.settle_eventually(Arc::from("crm"), day, 1, 0, marker.clone(), |_| {});
     assert!(a.drain(Duration::from_secs(5)).await);
     assert_eq!(b.standing("crm", day).await.unwrap().reserved, 0);
     // 3 left: one request of 3 fits, then nothing.
@@ -685,6 +694,46 @@ async fn budgets_are_reseeded_from_the_ledger_when_redis_comes_back_empty() {
     ));
     assert!(matches!(
         a.admit(&budget_only("crm", 1, 10)).await.unwrap(),
+        Admission::Refused {
+            part: Part::Budget,
+            ..
+        }
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_settle_that_lands_after_an_empty_restart_frees_no_reservation_made_since() {
+    // Before: the late settle lowered `reserved` by its own cost, freeing reservations made
+    // after the reseed, and the budget could be overshot.
+    let redis = Redis::start();
+    let a = fleet(&redis.url()).await;
+    let day = utc_day(now_ms());
+    let Admission::Allowed { marker: old, .. } = a.admit(&budget_only("crm", 5, 10)).await.unwrap()
+    else {
+        panic!("fits")
+    };
+    redis.restart();
+    eventually("reseeded", async || {
+        a.admit(&budget_only("crm", 4, 10)).await.is_ok()
+    })
+    .await;
+    assert_eq!(
+        a.standing("crm", day).await.unwrap(),
+        linkup_gateway::budgets::Standing {
+            spent: 0,
+            reserved: 4
+        }
+    );
+    // The request forwarded before the restart is answered now: charged 5.
+    let s = a.settle("crm", day, 5, 5, &old).await.unwrap().unwrap();
+    assert_eq!(
+        (s.spent, s.reserved),
+        (5, 4),
+        "the reservation of 4 stays held"
+    );
+    // 5 spent + 4 reserved: 2 more would overshoot the budget of 10.
+    assert!(matches!(
+        a.admit(&budget_only("crm", 2, 10)).await.unwrap(),
         Admission::Refused {
             part: Part::Budget,
             ..
