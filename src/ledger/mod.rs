@@ -18,6 +18,7 @@ use time::{Date, OffsetDateTime};
 use crate::layers::BoxFuture;
 
 mod memory;
+mod plan;
 mod postgres;
 mod sqlite;
 

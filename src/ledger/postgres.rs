@@ -73,7 +73,7 @@ use time::Date;
 use tokio::sync::oneshot;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::sqlite::{month_key, whole_months};
+use super::plan::{month_key, usage_sql, Dialect};
 use super::{day_key, day_of, GroupBy, Ledger, LedgerError, Row, UsageQuery, UsageRow};
 use crate::config::LedgerSync;
 use crate::layers::BoxFuture;
@@ -1134,7 +1134,7 @@ fn usage(client: &mut Client, q: &UsageQuery) -> Result<Vec<UsageRow>, postgres:
             by.push(*key);
         }
     }
-    let (sql, bounds) = usage_sql(&by, q.from_day, q.to_day);
+    let (sql, bounds) = usage_sql(&by, q.from_day, q.to_day, Dialect::POSTGRES);
     let params: Vec<&(dyn ToSql + Sync)> =
         bounds.iter().map(|b| b as &(dyn ToSql + Sync)).collect();
     let rows = client.query(&sql, &params)?;
@@ -1163,77 +1163,6 @@ fn usage(client: &mut Client, q: &UsageQuery) -> Result<Vec<UsageRow>, postgres:
             Ok(row)
         })
         .collect()
-}
-
-/// The SQL of a usage query and its bounds: the smallest aggregates that can answer it (as
-/// SQLite's `usage_sql`). Grouping by account needs the tables with the account, otherwise
-/// the roll-ups without it serve; grouping by day needs a daily table, otherwise whole months
-/// come from a monthly table and the days before and after them from the daily one.
-fn usage_sql(by: &[GroupBy], from: Date, to: Date) -> (String, Vec<String>) {
-    // Column names come from the enum, never from the caller's text.
-    let keys = by.iter().map(|g| column(*g)).collect::<Vec<_>>().join(", ");
-    let (select, group) = if by.is_empty() {
-        (String::new(), String::new())
-    } else {
-        (
-            format!("{keys}, "),
-            format!(" GROUP BY {keys} ORDER BY {keys}"),
-        )
-    };
-    let sql = |source: &str| {
-        format!(
-            "SELECT {select}COALESCE(SUM(requests), 0)::BIGINT, \
-             COALESCE(SUM(credits), 0)::BIGINT FROM {source}{group}"
-        )
-    };
-    let (daily, monthly) = if by.contains(&GroupBy::Account) {
-        ("usage_daily", "usage_monthly")
-    } else {
-        ("usage_daily_no_account", "usage_monthly_no_account")
-    };
-    let months = if by.contains(&GroupBy::Day) {
-        None
-    } else {
-        whole_months(from, to)
-    };
-    let Some((first, last)) = months else {
-        return (
-            sql(&format!("{daily} WHERE day BETWEEN $1 AND $2")),
-            vec![day_key(from), day_key(to)],
-        );
-    };
-    // An empty text range: no day sorts between "9" and "0".
-    let none = || ["9".to_string(), "0".to_string()];
-    let head = match first.previous_day() {
-        Some(before) if from < first => [day_key(from), day_key(before)],
-        _ => none(),
-    };
-    let tail = match last.next_day() {
-        Some(after) if last < to => [day_key(after), day_key(to)],
-        _ => none(),
-    };
-    let source = format!(
-        "(SELECT {select}requests, credits FROM {daily} WHERE day BETWEEN $1 AND $2 \
-         UNION ALL SELECT {select}requests, credits FROM {daily} WHERE day BETWEEN $3 AND $4 \
-         UNION ALL SELECT {select}requests, credits FROM {monthly} \
-             WHERE month BETWEEN $5 AND $6) AS u"
-    );
-    let mut bounds = Vec::with_capacity(6);
-    bounds.extend(head);
-    bounds.extend(tail);
-    bounds.push(month_key(first));
-    bounds.push(month_key(last));
-    (sql(&source), bounds)
-}
-
-fn column(g: GroupBy) -> &'static str {
-    match g {
-        GroupBy::Client => "client",
-        GroupBy::Account => "account",
-        GroupBy::Action => "action",
-        GroupBy::Day => "day",
-        GroupBy::Outcome => "outcome",
-    }
 }
 
 fn to_u64(v: i64) -> u64 {

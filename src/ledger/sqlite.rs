@@ -26,6 +26,7 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, TransactionBehavior};
 use time::Date;
 use tokio::sync::oneshot;
 
+use super::plan::{month_key, usage_sql, Dialect};
 use super::{day_key, day_of, GroupBy, Ledger, LedgerError, Outcome, Row, UsageQuery, UsageRow};
 use crate::config::LedgerSync;
 use crate::layers::BoxFuture;
@@ -374,7 +375,7 @@ impl Ledger for SqliteLedger {
                 by.push(*key);
             }
         }
-        let (sql, bounds) = usage_sql(&by, q.from_day, q.to_day);
+        let (sql, bounds) = usage_sql(&by, q.from_day, q.to_day, Dialect::SQLITE);
         let conn = self.reader();
         let mut stmt = conn.prepare_cached(&sql).map_err(|e| self.query_error(e))?;
         let rows = stmt
@@ -447,102 +448,6 @@ impl Drop for SqliteLedger {
                 tracing::error!(path = %self.display, "the ledger checkpoint thread panicked");
             }
         }
-    }
-}
-
-/// The SQL of a usage query and its bounds: the smallest aggregates that can answer it.
-/// Grouping by account needs the tables with the account, otherwise the roll-ups without it
-/// serve; grouping by day needs a daily table, otherwise whole months come from a monthly
-/// table and the days before and after them from the daily one.
-fn usage_sql(by: &[GroupBy], from: Date, to: Date) -> (String, Vec<String>) {
-    // Column names come from the enum, never from the caller's text.
-    let keys = by.iter().map(|g| column(*g)).collect::<Vec<_>>().join(", ");
-    let (select, group) = if by.is_empty() {
-        (String::new(), String::new())
-    } else {
-        (
-            format!("{keys}, "),
-            format!(" GROUP BY {keys} ORDER BY {keys}"),
-        )
-    };
-    let sql = |source: &str| {
-        format!(
-            "SELECT {select}COALESCE(SUM(requests), 0), COALESCE(SUM(credits), 0) \
-             FROM {source}{group}"
-        )
-    };
-    let (daily, monthly) = if by.contains(&GroupBy::Account) {
-        ("usage_daily", "usage_monthly")
-    } else {
-        ("usage_daily_no_account", "usage_monthly_no_account")
-    };
-    let months = if by.contains(&GroupBy::Day) {
-        None
-    } else {
-        whole_months(from, to)
-    };
-    let Some((first, last)) = months else {
-        return (
-            sql(&format!("{daily} WHERE day BETWEEN ?1 AND ?2")),
-            vec![day_key(from), day_key(to)],
-        );
-    };
-    // An empty text range: no day sorts between "9" and "0".
-    let none = || ["9".to_string(), "0".to_string()];
-    let head = match first.previous_day() {
-        Some(before) if from < first => [day_key(from), day_key(before)],
-        _ => none(),
-    };
-    let tail = match last.next_day() {
-        Some(after) if last < to => [day_key(after), day_key(to)],
-        _ => none(),
-    };
-    let source = format!(
-        "(SELECT {select}requests, credits FROM {daily} WHERE day BETWEEN ?1 AND ?2 \
-         UNION ALL SELECT {select}requests, credits FROM {daily} WHERE day BETWEEN ?3 AND ?4 \
-         UNION ALL SELECT {select}requests, credits FROM {monthly} \
-             WHERE month BETWEEN ?5 AND ?6)"
-    );
-    let mut bounds = Vec::with_capacity(6);
-    bounds.extend(head);
-    bounds.extend(tail);
-    bounds.push(month_key(first));
-    bounds.push(month_key(last));
-    (sql(&source), bounds)
-}
-
-/// The first and last day of the whole calendar months inside `from..=to`, if any.
-pub(super) fn whole_months(from: Date, to: Date) -> Option<(Date, Date)> {
-    let first = if from.day() == 1 {
-        from
-    } else {
-        last_of_month(from).next_day()?
-    };
-    let last = if to == last_of_month(to) {
-        to
-    } else {
-        to.replace_day(1).ok()?.previous_day()?
-    };
-    (first <= last).then_some((first, last))
-}
-
-fn last_of_month(day: Date) -> Date {
-    day.replace_day(day.month().length(day.year()))
-        .unwrap_or(day)
-}
-
-/// `2026-11`: the monthly roll-up's key.
-pub(super) fn month_key(day: Date) -> String {
-    format!("{:04}-{:02}", day.year(), u8::from(day.month()))
-}
-
-fn column(g: GroupBy) -> &'static str {
-    match g {
-        GroupBy::Client => "client",
-        GroupBy::Account => "account",
-        GroupBy::Action => "action",
-        GroupBy::Day => "day",
-        GroupBy::Outcome => "outcome",
     }
 }
 
@@ -1503,26 +1408,6 @@ mod tests {
                 assert_eq!(got, expected, "{from}..={to} by {by:?}");
             }
         }
-    }
-
-    #[test]
-    fn whole_months_are_found_inside_a_range() {
-        assert_eq!(
-            whole_months(date!(2026 - 01 - 20), date!(2026 - 05 - 10)),
-            Some((date!(2026 - 02 - 01), date!(2026 - 04 - 30)))
-        );
-        assert_eq!(
-            whole_months(date!(2028 - 02 - 01), date!(2028 - 02 - 29)),
-            Some((date!(2028 - 02 - 01), date!(2028 - 02 - 29)))
-        );
-        assert_eq!(
-            whole_months(date!(2026 - 02 - 02), date!(2026 - 02 - 28)),
-            None
-        );
-        assert_eq!(
-            whole_months(date!(2026 - 01 - 31), date!(2026 - 02 - 27)),
-            None
-        );
     }
 
     #[test]

@@ -1,0 +1,161 @@
+//! How a usage query is answered from the aggregate tables, shared by both backends (the
+//! tables are the same; only the SQL dialect differs).
+
+use time::Date;
+
+use super::{day_key, GroupBy};
+
+/// What differs between SQLite and PostgreSQL in the usage SQL.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Dialect {
+    /// Placeholder prefix: `?1` or `$1`.
+    placeholder: char,
+    /// Appended to each sum (PostgreSQL's SUM of BIGINT is NUMERIC).
+    sum_cast: &'static str,
+    /// A derived table needs an alias in PostgreSQL.
+    alias: &'static str,
+}
+
+impl Dialect {
+    pub(super) const SQLITE: Dialect = Dialect {
+        placeholder: '?',
+        sum_cast: "",
+        alias: "",
+    };
+    pub(super) const POSTGRES: Dialect = Dialect {
+        placeholder: '$',
+        sum_cast: "::BIGINT",
+        alias: " AS u",
+    };
+}
+
+/// The SQL of a usage query and its bounds: the smallest aggregates that can answer it.
+/// Grouping by account needs the tables with the account, otherwise the roll-ups without it
+/// serve; grouping by day needs a daily table, otherwise whole months come from a monthly
+/// table and the days before and after them from the daily one.
+pub(super) fn usage_sql(by: &[GroupBy], from: Date, to: Date, d: Dialect) -> (String, Vec<String>) {
+    // Column names come from the enum, never from the caller's text.
+    let keys = by.iter().map(|g| column(*g)).collect::<Vec<_>>().join(", ");
+    let (select, group) = if by.is_empty() {
+        (String::new(), String::new())
+    } else {
+        (
+            format!("{keys}, "),
+            format!(" GROUP BY {keys} ORDER BY {keys}"),
+        )
+    };
+    let cast = d.sum_cast;
+    let sql = |source: &str| {
+        format!(
+            "SELECT {select}COALESCE(SUM(requests), 0){cast}, \
+             COALESCE(SUM(credits), 0){cast} FROM {source}{group}"
+        )
+    };
+    let p = |i: u8| format!("{}{i}", d.placeholder);
+    let (daily, monthly) = if by.contains(&GroupBy::Account) {
+        ("usage_daily", "usage_monthly")
+    } else {
+        ("usage_daily_no_account", "usage_monthly_no_account")
+    };
+    let months = if by.contains(&GroupBy::Day) {
+        None
+    } else {
+        whole_months(from, to)
+    };
+    let Some((first, last)) = months else {
+        return (
+            sql(&format!("{daily} WHERE day BETWEEN {} AND {}", p(1), p(2))),
+            vec![day_key(from), day_key(to)],
+        );
+    };
+    // An empty text range: no day sorts between "9" and "0".
+    let none = || ["9".to_string(), "0".to_string()];
+    let head = match first.previous_day() {
+        Some(before) if from < first => [day_key(from), day_key(before)],
+        _ => none(),
+    };
+    let tail = match last.next_day() {
+        Some(after) if last < to => [day_key(after), day_key(to)],
+        _ => none(),
+    };
+    let source = format!(
+        "(SELECT {select}requests, credits FROM {daily} WHERE day BETWEEN {} AND {} \
+         UNION ALL SELECT {select}requests, credits FROM {daily} WHERE day BETWEEN {} AND {} \
+         UNION ALL SELECT {select}requests, credits FROM {monthly} \
+             WHERE month BETWEEN {} AND {}){}",
+        p(1),
+        p(2),
+        p(3),
+        p(4),
+        p(5),
+        p(6),
+        d.alias
+    );
+    let mut bounds = Vec::with_capacity(6);
+    bounds.extend(head);
+    bounds.extend(tail);
+    bounds.push(month_key(first));
+    bounds.push(month_key(last));
+    (sql(&source), bounds)
+}
+
+/// The first and last day of the whole calendar months inside `from..=to`, if any.
+pub(super) fn whole_months(from: Date, to: Date) -> Option<(Date, Date)> {
+    let first = if from.day() == 1 {
+        from
+    } else {
+        last_of_month(from).next_day()?
+    };
+    let last = if to == last_of_month(to) {
+        to
+    } else {
+        to.replace_day(1).ok()?.previous_day()?
+    };
+    (first <= last).then_some((first, last))
+}
+
+fn last_of_month(day: Date) -> Date {
+    day.replace_day(day.month().length(day.year()))
+        .unwrap_or(day)
+}
+
+/// `2026-11`: the monthly roll-up's key.
+pub(super) fn month_key(day: Date) -> String {
+    format!("{:04}-{:02}", day.year(), u8::from(day.month()))
+}
+
+fn column(g: GroupBy) -> &'static str {
+    match g {
+        GroupBy::Client => "client",
+        GroupBy::Account => "account",
+        GroupBy::Action => "action",
+        GroupBy::Day => "day",
+        GroupBy::Outcome => "outcome",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::date;
+
+    #[test]
+    fn whole_months_are_found_inside_a_range() {
+        assert_eq!(
+            whole_months(date!(2026 - 01 - 20), date!(2026 - 05 - 10)),
+            Some((date!(2026 - 02 - 01), date!(2026 - 04 - 30)))
+        );
+        assert_eq!(
+            whole_months(date!(2028 - 02 - 01), date!(2028 - 02 - 29)),
+            Some((date!(2028 - 02 - 01), date!(2028 - 02 - 29)))
+        );
+        assert_eq!(
+            whole_months(date!(2026 - 02 - 02), date!(2026 - 02 - 28)),
+            None
+        );
+        assert_eq!(
+            whole_months(date!(2026 - 01 - 31), date!(2026 - 02 - 27)),
+            None
+        );
+    }
+}
