@@ -8,7 +8,9 @@
 //! and the per-client limit, and reserves the budget, all or nothing. `credits` then takes no
 //! local reservation (the `FleetReserved` extension says so) and settles in the store. While
 //! the store is down, `fleet.on_store_failure.limits` decides: `local` (these per-replica
-//! limiters) or `deny` (503 `STORE_UNAVAILABLE` for requests that cost credits).
+//! limiters) or `deny` (503 `STORE_UNAVAILABLE` for requests that cost credits). The
+//! replica's own upstream-429 holds are looked at in the fleet path too: one learnt while the
+//! store was down is in no store, and still holds the account back once the store is back.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -198,6 +200,13 @@ async fn check_fleet(
     let limits = &shared.limits;
     let account = ctx.account_id.as_ref();
     let (limiter, shadow) = limits.for_request(path, ctx.action.as_deref());
+    // This replica's own hold: set with the store's, and the only one when the upstream
+    // RATE_LIMITED answer came while the store was down (the store never heard of it).
+    let local_cooldown = account.and_then(|a| limits.cooldowns.remaining(a).map(|l| (a, l)));
+    if let (Some((a, left)), false) = (local_cooldown, limits.default_shadow) {
+        count(shared, client, Arc::from("cooldown"), false);
+        return Ok(Err(cooldown_refusal(shared, a, left)));
+    }
     let subject = match account {
         Some(a) => Subject::Account(a.clone()),
         None => Subject::Client(client.name.clone()),
@@ -233,7 +242,7 @@ async fn check_fleet(
             standing,
             marker,
         } => {
-            if shadowed.cooldown {
+            if shadowed.cooldown || local_cooldown.is_some() {
                 count(shared, client, Arc::from("cooldown"), true);
                 tracing::info!(account = ?account, shadow = true, "would refuse: upstream 429 cooldown");
             }

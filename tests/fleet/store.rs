@@ -1161,3 +1161,30 @@ async fn a_local_leader_that_hangs_up_while_following_another_stack_does_not_fai
     assert_eq!(remote.await.unwrap().status, 200);
     assert_eq!(emu.stats().total_calls - calls, 1, "one upstream call");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_cooldown_learnt_while_the_store_was_down_holds_once_it_is_back() {
+    // Before: the hold lived only in the replica's own cooldowns, which the fleet path never
+    // looked at: once the store was back, the account went upstream again at once.
+    let redis = Redis::start();
+    let emu = emulator().await;
+    let extra = "on_store_failure = { limits = \"local\", budgets = \"local\" }\n[costs]\n\"/v2/login\" = 0\n";
+    let a = replica(&emu, &redis, extra).await;
+    let acc = connected(&a, "tok-fleet-cool").await;
+    redis.stop();
+    emu.set_faults(linkup_gateway::emulator::Faults {
+        mode: linkup_gateway::emulator::FaultMode::RateLimited,
+        count: 1,
+        account_id: Some(acc.clone()),
+        ..Default::default()
+    });
+    let limited = a.post("/v2/profiles", &profile(&acc)).await;
+    assert_eq!(limited.status, 429, "{}", limited.json);
+    redis.restart();
+    eventually("back to shared state", async || a.fleet.is_up()).await;
+    let calls = emu.stats().total_calls;
+    let held = a.post("/v2/profiles", &profile(&acc)).await;
+    assert_eq!(held.status, 429, "{}", held.json);
+    assert_eq!(held.json["error"]["source"], "gateway", "{}", held.json);
+    assert_eq!(emu.stats().total_calls, calls, "held back by the gateway");
+}
