@@ -284,8 +284,9 @@ impl Fleet {
         deadline: Instant,
     ) -> Result<FlightRole, Unavailable> {
         let lease_key = self.lease_key(account);
+        // The code itself never goes to the store: followers compare its SHA-256.
         let code_tag = match code {
-            Some(c) => format!("={c}"),
+            Some(c) => format!("={}", crate::keygen::key_sha256_hex(c)),
             None => "-".to_owned(),
         };
         let lease_ms = u64::try_from(self.lease.as_millis())

@@ -17,7 +17,7 @@
 //! | `P cool:ACCOUNT` | string, `upstream_429_cooldown` | upstream RATE_LIMITED cooldown |
 //! | `P budget:DAY:CLIENT` | hash `spent`, `reserved`, 3 days | daily budget (DAY: days since the epoch, UTC) |
 //! | `P status:ACCOUNT` | string, `status_cache.ttl` | `connected` / `checkpoint_required` |
-//! | `P lease:ACCOUNT` | string `TOKEN\tCODE`, `checkpoint_lease` (renewed) | the replica making the checkpoint call |
+//! | `P lease:ACCOUNT` | string `TOKEN\t=SHA256(code)` (hex; `TOKEN\t-` without a code), `checkpoint_lease` (renewed) | the replica making the checkpoint call; the 2FA code itself is never stored (a 6-digit code's hash is easily reversed, but it is single-use and the lease lives only while the call does) |
 //! | `P answer:TOKEN` | bytes, 30 s | that call's answer, for followers that subscribed late |
 //! | channel `P events` | pub/sub | `s…` status changed (drop local copies), `f…` a checkpoint answer |
 //!

@@ -1188,3 +1188,39 @@ async fn an_upstream_cooldown_learnt_while_the_store_was_down_holds_once_it_is_b
     assert_eq!(held.json["error"]["source"], "gateway", "{}", held.json);
     assert_eq!(emu.stats().total_calls, calls, "held back by the gateway");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_lease_holds_a_hash_of_the_code_never_the_code() {
+    let redis = Redis::start();
+    let (a, b) = (fleet(&redis.url()).await, fleet(&redis.url()).await);
+    let deadline = || Instant::now() + Duration::from_secs(10);
+    let FlightRole::Leader(lease) = a.flight("acc_h", Some("482913"), deadline()).await.unwrap()
+    else {
+        panic!("leader")
+    };
+    let held = redis.command(&["GET", "lgw:lease:acc_h"]);
+    assert!(!held.contains("482913"), "{held}");
+    assert!(
+        held.contains(&linkup_gateway::keygen::key_sha256_hex("482913")),
+        "{held}"
+    );
+    // The same code still follows (hashes compared), another one waits.
+    let same = {
+        let b = b.clone();
+        tokio::spawn(async move { b.flight("acc_h", Some("482913"), deadline()).await })
+    };
+    let other = {
+        let b = b.clone();
+        tokio::spawn(async move { b.flight("acc_h", Some("000000"), deadline()).await })
+    };
+    eventually("both wait", async || round_trips(&b, "lease_wait") >= 2).await;
+    lease.publish(&answer(5)).await.unwrap();
+    assert_eq!(
+        match same.await.unwrap().unwrap() {
+            FlightRole::Answer(a) => Some(a),
+            _ => None,
+        },
+        Some(answer(5))
+    );
+    assert!(matches!(other.await.unwrap().unwrap(), FlightRole::Ended));
+}
