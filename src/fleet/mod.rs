@@ -8,7 +8,10 @@
 //! Every key and the one channel start with `fleet.key_prefix` (default `lgw:`), so several
 //! gateways can share a Redis. One Redis, not a cluster: the scripts touch keys of different
 //! accounts and clients together, so a cluster would need hash tags (`{…}`) on all of them;
-//! they are not there.
+//! they are not there. **Redis 7.0 or later**: the checkpoint lease is taken with `SET … NX PX
+//! … GET` (`NX` with `GET` came in 7.0); on an older server every checkpoint falls back to
+//! per-replica coalescing. The replica reads `INFO server` once, when it first reaches the
+//! store, and logs an error naming the version when it is older.
 //!
 //! | key | type, TTL | what |
 //! |---|---|---|
@@ -46,7 +49,7 @@
 //!   follower cost nothing (the local `Flights` dedupe first).
 //! - Requests the layers above `account_limit` answer or refuse (cache hits aside): 0.
 //! - In the background, per replica: the probe (`PING` + `EXISTS marker`, pipelined) every
-//!   500 ms, and one pub/sub connection. `linkup_gateway_fleet_round_trips_total{op}` counts
+//!   500 ms (and `INFO server` once, for the version), and one pub/sub connection. `linkup_gateway_fleet_round_trips_total{op}` counts
 //!   all of them by operation (`probe` included, so per-request figures leave it out).
 //!
 //! # Failure
@@ -54,10 +57,13 @@
 //! Every command a request waits for is bounded by `fleet.timeout`. (The connection itself
 //! waits up to 5 s, so background work gets a definite answer: an `admit` answered after its
 //! caller gave up has its reservation given back, and a settle is retried only after a
-//! definite failure.) A failure or timeout opens a breaker: the store
-//! counts as down and no request pays a timeout while it is; a background probe (`PING` every
-//! 500 ms) closes it again, so replicas return to shared state by themselves. While it is
-//! down, `fleet.on_store_failure` decides: `local` uses the replica's own limiters, budgets,
+//! definite failure.) A failure (I/O, a dropped connection, or a server that cannot serve:
+//! `LOADING`, `READONLY`, `MASTERDOWN`…) or a timeout opens a breaker; an error reply to one
+//! command (`WRONGTYPE`, a script error) fails that command only and is counted in
+//! `linkup_gateway_fleet_store_errors_total`, the store stays in use. While the breaker is
+//! open, the store counts as down and no request pays a timeout; a background probe (`PING`
+//! every 500 ms) closes it again, so replicas return to shared state by themselves. While it
+//! is down, `fleet.on_store_failure` decides: `local` uses the replica's own limiters, budgets,
 //! status cache and coalescing (counted in `linkup_gateway_fleet_fallbacks_total{part,
 //! decision="local"}` and logged when the breaker opens); `deny` refuses requests that cost
 //! credits with 503 `STORE_UNAVAILABLE` (Retry-After 1), and lets free requests go on with
@@ -169,6 +175,8 @@ pub struct Fleet {
     reseeding: tokio::sync::Mutex<()>,
     /// Settles spawned and not yet done (see [`Fleet::drain`]).
     pending_settles: Arc<std::sync::atomic::AtomicUsize>,
+    /// The server's version was read (once, see [`Fleet::check_version`]).
+    version_checked: AtomicBool,
 }
 
 impl std::fmt::Debug for Fleet {
@@ -236,6 +244,7 @@ impl Fleet {
             instance: random_hex(8),
             reseeding: tokio::sync::Mutex::new(()),
             pending_settles: Arc::default(),
+            version_checked: AtomicBool::new(false),
         });
         // Up at once when the store answers, so the first requests use it.
         fleet.probe_once().await;
@@ -390,6 +399,15 @@ impl Fleet {
             .inc();
         match tokio::time::timeout(within, fut).await {
             Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if !store_failure(&e) => {
+                // The store answered: this command is wrong, the store is not down.
+                self.metrics
+                    .store_errors
+                    .get_or_create(&OpLabels { op })
+                    .inc();
+                tracing::warn!(op, error = %e, "fleet store refused a command (the store stays in use)");
+                Err(Unavailable)
+            }
             Ok(Err(e)) => {
                 self.mark_down(op, &e.to_string());
                 Err(Unavailable)
@@ -412,6 +430,9 @@ impl Fleet {
         pipe.cmd("PING").ignore().exists(self.marker_key());
         let mut c = self.conn();
         let r: Result<(bool,), _> = self.raw("probe", pipe.query_async(&mut c)).await;
+        if r.is_ok() && !self.version_checked.load(Ordering::Acquire) {
+            self.check_version().await;
+        }
         match r {
             Ok((true,)) => self.mark_up(),
             Ok((false,)) => {
@@ -420,6 +441,31 @@ impl Fleet {
                 }
             }
             Err(Unavailable) => {}
+        }
+    }
+
+    /// Read the server's version once (`INFO server`) and say so loudly when it is older than
+    /// 7.0, which the checkpoint lease needs (`SET NX PX GET`).
+    async fn check_version(&self) {
+        let mut c = self.conn();
+        let info: Result<String, _> = self
+            .raw("info", redis::cmd("INFO").arg("server").query_async(&mut c))
+            .await;
+        let Ok(info) = info else { return };
+        self.version_checked.store(true, Ordering::Release);
+        let version = info
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .map(str::trim);
+        match version.map(|v| (v, v.split('.').next().and_then(|m| m.parse::<u32>().ok()))) {
+            Some((v, Some(major))) if major < 7 => tracing::error!(
+                redis_version = v,
+                "fleet store is Redis {v}: fleet mode needs Redis 7.0 or later (the checkpoint lease uses SET NX PX GET); checkpoint coalescing across replicas will not work"
+            ),
+            Some((v, _)) => tracing::debug!(redis_version = v, "fleet store version"),
+            None => tracing::warn!(
+                "fleet store did not report redis_version in INFO server; fleet mode needs Redis 7.0 or later"
+            ),
         }
     }
 
@@ -504,6 +550,25 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Does this error mean the store cannot be used (open the breaker), rather than that one
+/// command was refused?
+fn store_failure(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    !matches!(
+        e.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::ResponseError
+                | ServerErrorKind::ExecAbort
+                | ServerErrorKind::NoScript
+                | ServerErrorKind::CrossSlot
+                | ServerErrorKind::NotBusy
+                | ServerErrorKind::NoSub
+        ) | ErrorKind::Extension
+            | ErrorKind::Parse
+            | ErrorKind::UnexpectedReturnType
+    )
 }
 
 async fn probe_loop(fleet: Weak<Fleet>) {

@@ -1224,3 +1224,27 @@ async fn the_lease_holds_a_hash_of_the_code_never_the_code() {
     );
     assert!(matches!(other.await.unwrap().unwrap(), FlightRole::Ended));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_error_reply_fails_the_command_but_leaves_the_store_in_use() {
+    let redis = Redis::start();
+    let f = fleet(&redis.url()).await;
+    let day = utc_day(now_ms());
+    // A budget key of the wrong type: HMGET answers WRONGTYPE.
+    assert!(redis
+        .command(&["SET", &format!("lgw:budget:{day}:odd"), "x"])
+        .starts_with("+OK"));
+    assert!(f.standing("odd", day).await.is_err());
+    assert!(f.is_up(), "an error reply does not open the breaker");
+    assert!(f.standing("crm", day).await.is_ok());
+    assert_eq!(f.metrics.store_up.get(), 1);
+    assert_eq!(
+        f.metrics
+            .store_errors
+            .get_or_create(&linkup_gateway::metrics::OpLabels { op: "standing" })
+            .get(),
+        1
+    );
+    // The server's version was read once.
+    assert_eq!(round_trips(&f, "info"), 1);
+}
