@@ -96,7 +96,8 @@ fn nonneg(v: i64) -> u64 {
 /// `ADMIT`'s reply: code, part, wait_us, remaining, spent, reserved, shadow bits, marker.
 type AdmitReply = (i64, i64, i64, i64, i64, i64, i64, String);
 
-/// Counts a settle from spawn to end (whatever the end).
+/// Counts a settle (or an admit whose reservation may have to be given back) from spawn to
+/// end, whatever the end.
 struct PendingSettle(Arc<AtomicUsize>);
 
 impl PendingSettle {
@@ -199,7 +200,13 @@ impl Fleet {
             .filter(|b| b.cost > 0)
             .map(|b| (Arc::<str>::from(b.client), b.day, b.cost));
         let weak = Arc::downgrade(self);
+        // A reservation that may have to be given back counts as a pending settle from now
+        // on, so `drain` waits for the script's answer (and the give-back it may start).
+        let pending = unclaimed
+            .as_ref()
+            .map(|_| PendingSettle::new(&self.pending_settles));
         tokio::spawn(async move {
+            let _pending = pending;
             let res: redis::RedisResult<AdmitReply> = inv.invoke_async(&mut c).await;
             if let Err(Ok(v)) = tx.send(res) {
                 let reserved = v.0 == 0;

@@ -256,8 +256,10 @@ impl Fleet {
         Ok(fleet)
     }
 
-    /// Wait (up to `within`) until every settle spawned so far has reached the store: call it
-    /// on shutdown after the last request, before the process exits. True when none is left.
+    /// Wait (up to `within`) until every settle spawned so far has reached the store, and
+    /// every admit still running has been answered (its reservation given back if nobody took
+    /// it): call it on shutdown after the last request, before the process exits. True when
+    /// none is left.
     pub async fn drain(&self, within: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + within;
         loop {

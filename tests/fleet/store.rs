@@ -1248,3 +1248,22 @@ async fn an_error_reply_fails_the_command_but_leaves_the_store_in_use() {
     // The server's version was read once.
     assert_eq!(round_trips(&f, "info"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drain_waits_for_a_reservation_still_to_be_given_back() {
+    // Before: the give-back of an admit answered after its caller gave up was not counted
+    // until its settle was spawned, so drain could return before it was even queued.
+    let redis = Redis::start();
+    let f = fleet(&redis.url()).await;
+    let day = utc_day(now_ms());
+    assert!(redis
+        .command(&["CLIENT", "PAUSE", "1500", "ALL"])
+        .starts_with("+OK"));
+    assert!(f.admit(&budget_only("cd", 2, 10)).await.is_err());
+    assert!(f.drain(Duration::from_secs(20)).await);
+    assert!(round_trips(&f, "settle") >= 1, "the give-back was settled");
+    assert_eq!(
+        redis.command(&["HGET", &format!("lgw:budget:{day}:cd"), "reserved"]),
+        "$1\r\n0\r\n"
+    );
+}
