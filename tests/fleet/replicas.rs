@@ -86,7 +86,9 @@ postgres_url = "{pg}"
 
 [fleet]
 redis_url = "{redis}"
-timeout = "200ms"
+# Generous: a loaded 2-core CI machine must not open the breaker on a slow answer (the
+# outage tests stop Redis, which fails at once, not by timeout).
+timeout = "2s"
 {limits}
 {extra}
 "#,
@@ -530,12 +532,18 @@ async fn postgres_restarted_mid_run_loses_and_doubles_no_ledger_row() {
                 let mut i = w;
                 while !stop.load(Ordering::Relaxed) {
                     let a = f.post(i, "/v2/profiles", &body).await;
-                    // 200: charged and recorded; 503 LEDGER_UNAVAILABLE: refused, not sent.
+                    // 200: charged and recorded; 503 LEDGER_UNAVAILABLE (or STORE_UNAVAILABLE,
+                    // should Redis be slow on a loaded machine): refused, not sent.
                     match a.status {
                         200 => {
                             answered.fetch_add(1, Ordering::Relaxed);
                         }
-                        503 => assert_eq!(a.code(), "LEDGER_UNAVAILABLE", "{}", a.text()),
+                        503 => assert!(
+                            ["LEDGER_UNAVAILABLE", "STORE_UNAVAILABLE"]
+                                .contains(&a.code().as_str()),
+                            "{}",
+                            a.text()
+                        ),
                         s => panic!("unexpected {s}: {}", a.text()),
                     }
                     i += 1;
