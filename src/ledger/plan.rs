@@ -3,7 +3,7 @@
 
 use time::Date;
 
-use super::{day_key, GroupBy};
+use super::{day_key, GroupBy, UsageRow};
 
 /// What differs between SQLite and PostgreSQL in the usage SQL.
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +97,35 @@ pub(super) fn usage_sql(by: &[GroupBy], from: Date, to: Date, d: Dialect) -> (St
     bounds.push(month_key(first));
     bounds.push(month_key(last));
     (sql(&source), bounds)
+}
+
+/// One result row of [`usage_sql`]: the grouping keys in `by`'s order, then the two sums.
+pub(super) fn usage_row(
+    by: &[GroupBy],
+    keys: Vec<String>,
+    requests: i64,
+    credits: i64,
+) -> UsageRow {
+    let mut row = UsageRow {
+        client: None,
+        account: None,
+        action: None,
+        day: None,
+        outcome: None,
+        requests: u64::try_from(requests).unwrap_or(0),
+        credits: u64::try_from(credits).unwrap_or(0),
+    };
+    for (key, value) in by.iter().zip(keys) {
+        let slot = match key {
+            GroupBy::Client => &mut row.client,
+            GroupBy::Account => &mut row.account,
+            GroupBy::Action => &mut row.action,
+            GroupBy::Day => &mut row.day,
+            GroupBy::Outcome => &mut row.outcome,
+        };
+        *slot = Some(value);
+    }
+    row
 }
 
 /// The first and last day of the whole calendar months inside `from..=to`, if any.

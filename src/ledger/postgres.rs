@@ -73,7 +73,7 @@ use time::Date;
 use tokio::sync::oneshot;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use super::plan::{month_key, usage_sql, Dialect};
+use super::plan::{month_key, usage_row, usage_sql, Dialect};
 use super::{day_key, day_of, GroupBy, Ledger, LedgerError, Row, UsageQuery, UsageRow};
 use crate::config::LedgerSync;
 use crate::layers::BoxFuture;
@@ -1140,27 +1140,15 @@ fn usage(client: &mut Client, q: &UsageQuery) -> Result<Vec<UsageRow>, postgres:
     let rows = client.query(&sql, &params)?;
     rows.iter()
         .map(|r| {
-            let mut row = UsageRow {
-                client: None,
-                account: None,
-                action: None,
-                day: None,
-                outcome: None,
-                requests: to_u64(r.try_get(by.len())?),
-                credits: to_u64(r.try_get(by.len() + 1)?),
-            };
-            for (i, key) in by.iter().enumerate() {
-                let value: String = r.try_get(i)?;
-                let slot = match key {
-                    GroupBy::Client => &mut row.client,
-                    GroupBy::Account => &mut row.account,
-                    GroupBy::Action => &mut row.action,
-                    GroupBy::Day => &mut row.day,
-                    GroupBy::Outcome => &mut row.outcome,
-                };
-                *slot = Some(value);
-            }
-            Ok(row)
+            let keys = (0..by.len())
+                .map(|i| r.try_get::<_, String>(i))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(usage_row(
+                &by,
+                keys,
+                r.try_get(by.len())?,
+                r.try_get(by.len() + 1)?,
+            ))
         })
         .collect()
 }

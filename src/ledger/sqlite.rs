@@ -26,7 +26,7 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, TransactionBehavior};
 use time::Date;
 use tokio::sync::oneshot;
 
-use super::plan::{month_key, usage_sql, Dialect};
+use super::plan::{month_key, usage_row, usage_sql, Dialect};
 use super::{day_key, day_of, GroupBy, Ledger, LedgerError, Outcome, Row, UsageQuery, UsageRow};
 use crate::config::LedgerSync;
 use crate::layers::BoxFuture;
@@ -393,27 +393,10 @@ impl Ledger for SqliteLedger {
         let mut stmt = conn.prepare_cached(&sql).map_err(|e| self.query_error(e))?;
         let rows = stmt
             .query_map(rusqlite::params_from_iter(&bounds), |r| {
-                let mut row = UsageRow {
-                    client: None,
-                    account: None,
-                    action: None,
-                    day: None,
-                    outcome: None,
-                    requests: to_u64(r.get(by.len())?),
-                    credits: to_u64(r.get(by.len() + 1)?),
-                };
-                for (i, key) in by.iter().enumerate() {
-                    let value: String = r.get(i)?;
-                    let slot = match key {
-                        GroupBy::Client => &mut row.client,
-                        GroupBy::Account => &mut row.account,
-                        GroupBy::Action => &mut row.action,
-                        GroupBy::Day => &mut row.day,
-                        GroupBy::Outcome => &mut row.outcome,
-                    };
-                    *slot = Some(value);
-                }
-                Ok(row)
+                let keys = (0..by.len())
+                    .map(|i| r.get::<_, String>(i))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(usage_row(&by, keys, r.get(by.len())?, r.get(by.len() + 1)?))
             })
             .map_err(|e| self.query_error(e))?;
         rows.collect::<Result<_, _>>()
