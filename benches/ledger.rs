@@ -140,7 +140,7 @@ fn bench_record(c: &mut Criterion) {
     // The figures the issue asks for, outside criterion: rows/s and the added latency
     // distribution over one longer run per mode.
     for (label, sync) in [
-        ("before_response", LedgerSync::BeforeResponse),
+        ("before_response", LedgerSync::PowerSafe),
         ("async", LedgerSync::Async),
     ] {
         let ledger = Arc::new(
@@ -170,7 +170,7 @@ fn bench_record(c: &mut Criterion) {
     g.throughput(Throughput::Elements((WRITERS * ROWS_PER_WRITER) as u64));
     g.sample_size(20);
     for (label, sync) in [
-        ("before_response", LedgerSync::BeforeResponse),
+        ("before_response", LedgerSync::PowerSafe),
         ("async", LedgerSync::Async),
     ] {
         let ledger = Arc::new(

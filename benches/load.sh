@@ -5,6 +5,15 @@
 #   bash benches/load.sh --quick    # shorter runs, fewer scenarios (~1 minute)
 #   bash benches/load.sh --soak     # adds a 5-minute constant-load soak (RSS drift)
 #   bash benches/load.sh --fleet    # adds fleet mode (Redis + PostgreSQL) against embedded
+#   bash benches/load.sh --profile  # also records `perf record -g` of the gateway at 64
+#                                   # connections (target/load/perf.data, perf-report.txt)
+#   BARE=1 bash benches/load.sh     # adds ../shared/calibration/bare-hyper (the floor of a
+#                                   # plain hyper proxy) as a target, where that folder exists
+#   LGW_BIN=path bash benches/load.sh       # measure that binary instead of building one
+#   GW_B=path bash benches/load.sh          # A/B: adds target `gatewayb`, another build of the
+#                                           # gateway with the same config, in the same run
+#   LGW_SYNC=power_safe, GW_B_SYNC=async    # ledger.sync of the gateway / of gatewayb (default:
+#                                           # the gateway's default, crash_safe)
 #
 # Targets, all on 127.0.0.1:
 #   (a) direct   nginx `return 200` with a LinkupAPI-shaped JSON answer (the fixed upstream)
@@ -14,7 +23,8 @@
 #                key injection, one JSON log line per request), upstream (a)
 # Scenarios: POST /v2/profiles with a JSON body over 10,000 distinct account_ids at 16, 64 and
 # 256 connections; then a slow upstream (the emulator at 200 ms) with 10,000 connections
-# through the gateway. Every process is started here, every run is bounded in time, and
+# through the gateway and through nginx (same proxy config), side by side. CPU per request is
+# user+sys of the proxy's processes (nginx: master and workers) over the requests served. Every process is started here, every run is bounded in time, and
 # everything started is stopped by PID on exit. Results: a table on stdout and in
 # target/load/results.md.
 set -euo pipefail
@@ -23,12 +33,14 @@ cd "$(dirname "$0")/.."
 QUICK=0
 SOAK=0
 FLEET=0
+PROFILE=0
 for a in "$@"; do
   case "$a" in
     --quick) QUICK=1 ;;
     --soak) SOAK=1 ;;
     --fleet) FLEET=1 ;;
-    *) echo "usage: bash benches/load.sh [--quick] [--soak] [--fleet]" >&2; exit 2 ;;
+    --profile) PROFILE=1 ;;
+    *) echo "usage: bash benches/load.sh [--quick] [--soak] [--fleet] [--profile]" >&2; exit 2 ;;
   esac
 done
 DUR=${DUR:-$([ "$QUICK" = 1 ] && echo 5 || echo 15)}
@@ -38,13 +50,26 @@ SLOW=${SLOW:-1}          # SLOW=0 skips the slow-upstream scenario
 GW_LOG=${GW_LOG:-info}   # the gateway's --log-level (info: one line per request)
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nginx || ! need wrk; then
-  echo "installing nginx and wrk (Debian packages)..."
+if ! need nginx || ! need wrk || { [ "$PROFILE" = 1 ] && ! need perf; }; then
+  echo "installing nginx, wrk and perf (Debian packages)..."
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq nginx wrk >/dev/null
+  apt-get update -qq && apt-get install -y -qq nginx wrk linux-perf >/dev/null
 fi
-cargo build --release --quiet
-BIN=$PWD/target/release/linkup-gateway
+if [ -n "${LGW_BIN:-}" ]; then
+  BIN=$LGW_BIN
+else
+  cargo build --release --quiet
+  BIN=$PWD/target/release/linkup-gateway
+fi
+GW_B=${GW_B:-}
+BARE=${BARE:-0}
+BARE_DIR=$PWD/../shared/calibration/bare-hyper
+if [ "$BARE" = 1 ] && [ -f "$BARE_DIR/Cargo.toml" ]; then
+  cargo build --release --quiet --manifest-path "$BARE_DIR/Cargo.toml" --target-dir "$PWD/target/bare-hyper"
+  BARE_BIN=$PWD/target/bare-hyper/release/bare-hyper
+else
+  BARE=0
+fi
 
 WORK=$(mktemp -d /tmp/lgw-load.XXXXXX)
 OUT=$PWD/target/load
@@ -61,7 +86,7 @@ trap cleanup EXIT
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 P_UP=18081 P_NGX=18082 P_GW=18083 P_GWA=18093 P_EMU=18084 P_GWS=18085 P_GWSA=18095
-P_REDIS=18086 P_PG=18087 P_GWF=18088 P_GWFA=18098
+P_REDIS=18086 P_PG=18087 P_GWF=18088 P_GWFA=18098 P_NGXS=18089 P_BARE=18090 P_GWB=18091 P_GWBA=18092
 UPSTREAM_KEY=load-upstream-key
 VKEY=lgw_load_test_key
 VSHA=$(printf '%s' "$VKEY" | sha256sum | cut -d' ' -f1)
@@ -110,6 +135,10 @@ http {
   }
 }
 EOF
+# (b') the same nginx proxy in front of the slow upstream (the emulator), for the RSS side by side
+sed -e "s/127.0.0.1:$P_NGX/127.0.0.1:$P_NGXS/" -e "s/server 127.0.0.1:$P_UP;/server 127.0.0.1:$P_EMU;/" \
+  -e "s#$WORK/proxy#$WORK/proxy-slow#g" -e "s#$WORK/p\([bpfus]\);#$WORK/s\1;#g" \
+  "$WORK/proxy.conf" > "$WORK/proxy-slow.conf"
 gateway_conf() { # listen admin upstream ledger
   cat <<EOF
 [server]
@@ -141,13 +170,14 @@ coalesce = true
 ttl = "10m"
 [ledger]
 $4
-sync = "${LGW_SYNC:-before_response}"
+${LGW_SYNC:+sync = \"$LGW_SYNC\"}
 [costs]
 default = 1
 ${5:-}
 EOF
 }
 gateway_conf $P_GW $P_GWA "http://127.0.0.1:$P_UP" "path = \"$WORK/ledger.sqlite3\"" > "$WORK/gateway.toml"
+LGW_SYNC=${GW_B_SYNC:-${LGW_SYNC:-}} gateway_conf $P_GWB $P_GWBA "http://127.0.0.1:$P_UP" "path = \"$WORK/ledger-b.sqlite3\"" > "$WORK/gateway-b.toml"
 gateway_conf $P_GWS $P_GWSA "http://127.0.0.1:$P_EMU" "path = \"$WORK/ledger-slow.sqlite3\"" > "$WORK/gateway-slow.toml"
 gateway_conf $P_GWF $P_GWFA "http://127.0.0.1:$P_UP" "postgres_url = \"postgres://postgres@127.0.0.1:$P_PG/postgres\"" \
   "[fleet]
@@ -182,15 +212,26 @@ end
 EOF
 
 wait_port() { for _ in $(seq 1 200); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-peak_rss_mb() { awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
+# A process and its children (nginx: the master and its workers).
+procs() { echo "$1"; pgrep -P "$1" 2>/dev/null || true; }
+cpu_ticks() { local t=0 p; for p in $(procs "$1"); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0))); done; echo "$t"; }
+peak_rss_mb() { local k=0 p; for p in $(procs "$1"); do k=$((k + $(awk '/VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0))); done; awk -v k="$k" 'BEGIN {printf "%.1f", k / 1024}'; }
 rss_mb() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 TCK=$(getconf CLK_TCK)
 
-nginx -p "$WORK" -c "$WORK/upstream.conf" -g 'daemon off;' & PIDS+=($!)
-nginx -p "$WORK" -c "$WORK/proxy.conf" -g 'daemon off;' & PIDS+=($!)
+nginx -p "$WORK" -c "$WORK/upstream.conf" -g 'daemon off;' & UP=$!; PIDS+=($UP)
+nginx -p "$WORK" -c "$WORK/proxy.conf" -g 'daemon off;' & NGX=$!; PIDS+=($NGX)
+if [ "$BARE" = 1 ]; then
+  "$BARE_BIN" "127.0.0.1:$P_BARE" "http://127.0.0.1:$P_UP" percore & BAREPID=$!; PIDS+=($BAREPID)
+  wait_port $P_BARE
+fi
 LGW_UPSTREAM_KEY=$UPSTREAM_KEY "$BIN" --log-format json --log-level "$GW_LOG" serve --config "$WORK/gateway.toml" > "$WORK/gateway.log" 2>&1 & GW=$!; PIDS+=($GW)
 wait_port $P_UP; wait_port $P_NGX; wait_port $P_GW
+if [ -n "$GW_B" ]; then
+  LGW_UPSTREAM_KEY=$UPSTREAM_KEY "$GW_B" --log-format json --log-level "$GW_LOG" serve --config "$WORK/gateway-b.toml" > "$WORK/gateway-b.log" 2>&1 & GWB=$!; PIDS+=($GWB)
+  wait_port $P_GWB
+  LGW_KEY=$VKEY wrk -t2 -c64 -d2s -s "$WORK/post.lua" "http://127.0.0.1:$P_GWB" >/dev/null
+fi
 
 ROWS=()
 run() { # name url conns duration pid(optional) path
@@ -204,10 +245,10 @@ run() { # name url conns duration pid(optional) path
   local rss="-" cpu="-"
   if [ -n "$pid" ]; then
     rss=$(peak_rss_mb "$pid")
-    cpu=$(awk -v a="$before" -v b="$(cpu_ticks "$pid")" -v t="$TCK" -v r="$reqs" 'BEGIN {printf "%.3f", (b - a) / t * 10000 / (r > 0 ? r : 1)}')
+    cpu=$(awk -v a="$before" -v b="$(cpu_ticks "$pid")" -v t="$TCK" -v r="$reqs" 'BEGIN {printf "%.1f", (b - a) / t * 1e6 / (r > 0 ? r : 1)}')
   fi
   ROWS+=("$name|$c|$rps|$(awk -v u="$p50" 'BEGIN{printf "%.3f", u/1000}')|$(awk -v u="$p99" 'BEGIN{printf "%.3f", u/1000}')|$(awk -v u="$p999" 'BEGIN{printf "%.3f", u/1000}')|$errs|$rss|$cpu")
-  eval "RPS_${name}_${c}=$rps; P99_${name}_${c}=$p99"
+  eval "RPS_${name}_${c}=$rps; P99_${name}_${c}=$p99; CPU_${name}_${c}=$cpu; RSS_${name}_${c}=$rss"
   printf '  %-8s c=%-5s %8s req/s  p50 %6.2f ms  p99 %6.2f ms  p99.9 %6.2f ms  errors %s\n' "$name" "$c" "$rps" \
     "$(awk -v u="$p50" 'BEGIN{print u/1000}')" "$(awk -v u="$p99" 'BEGIN{print u/1000}')" "$(awk -v u="$p999" 'BEGIN{print u/1000}')" "$errs"
 }
@@ -217,10 +258,23 @@ LGW_KEY=$VKEY wrk -t2 -c64 -d2s -s "$WORK/post.lua" "http://127.0.0.1:$P_GW" >/d
 LGW_KEY=$VKEY wrk -t2 -c64 -d2s -s "$WORK/post.lua" "http://127.0.0.1:$P_NGX" >/dev/null
 for c in $CONNS; do
   echo "POST /v2/profiles, $c connections, ${DUR}s each:"
-  run direct "http://127.0.0.1:$P_UP" "$c" "$DUR"
-  run nginx "http://127.0.0.1:$P_NGX" "$c" "$DUR"
+  run direct "http://127.0.0.1:$P_UP" "$c" "$DUR" "$UP"
+  run nginx "http://127.0.0.1:$P_NGX" "$c" "$DUR" "$NGX"
+  [ "$BARE" = 1 ] && run barehyper "http://127.0.0.1:$P_BARE" "$c" "$DUR" "$BAREPID"
   run gateway "http://127.0.0.1:$P_GW" "$c" "$DUR" "$GW"
+  [ -n "$GW_B" ] && run gatewayb "http://127.0.0.1:$P_GWB" "$c" "$DUR" "$GWB"
 done
+
+# A CPU profile of the gateway under the 64-connection load, with call graphs.
+if [ "$PROFILE" = 1 ]; then
+  echo "profiling the gateway at 64 connections (perf record -g, ${DUR}s)..."
+  perf record -g -F 999 -p "$GW" -o "$OUT/perf.data" -- sleep "$DUR" >/dev/null 2>&1 &
+  PERF=$!
+  LGW_KEY=$VKEY wrk -t2 -c64 -d"${DUR}s" -s "$WORK/post.lua" "http://127.0.0.1:$P_GW" >/dev/null
+  wait "$PERF" || true
+  perf report -i "$OUT/perf.data" --no-children --sort comm,dso,symbol --stdio 2>/dev/null | head -200 > "$OUT/perf-report.txt" || true
+  echo "  $OUT/perf.data, top of the report in $OUT/perf-report.txt"
+fi
 
 if [ "$SOAK" = 1 ]; then
   echo "soak: 5 minutes at 64 connections through the gateway..."
@@ -275,7 +329,10 @@ wait_port $P_EMU
 curl -s -X POST "http://127.0.0.1:$P_EMU/_emulator/faults" -H 'content-type: application/json' -d '{"latency_ms":200}' >/dev/null
 LGW_UPSTREAM_KEY=$UPSTREAM_KEY "$BIN" --log-format json serve --config "$WORK/gateway-slow.toml" > "$WORK/gateway-slow.log" 2>&1 & GWS=$!; PIDS+=($GWS)
 wait_port $P_GWS
-echo "slow upstream (200 ms), $SLOW_CONNS connections through the gateway, ${DUR}s:"
+nginx -p "$WORK" -c "$WORK/proxy-slow.conf" -g 'daemon off;' & NGXS=$!; PIDS+=($NGXS)
+wait_port $P_NGXS
+echo "slow upstream (200 ms), $SLOW_CONNS connections through nginx, then the gateway, ${DUR}s each:"
+run slownginx "http://127.0.0.1:$P_NGXS" "$SLOW_CONNS" "$DUR" "$NGXS" /v2/enrich
 run slow "http://127.0.0.1:$P_GWS" "$SLOW_CONNS" "$DUR" "$GWS" /v2/enrich
 fi
 
@@ -284,19 +341,24 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
   echo "# linkup-gateway load run — $(date -u +%Y-%m-%dT%H:%M:%SZ)"
   echo
   echo "Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); wrk -t2, ${DUR}s per run; 10,000 distinct account_ids."
-  echo "RSS is the gateway's peak (VmHWM) so far; CPU is the gateway's CPU seconds per 10k requests."
+  echo "RSS is the target's peak (VmHWM, summed over nginx's processes) so far; CPU is user+sys of the target's processes per request served."
   echo
-  echo "| target | conns | req/s | p50 ms | p99 ms | p99.9 ms | errors | gateway peak RSS MB | CPU s/10k |"
+  echo "| target | conns | req/s | p50 ms | p99 ms | p99.9 ms | errors | peak RSS MB | CPU µs/req |"
   echo "|---|---|---|---|---|---|---|---|---|"
   for r in "${ROWS[@]}"; do echo "|${r//|/ | }|"; done
   echo
-  echo "| conns | gateway/nginx throughput | gateway/direct throughput | p99 added by gateway (ms) | p99 added by nginx (ms) |"
-  echo "|---|---|---|---|---|"
+  echo "| conns | gateway/nginx throughput | gateway/direct throughput | p99 added by gateway (ms) | p99 added by nginx (ms) | CPU µs/req gateway | CPU µs/req nginx |"
+  echo "|---|---|---|---|---|---|---|"
   for c in $CONNS; do
     g=RPS_gateway_$c n=RPS_nginx_$c d=RPS_direct_$c
-    gp=P99_gateway_$c np=P99_nginx_$c dp=P99_direct_$c
-    echo "| $c | $(ratio "${!g}" "${!n}") | $(ratio "${!g}" "${!d}") | $(awk -v a="${!gp}" -v b="${!dp}" 'BEGIN{printf "%.3f", (a-b)/1000}') | $(awk -v a="${!np}" -v b="${!dp}" 'BEGIN{printf "%.3f", (a-b)/1000}') |"
+    gp=P99_gateway_$c np=P99_nginx_$c dp=P99_direct_$c gc=CPU_gateway_$c nc=CPU_nginx_$c
+    echo "| $c | $(ratio "${!g}" "${!n}") | $(ratio "${!g}" "${!d}") | $(awk -v a="${!gp}" -v b="${!dp}" 'BEGIN{printf "%.3f", (a-b)/1000}') | $(awk -v a="${!np}" -v b="${!dp}" 'BEGIN{printf "%.3f", (a-b)/1000}') | ${!gc} | ${!nc} |"
   done
+  if [ "$SLOW" = 1 ]; then
+    sg=RSS_slow_$SLOW_CONNS sn=RSS_slownginx_$SLOW_CONNS
+    echo
+    echo "Slow upstream (200 ms), $SLOW_CONNS connections: peak RSS gateway ${!sg:-?} MB, nginx ${!sn:-?} MB (errors in the table above)."
+  fi
   [ -n "${SOAK_LINE:-}" ] && { echo; echo "$SOAK_LINE"; }
   if [ "$FLEET" = 1 ]; then
     echo

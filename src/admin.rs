@@ -332,7 +332,7 @@ pub fn redacted_config(s: &Settings) -> serde_json::Value {
         "ledger": {
             "path": s.ledger.path.display().to_string(),
             "postgres_url": s.ledger.postgres_url.as_ref().map(|_| "[redacted]"),
-            "sync": match s.ledger.sync { crate::config::LedgerSync::BeforeResponse => "before_response", crate::config::LedgerSync::Async => "async" },
+            "sync": s.ledger.sync.as_str(),
             "reconcile_every": d(s.ledger.reconcile_every),
         },
         "fleet": s.fleet.as_ref().map(|f| json!({

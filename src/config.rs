@@ -292,7 +292,7 @@ impl Default for RawLedger {
 }
 
 fn d_sync() -> String {
-    "before_response".into()
+    "crash_safe".into()
 }
 fn d_reconcile() -> String {
     "5m".into()
@@ -596,10 +596,27 @@ pub struct StatusCacheSettings {
     pub max_entries: u64,
 }
 
+/// Ledger durability, named by what a recorded row survives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LedgerSync {
-    BeforeResponse,
+    /// The default: the row is in the OS's hands before the answer goes back (SQLite WAL,
+    /// `synchronous = NORMAL`), the WAL is fsynced at least once a second. Survives a crash or
+    /// SIGKILL of the gateway; a power loss may take the last second.
+    CrashSafe,
+    /// The row is fsynced before the answer (group commit): survives power loss.
+    PowerSafe,
+    /// Queued in memory before the answer: a crash may lose the last rows.
     Async,
+}
+
+impl LedgerSync {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerSync::CrashSafe => "crash_safe",
+            LedgerSync::PowerSafe => "power_safe",
+            LedgerSync::Async => "async",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -1253,14 +1270,24 @@ fn validate_ledger(
     p: &mut Problems,
 ) -> LedgerSettings {
     let sync = match l.sync.as_str() {
-        "before_response" => LedgerSync::BeforeResponse,
+        "crash_safe" => LedgerSync::CrashSafe,
+        "power_safe" => LedgerSync::PowerSafe,
         "async" => LedgerSync::Async,
+        "before_response" => {
+            // The old name of the fsync-before-the-answer setting: kept working, with a nudge.
+            tracing::warn!(
+                "ledger.sync = \"before_response\" is deprecated: it is now called \"power_safe\" (fsync before the answer); the default \"crash_safe\" survives a crash or SIGKILL of the gateway at a fraction of the cost"
+            );
+            LedgerSync::PowerSafe
+        }
         other => {
             p.push(
                 "ledger.sync",
-                format!("`{other}`: expected \"before_response\" or \"async\""),
+                format!(
+                    "`{other}`: expected \"crash_safe\" (default), \"power_safe\" or \"async\""
+                ),
             );
-            LedgerSync::BeforeResponse
+            LedgerSync::CrashSafe
         }
     };
     let reconcile_every = p.duration("ledger.reconcile_every", &l.reconcile_every);

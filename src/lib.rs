@@ -1,12 +1,14 @@
 //! linkup-gateway: an authenticating, key-injecting, rate-limiting, credit-accounting gateway
 //! in front of LinkupAPI v2. See README.md for the tour and `stack.rs` for the onion.
 
+pub mod access_log;
 pub mod admin;
 pub mod budgets;
 pub mod config;
 pub mod context;
 pub mod dashboard;
 pub mod demo;
+pub mod detach;
 pub mod emulator;
 pub mod error;
 pub mod fleet;

@@ -103,10 +103,7 @@ enum Command {
 /// Logs go through a writer thread, so a request never waits on a `write(2)` to stdout; it is
 /// not lossy (a full buffer slows logging down rather than dropping lines). Keep the guard
 /// alive until exit: dropping it flushes what is buffered.
-fn init_logging(
-    format: Option<LogFormat>,
-    level: Option<&str>,
-) -> tracing_appender::non_blocking::WorkerGuard {
+fn init_logging(format: Option<LogFormat>, level: Option<&str>) -> LogGuards {
     let filter = match level {
         Some(l) => tracing_subscriber::EnvFilter::new(l),
         None => tracing_subscriber::EnvFilter::try_from_default_env()
@@ -135,7 +132,24 @@ fn init_logging(
     } else {
         builder.init();
     }
-    guard
+    // The one line per request has a writer of its own, in the same format and behind the
+    // same filter.
+    let format = if json {
+        linkup_gateway::access_log::Format::Json
+    } else {
+        linkup_gateway::access_log::Format::Text
+    };
+    let access = linkup_gateway::access_log::install(format, std::io::stdout());
+    LogGuards {
+        _operational: guard,
+        _access: access,
+    }
+}
+
+/// Dropping these flushes both log writers.
+struct LogGuards {
+    _operational: tracing_appender::non_blocking::WorkerGuard,
+    _access: linkup_gateway::access_log::Guard,
 }
 
 fn load_or_report(path: &Path) -> Option<config::Settings> {
@@ -183,7 +197,7 @@ fn usage(
         return ExitCode::from(1);
     }
     // The fleet's ledger when `ledger.postgres_url` is set: every replica's rows.
-    let rows = linkup_gateway::ledger::open(&settings).and_then(|l| l.usage(&q));
+    let rows = linkup_gateway::ledger::open_for_report(&settings).and_then(|l| l.usage(&q));
     match rows {
         Ok(rows) => {
             let out = match format {

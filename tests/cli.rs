@@ -387,7 +387,7 @@ async fn usage_reports_the_ledger_as_table_csv_and_json() {
     {
         let ledger = SqliteLedger::open(
             &dir.path().join("l.sqlite3"),
-            linkup_gateway::config::LedgerSync::BeforeResponse,
+            linkup_gateway::config::LedgerSync::PowerSafe,
         )
         .unwrap();
         let now = linkup_gateway::budgets::now_ms();
@@ -451,7 +451,7 @@ async fn usage_reports_the_ledger_as_table_csv_and_json() {
 }
 
 /// SIGKILL during a run of requests, then restart on the same ledger: every credit a caller saw
-/// charged is in the ledger, and nothing is counted twice.
+/// charged is in the ledger, and nothing is counted twice (the default `crash_safe`).
 #[tokio::test]
 async fn sigkill_loses_no_credit_a_caller_saw_charged() {
     use bytes::Bytes;
@@ -538,6 +538,9 @@ async fn sigkill_loses_no_credit_a_caller_saw_charged() {
 
     let seen = seen.lock().unwrap().clone();
     assert!(seen.len() > 200);
+    // The gateway starts again on the same ledger: what the kill left in the journal (rows in
+    // the OS's hands, not yet in SQLite) is written before it listens.
+    let (mut restarted, _, _) = spawn_serve(&cfg).await;
     let db = rusqlite::Connection::open(dir.path().join("ledger.sqlite3")).unwrap();
     let mut stmt = db
         .prepare("SELECT request_id, credits FROM ledger_rows")
@@ -568,7 +571,6 @@ async fn sigkill_loses_no_credit_a_caller_saw_charged() {
         "the ledger holds more than the upstream charged"
     );
 
-    // The gateway starts again on the same ledger.
-    let (mut child, _, _) = spawn_serve(&cfg).await;
-    child.start_kill().unwrap();
+    restarted.start_kill().unwrap();
+    restarted.wait().await.unwrap();
 }

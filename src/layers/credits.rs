@@ -3,7 +3,8 @@
 //! goes back. Also `record_saved`, which writes the 0-credit rows of answers the gateway gave
 //! itself (status cache, coalesced copies): what the gateway saved.
 //!
-//! The upstream call runs on its own task: it belongs to no caller. If the caller hangs up or
+//! The upstream call belongs to no caller: it runs in the caller's task and moves to a task of
+//! its own when the caller's future is dropped (`crate::detach`). If the caller hangs up or
 //! the whole-request timeout answers 504 first, the call still completes and its real charge is
 //! recorded; only a call that never answers within `request_timeout` is recorded `ambiguous`
 //! with its reserved cost.
@@ -23,6 +24,7 @@ use crate::budgets::{now_ms, utc_day, Standing};
 use crate::config::ClientSettings;
 use crate::config::OnFailure;
 use crate::context::{AnsweredBy, RequestContext, RequestLog};
+use crate::detach::Detach;
 use crate::error::GatewayError;
 use crate::fleet::FleetReserved;
 use crate::ledger::{Outcome, Row};
@@ -277,17 +279,11 @@ where
         let inner = take_ready(&mut self.inner);
         let timeout = shared.settings.server.request_timeout;
         // The call belongs to no caller: it runs to the end and is recorded even when the
-        // caller is gone or answered 504 first.
-        let task = tokio::spawn(call_and_record(shared, inner, req, pending, timeout, log));
-        Box::pin(async move {
-            match task.await {
-                Ok(r) => r,
-                Err(e) => Err(GatewayError::UpstreamUnavailable {
-                    message: format!("the upstream call failed inside the gateway: {e}"),
-                    maybe_sent: true,
-                }),
-            }
-        })
+        // caller is gone or answered 504 first. It runs in the caller's task, and moves to a
+        // task of its own only if the caller's future is dropped.
+        Box::pin(Detach::new(call_and_record(
+            shared, inner, req, pending, timeout, log,
+        )))
     }
 }
 

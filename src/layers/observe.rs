@@ -1,5 +1,5 @@
-//! observe: request id, metrics and the one log line per request. Outermost, so
-//! it sees every answer, refusals included.
+//! observe: request id, metrics and the one access-log line per request (`crate::access_log`).
+//! Outermost, so it sees every answer, refusals included.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -98,20 +98,19 @@ where
             if let Some(code) = refused {
                 m.refusals.get_or_create(&RefusalLabels { code }).inc();
             }
-            tracing::info!(
-                request_id = log_id(&log.request_id),
-                client = %client,
-                method = %method,
+            crate::access_log::log(&crate::access_log::Entry {
+                request_id: log_id(&log.request_id),
+                client: &client,
+                method: method.as_str(),
                 route,
-                account = ctx.and_then(|c| c.account_id.as_deref()).unwrap_or(""),
-                action = ctx.and_then(|c| c.action.as_deref()).unwrap_or(""),
+                account: ctx.and_then(|c| c.account_id.as_deref()).unwrap_or(""),
+                action: ctx.and_then(|c| c.action.as_deref()).unwrap_or(""),
                 status,
-                error = refused.unwrap_or(""),
-                credits = log.credits().map(|c| c as i64).unwrap_or(-1),
-                duration_us = elapsed.as_micros() as u64,
-                upstream_us = log.upstream_micros().map(|u| u as i64).unwrap_or(-1),
-                "request"
-            );
+                error: refused.unwrap_or(""),
+                credits: log.credits().map(|c| c as i64).unwrap_or(-1),
+                duration_us: elapsed.as_micros() as u64,
+                upstream_us: log.upstream_micros().map(|u| u as i64).unwrap_or(-1),
+            });
             Ok(resp)
         })
     }

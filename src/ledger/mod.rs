@@ -17,6 +17,7 @@ use time::{Date, OffsetDateTime};
 
 use crate::layers::BoxFuture;
 
+mod journal;
 mod memory;
 mod plan;
 mod postgres;
@@ -36,6 +37,19 @@ pub fn open(settings: &crate::config::LedgerSettings) -> Result<Arc<dyn Ledger>,
             settings.buffer_rows,
         )?)),
         None => Ok(Arc::new(SqliteLedger::open(&settings.path, settings.sync)?)),
+    }
+}
+
+/// The configured ledger for a report (`usage`): opened as [`open`] does, or, while a running
+/// gateway holds the SQLite file, read beside it.
+pub fn open_for_report(
+    settings: &crate::config::LedgerSettings,
+) -> Result<Arc<dyn Ledger>, LedgerError> {
+    match open(settings) {
+        Err(LedgerError::Locked { .. }) if settings.postgres_url.is_none() => {
+            Ok(Arc::new(SqliteLedger::open_read_only(&settings.path)?))
+        }
+        other => other,
     }
 }
 
@@ -202,6 +216,11 @@ pub enum LedgerError {
     ReadOnly { path: String, detail: String },
     #[error("writing the ledger at {path} failed: {detail}")]
     Write { path: String, detail: String },
+    #[error(
+        "another linkup-gateway (pid {holder}) has the ledger at {path} open; exactly one may \
+         write it (its lock: {path}.lock)"
+    )]
+    Locked { path: String, holder: String },
     #[error("the ledger writer has stopped; rows cannot be recorded")]
     WriterGone,
     #[error("reading the ledger at {path} failed: {detail}")]
@@ -214,8 +233,8 @@ pub enum LedgerError {
 }
 
 pub trait Ledger: Send + Sync + 'static {
-    /// Append a row. With sync = before_response the future resolves once the row is durable
-    /// (committed, fsynced); with async it resolves once queued. Errors are returned, never
+    /// Append a row. With sync = crash_safe the future resolves once the row is committed (in
+    /// the OS's hands), with power_safe once it is fsynced too; with async once queued. Errors are returned, never
     /// swallowed: with async, a failed write surfaces through [`Ledger::flush`] and
     /// [`Ledger::write_error`].
     ///

@@ -18,7 +18,7 @@
 //! DO NOTHING RETURNING row_uid` and only those returned are summed, so a batch retried after
 //! a lost commit acknowledgement is never counted twice. Day and month keys are computed by
 //! the gateway (UTC), as SQLite's are. A deadlock or serialization failure is retried at once.
-//! With `sync = "before_response"` a caller is answered once the transaction has committed
+//! With `sync = "crash_safe"` or `"power_safe"` a caller is answered once the transaction has committed
 //! (the writer's session runs with `synchronous_commit = on`: committed is durable); with
 //! `"async"` once the row is queued, and [`Ledger::flush`] waits for the commits.
 //!
@@ -447,7 +447,9 @@ impl Ledger for PostgresLedger {
         let uid = format!("{:032x}", rand::random::<u128>());
         let (done, answer) = match self.sync {
             LedgerSync::Async => (None, None),
-            LedgerSync::BeforeResponse => {
+            // A commit acknowledged by PostgreSQL outlives the gateway: crash_safe waits for
+            // it as power_safe does.
+            LedgerSync::CrashSafe | LedgerSync::PowerSafe => {
                 let (tx, rx) = oneshot::channel();
                 (Some(tx), Some(rx))
             }
@@ -577,7 +579,7 @@ impl Target {
             STUCK_AFTER.as_millis()
         ))?;
         // Committed must mean durable, whatever the server's default.
-        if self.sync == LedgerSync::BeforeResponse {
+        if self.sync != LedgerSync::Async {
             client.batch_execute("SET synchronous_commit = on")?;
         }
         Ok(client)
@@ -1170,14 +1172,14 @@ mod tests {
     fn errors_name_the_database_never_the_password() {
         let t = Target::parse(
             "postgres://gw:s3cret@db.example:6543/linkup?sslmode=verify-full",
-            LedgerSync::BeforeResponse,
+            LedgerSync::PowerSafe,
         )
         .unwrap();
         assert_eq!(t.display, "postgres://db.example:6543/linkup");
         assert_eq!(t.config.get_ssl_mode(), postgres::config::SslMode::Require);
         let e = PostgresLedger::open(
             "postgres://gw:s3cret@db.example:6543/linkup?bogus=1",
-            LedgerSync::BeforeResponse,
+            LedgerSync::PowerSafe,
             10,
         )
         .err()

@@ -1,13 +1,19 @@
 //! The embedded ledger: one SQLite file in WAL mode.
 //!
 //! Writes go through one writer thread fed by a channel. It drains everything queued into one
-//! transaction (group commit): the rows, and the aggregates upserted in the same transaction
-//! (`usage_daily`, and its roll-ups without the account by day and by month), so the
-//! aggregates never disagree with the rows. With `sync = "before_response"` the transaction
-//! commits with `synchronous = FULL` (the WAL is fsynced once for the whole batch) and every
-//! waiter is answered after it; with `"async"` it commits with `NORMAL` and the WAL is fsynced
-//! on `flush` and on drop. Checkpoints run on a thread of their own, so a caller's commit
-//! never waits for one.
+//! transaction (group commit) that appends the rows and nothing else. The aggregates
+//! (`usage_daily`, and its roll-ups without the account by day and by month) are folded from
+//! the rows about once a second, and before every read of them, in a transaction of their own
+//! that moves a watermark (`ledger_meta.aggregated_through`): each row is counted exactly once,
+//! and rows a crash left unfolded are folded at the next open.
+//!
+//! Durability (`ledger.sync`), named by what a row survives once its caller is answered:
+//! `crash_safe` (default) commits with `synchronous = NORMAL`, so the row is in the OS's hands
+//! (it survives a crash or SIGKILL of the gateway: sqlite.org, "WAL mode is durable across
+//! application crashes") and fsyncs the WAL at least once a second; `power_safe` commits with
+//! `FULL` (one fsync of the WAL per batch, under concurrency after a short commit window);
+//! `async` answers once the row is queued. Flush and drop fsync. Checkpoints run on a thread
+//! of their own, so a caller's commit never waits for one.
 //!
 //! A failed write (disk full, read-only file) answers the waiting callers with the error, keeps
 //! the rows (the upstream may have charged for them) and retries them, on a fresh connection,
@@ -15,6 +21,7 @@
 //! them run beside the writer.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
@@ -26,8 +33,9 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, TransactionBehavior};
 use time::Date;
 use tokio::sync::oneshot;
 
-use super::plan::{month_key, usage_row, usage_sql, Dialect};
-use super::{day_key, day_of, GroupBy, Ledger, LedgerError, Outcome, Row, UsageQuery, UsageRow};
+use super::journal::{self, Journal};
+use super::plan::{usage_row, usage_sql, Dialect};
+use super::{day_key, GroupBy, Ledger, LedgerError, Row, UsageQuery, UsageRow};
 use crate::config::LedgerSync;
 use crate::layers::BoxFuture;
 
@@ -113,43 +121,62 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO usage_monthly_no_account
     SELECT substr(day, 1, 7), client, action, outcome, SUM(requests), SUM(credits), SUM(unknown)
     FROM usage_daily GROUP BY 1, 2, 3, 4;",
+    // 4: the aggregates are folded from the rows once a second or so, not in every commit;
+    // `aggregated_through` is the last row id they count. Rows past it are folded in at the
+    // next fold, whichever process makes it (a crash loses no aggregate: they are rebuilt
+    // from the rows at the next open). Everything already there is counted.
+    "CREATE TABLE ledger_meta (
+        key   TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO ledger_meta (key, value)
+    SELECT 'aggregated_through', COALESCE(MAX(id), 0) FROM ledger_rows;
+    INSERT INTO ledger_meta (key, value) VALUES ('journal_through', 0);",
 ];
 
 const INSERT_ROW: &str = "INSERT INTO ledger_rows
     (at_ms, request_id, client, account_id, path, action, status, credits, credits_known, outcome)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
-const UPSERT_DAILY: &str = "INSERT INTO usage_daily
-    (day, client, account, action, outcome, requests, credits, unknown)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-    ON CONFLICT (day, client, account, action, outcome) DO UPDATE SET
+/// Fold rows `(?1, ?2]` into the aggregates: group them once into a temporary table, then one
+/// upsert per aggregate table and key, and move the watermark, in one transaction.
+const FOLD: [&str; 6] = [
+    "DELETE FROM temp.fold_batch",
+    "INSERT INTO temp.fold_batch
+     SELECT strftime('%Y-%m-%d', at_ms / 1000, 'unixepoch'), client, COALESCE(account_id, ''),
+            COALESCE(action, ''), outcome, COUNT(*), SUM(credits), SUM(credits_known = 0)
+     FROM ledger_rows WHERE id > ?1 AND id <= ?2
+     GROUP BY 1, 2, 3, 4, 5",
+    "INSERT INTO usage_daily (day, client, account, action, outcome, requests, credits, unknown)
+     SELECT day, client, account, action, outcome, requests, credits, unknown
+     FROM temp.fold_batch WHERE true
+     ON CONFLICT (day, client, account, action, outcome) DO UPDATE SET
         requests = requests + excluded.requests,
         credits = credits + excluded.credits,
-        unknown = unknown + excluded.unknown";
-
-const UPSERT_MONTHLY: &str = "INSERT INTO usage_monthly
-    (month, client, account, action, outcome, requests, credits, unknown)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-    ON CONFLICT (month, client, account, action, outcome) DO UPDATE SET
+        unknown = unknown + excluded.unknown",
+    "INSERT INTO usage_monthly (month, client, account, action, outcome, requests, credits, unknown)
+     SELECT substr(day, 1, 7), client, account, action, outcome,
+            SUM(requests), SUM(credits), SUM(unknown)
+     FROM temp.fold_batch GROUP BY 1, 2, 3, 4, 5
+     ON CONFLICT (month, client, account, action, outcome) DO UPDATE SET
         requests = requests + excluded.requests,
         credits = credits + excluded.credits,
-        unknown = unknown + excluded.unknown";
-
-const UPSERT_DAILY_NO_ACCOUNT: &str = "INSERT INTO usage_daily_no_account
-    (day, client, action, outcome, requests, credits, unknown)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-    ON CONFLICT (day, client, action, outcome) DO UPDATE SET
+        unknown = unknown + excluded.unknown",
+    "INSERT INTO usage_daily_no_account (day, client, action, outcome, requests, credits, unknown)
+     SELECT day, client, action, outcome, SUM(requests), SUM(credits), SUM(unknown)
+     FROM temp.fold_batch GROUP BY 1, 2, 3, 4
+     ON CONFLICT (day, client, action, outcome) DO UPDATE SET
         requests = requests + excluded.requests,
         credits = credits + excluded.credits,
-        unknown = unknown + excluded.unknown";
-
-const UPSERT_MONTHLY_NO_ACCOUNT: &str = "INSERT INTO usage_monthly_no_account
-    (month, client, action, outcome, requests, credits, unknown)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-    ON CONFLICT (month, client, action, outcome) DO UPDATE SET
+        unknown = unknown + excluded.unknown",
+    "INSERT INTO usage_monthly_no_account (month, client, action, outcome, requests, credits, unknown)
+     SELECT substr(day, 1, 7), client, action, outcome, SUM(requests), SUM(credits), SUM(unknown)
+     FROM temp.fold_batch GROUP BY 1, 2, 3, 4
+     ON CONFLICT (month, client, action, outcome) DO UPDATE SET
         requests = requests + excluded.requests,
         credits = credits + excluded.credits,
-        unknown = unknown + excluded.unknown";
+        unknown = unknown + excluded.unknown",
+];
 
 /// Most commands one transaction takes: bounds the latency of the first waiter in a batch.
 const MAX_BATCH: usize = 16_384;
@@ -157,7 +184,16 @@ const MAX_BATCH: usize = 16_384;
 /// up to this long for more rows before committing, as PostgreSQL's `commit_delay` does: one
 /// fsync and one round of aggregate upserts then serve more callers. A lone caller (a batch
 /// of fewer rows) never waits.
+/// Only where each commit is an fsync (`power_safe`).
 const COMMIT_WINDOW: Duration = Duration::from_micros(300);
+/// `crash_safe` and `async`: how long rows gather before a commit.
+const GATHER: Duration = Duration::from_millis(10);
+/// `crash_safe`: commits reach the OS before their callers are answered; the WAL is fsynced
+/// at most this long after (Redis's `appendfsync everysec`).
+const SYNC_EVERY: Duration = Duration::from_secs(1);
+/// The aggregates are folded from the rows at most this long after they are committed, and
+/// before any read of them.
+const FOLD_EVERY: Duration = Duration::from_secs(1);
 const BUSY_BATCH: usize = 4;
 /// How long the writer waits before retrying kept rows when no new row arrives.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
@@ -165,6 +201,9 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// long outage cannot exhaust memory.
 const MAX_KEPT: usize = 100_000;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an open waits for a lock this process still holds (a gateway restarted in place,
+/// its old state still being dropped).
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 /// At most one checkpoint per this long: the WAL holds about this much writing.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// A WAL longer than this many frames (~64 MB of 4 KB pages; its mapped index ~128 KB) is
@@ -178,6 +217,7 @@ const WAL_REWIND_FRAMES: i64 = 16_384;
 
 /// The embedded ledger. Dropping it writes what is queued, fsyncs, and joins the writer.
 pub struct SqliteLedger {
+    path: PathBuf,
     display: String,
     sync: LedgerSync,
     /// `None` only while dropping: closing the channel tells the writer to finish.
@@ -186,15 +226,23 @@ pub struct SqliteLedger {
     checkpointer: Option<JoinHandle<()>>,
     reader: Mutex<Connection>,
     state: Arc<WriterState>,
+    /// crash_safe: callers append their rows here (see `journal`).
+    journal: Option<Arc<Journal>>,
+    /// The exclusive lock on `<ledger>.lock`, held while this ledger is open.
+    _lock: Option<File>,
 }
 
 enum Command {
     Record {
+        /// The row's journal number (crash_safe).
+        seq: Option<u64>,
         row: Row,
         /// `None` with `sync = "async"`: nobody waits for this row.
         done: Option<oneshot::Sender<Result<(), LedgerError>>>,
     },
     Flush(oneshot::Sender<Result<(), LedgerError>>),
+    /// Fold every committed row into the aggregates now (before a read of them).
+    Fold(SyncSender<()>),
 }
 
 #[cfg(test)]
@@ -240,6 +288,7 @@ impl SqliteLedger {
             std::fs::create_dir_all(parent)
                 .map_err(|e| fail(format!("cannot create {}: {e}", parent.display())))?;
         }
+        let lock = lock(path)?;
         let mut conn = open_writer(path, sync).map_err(|e| fail(e.to_string()))?;
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
@@ -250,6 +299,19 @@ impl SqliteLedger {
             )));
         }
         migrate(&mut conn).map_err(fail)?;
+        // Rows a crash left in the journal go into SQLite, made durable, before the journal
+        // files are removed; then rows left unfolded are counted in the aggregates before
+        // anything reads them.
+        let next = replay_journal(&conn, path).map_err(fail)?;
+        fold(&conn).map_err(|e| fail(format!("cannot bring the aggregates up to date: {e}")))?;
+        let journal = match sync {
+            LedgerSync::CrashSafe => {
+                Some(Arc::new(Journal::start(path, next).map_err(|e| {
+                    fail(format!("cannot create the journal beside the ledger: {e}"))
+                })?))
+            }
+            _ => None,
+        };
         let reader = open_reader(path).map_err(|e| fail(e.to_string()))?;
         let checkpoints = open_checkpointer(path).map_err(|e| fail(e.to_string()))?;
         let state = Arc::new(WriterState::default());
@@ -275,7 +337,13 @@ impl SqliteLedger {
             sync,
             conn: Some(conn),
             kept: Vec::new(),
+            kept_through: None,
+            journal: journal.clone(),
             unsynced: false,
+            synced_through: None,
+            synced_at: Instant::now(),
+            unfolded: false,
+            folded_at: Instant::now(),
             wake_checkpointer,
             state: state.clone(),
             #[cfg(test)]
@@ -288,6 +356,7 @@ impl SqliteLedger {
             .spawn(move || writer.run(rx))
             .map_err(|e| fail(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteLedger {
+            path: path.to_path_buf(),
             display,
             sync,
             commands: Some(commands),
@@ -295,6 +364,31 @@ impl SqliteLedger {
             checkpointer: Some(checkpointer),
             reader: Mutex::new(reader),
             state,
+            journal,
+            _lock: Some(lock),
+        })
+    }
+
+    /// Read the ledger another process (the running gateway) writes: `usage` while it runs.
+    /// No writer, no journal replay, no fold: the aggregates may lag the rows of the last
+    /// second or so, which the writer folds in.
+    pub fn open_read_only(path: &Path) -> Result<SqliteLedger, LedgerError> {
+        let display = path.display().to_string();
+        let reader = open_reader(path).map_err(|e| LedgerError::Open {
+            path: display.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(SqliteLedger {
+            path: path.to_path_buf(),
+            display,
+            sync: LedgerSync::Async,
+            commands: None,
+            writer: None,
+            checkpointer: None,
+            reader: Mutex::new(reader),
+            state: Arc::new(WriterState::default()),
+            journal: None,
+            _lock: None,
         })
     }
 
@@ -321,6 +415,16 @@ impl SqliteLedger {
             .map_err(|_| LedgerError::WriterGone)
     }
 
+    /// Ask the writer to fold every committed row into the aggregates, and wait (bounded) for
+    /// it: reads of the aggregates then count every row recorded before them. Blocking: the
+    /// reads run on blocking threads.
+    fn fold_now(&self) {
+        let (done, wait) = mpsc::sync_channel(1);
+        if self.send(Command::Fold(done)).is_ok() {
+            let _ = wait.recv_timeout(Duration::from_secs(5));
+        }
+    }
+
     fn reader(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves the connection usable.
         self.reader.lock().unwrap_or_else(PoisonError::into_inner)
@@ -331,6 +435,14 @@ impl SqliteLedger {
             path: self.display.clone(),
             detail: e.to_string(),
         }
+    }
+
+    /// Tests: the process dies here (nothing flushed, closed or joined); only the lock goes,
+    /// as the kernel releases it with a dead process.
+    #[cfg(test)]
+    fn crash(mut self) {
+        drop(self._lock.take());
+        std::mem::forget(self);
     }
 
     /// Tests: from the next write on, fail as a read-only file or a full disk would.
@@ -347,13 +459,50 @@ impl SqliteLedger {
 
 impl Ledger for SqliteLedger {
     fn record(&self, row: Row) -> BoxFuture<Result<(), LedgerError>> {
+        if let Some(journal) = &self.journal {
+            // crash_safe: the caller appends its own row to the journal (in the OS's hands
+            // when this returns) and nobody waits for SQLite.
+            thread_local! {
+                static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            let mut sent = Err(LedgerError::WriterGone);
+            let appended = LINE.with(|line| {
+                let mut line = line.take();
+                line.clear();
+                journal::encode(&row, &mut line);
+                let r = journal.append(&line, |seq| {
+                    sent = self.send(Command::Record {
+                        seq: Some(seq),
+                        row,
+                        done: None,
+                    });
+                });
+                LINE.set(line);
+                r
+            });
+            let result = match appended {
+                Err(e) => Err(journal::write_error(&self.path, &e)),
+                // While SQLite cannot be written, costly requests fail closed, as in the
+                // other modes (the row itself is journaled and kept).
+                Ok(()) => sent.and_then(|()| match self.state.error().clone() {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                }),
+            };
+            return Box::pin(std::future::ready(result));
+        }
         match self.sync {
-            LedgerSync::Async => Box::pin(std::future::ready(
-                self.send(Command::Record { row, done: None }),
-            )),
-            LedgerSync::BeforeResponse => {
+            LedgerSync::Async | LedgerSync::CrashSafe => {
+                Box::pin(std::future::ready(self.send(Command::Record {
+                    seq: None,
+                    row,
+                    done: None,
+                })))
+            }
+            LedgerSync::PowerSafe => {
                 let (tx, rx) = oneshot::channel();
                 if let Err(e) = self.send(Command::Record {
+                    seq: None,
                     row,
                     done: Some(tx),
                 }) {
@@ -365,6 +514,7 @@ impl Ledger for SqliteLedger {
     }
 
     fn spent_on(&self, day: Date) -> Result<HashMap<String, u64>, LedgerError> {
+        self.fold_now();
         let conn = self.reader();
         let mut stmt = conn
             .prepare_cached(
@@ -389,6 +539,7 @@ impl Ledger for SqliteLedger {
             }
         }
         let (sql, bounds) = usage_sql(&by, q.from_day, q.to_day, Dialect::SQLITE);
+        self.fold_now();
         let conn = self.reader();
         let mut stmt = conn.prepare_cached(&sql).map_err(|e| self.query_error(e))?;
         let rows = stmt
@@ -412,8 +563,9 @@ impl Ledger for SqliteLedger {
     }
 
     fn totals(&self) -> Result<(u64, u64), LedgerError> {
-        // The aggregates are written in the rows' transaction, so they count the same, and
-        // the monthly roll-up is a few hundred rows per month to sum rather than millions.
+        // Folded just now, the aggregates count every committed row, and the monthly roll-up
+        // is a few hundred rows per month to sum rather than millions.
+        self.fold_now();
         self.reader()
             .query_row(
                 "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(credits), 0) \
@@ -438,6 +590,13 @@ impl Drop for SqliteLedger {
                 tracing::error!(path = %self.display, "the ledger writer thread panicked");
             }
         }
+        // Every journaled row is in SQLite (and fsynced) once the writer closed with nothing
+        // kept: the journal files can go.
+        if let Some(journal) = &self.journal {
+            if self.state.kept.load(Ordering::Relaxed) == 0 && self.state.error().is_none() {
+                journal.remove_all();
+            }
+        }
         // The writer's end of its channel is gone now, so the checkpointer returns too.
         if let Some(checkpointer) = self.checkpointer.take() {
             if checkpointer.join().is_err() {
@@ -458,11 +617,19 @@ fn to_i64(v: u64) -> i64 {
 fn open_writer(path: &Path, sync: LedgerSync) -> rusqlite::Result<Connection> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
+    // WAL with NORMAL: a commit is in the OS's hands when it returns (it survives a crash of
+    // the process, not of the machine); FULL adds an fsync of the WAL to every commit.
     let level = match sync {
-        LedgerSync::BeforeResponse => "FULL",
-        LedgerSync::Async => "NORMAL",
+        LedgerSync::PowerSafe => "FULL",
+        LedgerSync::CrashSafe | LedgerSync::Async => "NORMAL",
     };
     conn.pragma_update(None, "synchronous", level)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS fold_batch (
+            day TEXT, client TEXT, account TEXT, action TEXT, outcome TEXT,
+            requests INTEGER, credits INTEGER, unknown INTEGER)",
+    )?;
     // Checkpoints run on their own thread (see `run_checkpoints`), not inside a commit that
     // callers are waiting for.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -570,8 +737,17 @@ struct Writer {
     conn: Option<Connection>,
     /// Rows whose write failed, oldest first; written before the next batch.
     kept: Vec<Row>,
-    /// Async mode: committed with `synchronous = NORMAL` since the WAL was last fsynced.
+    /// The highest journal number among the kept rows.
+    kept_through: Option<u64>,
+    journal: Option<Arc<Journal>>,
+    /// Committed with `synchronous = NORMAL` since the WAL was last fsynced.
     unsynced: bool,
+    /// The last journal number committed since the journal was last trimmed.
+    synced_through: Option<u64>,
+    synced_at: Instant,
+    /// Rows committed since the last fold into the aggregates.
+    unfolded: bool,
+    folded_at: Instant,
     /// Told after each commit; full means a checkpoint is already due.
     wake_checkpointer: SyncSender<()>,
     state: Arc<WriterState>,
@@ -581,35 +757,16 @@ struct Writer {
     fault_generation: u64,
 }
 
-/// One aggregate table's sums in a batch, by (day or month, client, account, action,
-/// outcome); `None` account for the roll-ups without it.
-type Aggregate<'a> = HashMap<(String, &'a str, Option<&'a str>, &'a str, Outcome), Sums>;
-
-#[derive(Default)]
-struct Sums {
-    requests: u64,
-    credits: u64,
-    unknown: u64,
-}
-
-impl Sums {
-    fn add(&mut self, other: &Sums) {
-        self.requests = self.requests.saturating_add(other.requests);
-        self.credits = self.credits.saturating_add(other.credits);
-        self.unknown = self.unknown.saturating_add(other.unknown);
-    }
-}
-
 impl Writer {
     fn run(mut self, commands: Receiver<Command>) {
         let mut batch = Vec::new();
         let mut last_batch = 0usize;
         loop {
-            // Block for the first command; with rows to retry, only for a while.
-            let first = if self.kept.is_empty() {
-                commands.recv().map_err(|_| RecvTimeoutError::Disconnected)
-            } else {
-                commands.recv_timeout(RETRY_EVERY)
+            // Block for the first command; with rows to retry, a WAL to fsync or rows to fold,
+            // only until that is due.
+            let first = match self.next_due() {
+                None => commands.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(due) => commands.recv_timeout(due.saturating_duration_since(Instant::now())),
             };
             let mut closing = false;
             match first {
@@ -619,7 +776,17 @@ impl Writer {
             }
             // Group commit: everything that queued up meanwhile joins this transaction, and
             // under concurrency what arrives within the commit window too.
-            let window_ends = (last_batch >= BUSY_BATCH).then(|| Instant::now() + COMMIT_WINDOW);
+            let window_ends = (self.sync == LedgerSync::PowerSafe && last_batch >= BUSY_BATCH)
+                .then(|| Instant::now() + COMMIT_WINDOW);
+            // Nobody waits for a row's commit in crash_safe (journaled) and async: let rows
+            // gather for a moment, so one commit, and one wake-up of this thread, serves many
+            // (senders do not wake a thread that is not blocked on the channel).
+            if self.sync != LedgerSync::PowerSafe
+                && !closing
+                && matches!(batch.first(), Some(Command::Record { .. }))
+            {
+                std::thread::sleep(GATHER);
+            }
             while !closing && batch.len() < MAX_BATCH {
                 match commands.try_recv() {
                     Ok(command) => batch.push(command),
@@ -657,44 +824,94 @@ impl Writer {
 
     fn write(&mut self, batch: &mut Vec<Command>, closing: bool) {
         let mut rows = std::mem::take(&mut self.kept);
+        let mut through = self.kept_through.take();
         let mut waiters = Vec::new();
         let mut flushes = Vec::new();
+        let mut folds = Vec::new();
         for command in batch.drain(..) {
             match command {
-                Command::Record { row, done } => {
+                Command::Record { seq, row, done } => {
                     rows.push(row);
+                    through = through.max(seq);
                     waiters.extend(done);
                 }
                 Command::Flush(done) => flushes.push(done),
+                Command::Fold(done) => folds.push(done),
             }
         }
 
         let committed = if rows.is_empty() {
             Ok(())
         } else {
-            self.commit(&rows)
+            self.commit(&rows, through)
         };
         if committed.is_err() {
             self.keep(rows);
+            self.kept_through = through;
         }
-        // Flush and close promise durability: in async mode that is one fsync of the WAL.
+        // Flush and close promise durability: one fsync of the WAL; crash_safe also fsyncs
+        // it once SYNC_EVERY has passed since the last.
         let synced = committed.clone().and_then(|()| {
-            if self.unsynced && (closing || !flushes.is_empty()) {
+            let due = self.sync == LedgerSync::CrashSafe && self.synced_at.elapsed() >= SYNC_EVERY;
+            if self.unsynced && (closing || !flushes.is_empty() || due) {
                 self.sync_wal()
             } else {
                 Ok(())
             }
         });
+        // Journal files whose rows SQLite now holds durably can go.
+        if synced.is_ok() && !self.unsynced {
+            if let (Some(journal), Some(through)) = (&self.journal, self.synced_through.take()) {
+                journal.trim(through);
+            }
+        }
         // Publish the health before answering, so a caller that sees an error sees it here too.
         self.note(&synced);
         for done in waiters {
             let _ = done.send(committed.clone());
         }
+        if self.unfolded
+            && (closing
+                || !flushes.is_empty()
+                || !folds.is_empty()
+                || self.folded_at.elapsed() >= FOLD_EVERY)
+        {
+            self.fold();
+        }
         for done in flushes {
             let _ = done.send(synced.clone());
         }
+        for done in folds {
+            let _ = done.send(());
+        }
         if self.state.wal_long.swap(false, Ordering::AcqRel) {
             self.rewind_wal();
+        }
+    }
+
+    /// When the writer must wake without a command: rows to retry, a WAL to fsync
+    /// (crash_safe), rows to fold.
+    fn next_due(&self) -> Option<Instant> {
+        let retry = (!self.kept.is_empty()).then(|| Instant::now() + RETRY_EVERY);
+        let sync = (self.unsynced && self.sync == LedgerSync::CrashSafe)
+            .then(|| self.synced_at + SYNC_EVERY);
+        let fold = self.unfolded.then(|| self.folded_at + FOLD_EVERY);
+        [retry, sync, fold].into_iter().flatten().min()
+    }
+
+    /// Fold committed rows into the aggregates. A failure leaves the rows unfolded and is
+    /// retried at the next fold: the rows are safe either way.
+    fn fold(&mut self) {
+        let Some(conn) = &self.conn else { return };
+        match fold(conn) {
+            Ok(()) => {
+                self.unfolded = false;
+                self.folded_at = Instant::now();
+            }
+            Err(e) => {
+                self.folded_at = Instant::now();
+                tracing::warn!(path = %self.display, error = %e, "folding ledger rows into the usage aggregates failed; will retry");
+            }
         }
     }
 
@@ -709,7 +926,7 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, rows: &[Row]) -> Result<(), LedgerError> {
+    fn commit(&mut self, rows: &[Row], through: Option<u64>) -> Result<(), LedgerError> {
         #[cfg(test)]
         {
             let (generation, fault) = *self
@@ -727,12 +944,16 @@ impl Writer {
             Some(conn) => conn,
             None => self.reopen().map_err(|e| write_error(&self.display, &e))?,
         };
-        match write_rows(&conn, rows) {
+        match write_rows(&conn, rows, through) {
             Ok(()) => {
+                if through.is_some() {
+                    self.synced_through = through;
+                }
                 self.conn = Some(conn);
                 self.state.commits.fetch_add(1, Ordering::Relaxed);
                 let _ = self.wake_checkpointer.try_send(());
-                self.unsynced |= self.sync == LedgerSync::Async;
+                self.unsynced |= self.sync != LedgerSync::PowerSafe;
+                self.unfolded = true;
                 Ok(())
             }
             // The connection is dropped: the next attempt starts afresh.
@@ -764,7 +985,13 @@ impl Writer {
                 })
             }
         }
+        if let Some(journal) = &self.journal {
+            if let Err(e) = journal.sync() {
+                tracing::warn!(path = %self.display, error = %e, "fsync of the ledger journal failed");
+            }
+        }
         self.unsynced = false;
+        self.synced_at = Instant::now();
         Ok(())
     }
 
@@ -808,12 +1035,12 @@ impl Writer {
     }
 }
 
-/// One transaction: the rows, then the batch's aggregates, one upsert per key.
-fn write_rows(conn: &Connection, rows: &[Row]) -> rusqlite::Result<()> {
+/// One transaction: the rows, and the last journal number they bring in. Their aggregates are
+/// folded in later, by [`fold`].
+fn write_rows(conn: &Connection, rows: &[Row], through: Option<u64>) -> rusqlite::Result<()> {
     let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
     {
         let mut insert = tx.prepare_cached(INSERT_ROW)?;
-        let mut sums: HashMap<(Date, &str, &str, &str, Outcome), Sums> = HashMap::new();
         for r in rows {
             insert.execute(params![
                 r.at_ms,
@@ -827,60 +1054,128 @@ fn write_rows(conn: &Connection, rows: &[Row]) -> rusqlite::Result<()> {
                 r.credits_known,
                 r.outcome.as_str(),
             ])?;
-            let key = (
-                day_of(r.at_ms),
-                &*r.client,
-                r.account_id.as_deref().unwrap_or(""),
-                r.action.as_deref().unwrap_or(""),
-                r.outcome,
-            );
-            sums.entry(key).or_default().add(&Sums {
-                requests: 1,
-                credits: r.credits,
-                unknown: u64::from(!r.credits_known),
-            });
         }
-        // The batch's sums for each aggregate table, by its key.
-        let mut tables: [(&str, Aggregate<'_>); 4] = [
-            (UPSERT_DAILY, HashMap::new()),
-            (UPSERT_MONTHLY, HashMap::new()),
-            (UPSERT_DAILY_NO_ACCOUNT, HashMap::new()),
-            (UPSERT_MONTHLY_NO_ACCOUNT, HashMap::new()),
-        ];
-        for (&(day, client, account, action, outcome), s) in &sums {
-            let (day, month) = (day_key(day), month_key(day));
-            for (i, (period, account)) in [
-                (day.clone(), Some(account)),
-                (month.clone(), Some(account)),
-                (day, None),
-                (month, None),
-            ]
-            .into_iter()
-            .enumerate()
-            {
-                tables[i]
-                    .1
-                    .entry((period, client, account, action, outcome))
-                    .or_default()
-                    .add(s);
+    }
+    if let Some(through) = through {
+        tx.prepare_cached(
+            "UPDATE ledger_meta SET value = MAX(value, ?1) WHERE key = 'journal_through'",
+        )?
+        .execute([to_i64(through)])?;
+    }
+    tx.commit()
+}
+
+/// Write the journaled rows SQLite does not have yet (a crash left them), fsync, and remove
+/// the journal files. Returns the number the next journaled row gets.
+fn replay_journal(conn: &Connection, path: &Path) -> Result<u64, String> {
+    let through: i64 = conn
+        .query_row(
+            "SELECT value FROM ledger_meta WHERE key = 'journal_through'",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(|e| format!("cannot read the journal mark: {e}"))?;
+    let through = to_u64(through);
+    let (rows, last) = journal::replay(path, through)
+        .map_err(|e| format!("cannot read the ledger journal: {e}"))?;
+    if !rows.is_empty() {
+        let count = rows.len();
+        let rows: Vec<Row> = rows.into_iter().map(|(_, r)| r).collect();
+        write_rows(conn, &rows, Some(last))
+            .map_err(|e| format!("cannot write the journaled rows: {e}"))?;
+        tracing::warn!(
+            path = %path.display(),
+            rows = count,
+            "wrote the ledger rows a crash left in the journal"
+        );
+    }
+    // Durable in SQLite before the journal goes.
+    conn.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))
+        .map_err(|e| format!("cannot checkpoint the journaled rows: {e}"))?;
+    for (_, file) in journal::files(path) {
+        std::fs::remove_file(&file)
+            .map_err(|e| format!("cannot remove {}: {e}", file.display()))?;
+    }
+    Ok(last + 1)
+}
+
+/// Take the exclusive lock on `<ledger>.lock` and write this process's id into it: exactly one
+/// gateway writes a ledger (two would each enforce the whole budget, and replay each other's
+/// journal). A lock still held by this process (a gateway restarted in place) is waited for
+/// briefly; another process's is refused, naming it.
+fn lock(path: &Path) -> Result<File, LedgerError> {
+    let display = path.display().to_string();
+    let fail = |reason: String| LedgerError::Open {
+        path: display.clone(),
+        reason,
+    };
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock_path = PathBuf::from(lock_path);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| fail(format!("cannot open {}: {e}", lock_path.display())))?;
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&lock_path).unwrap_or_default();
+                let holder = holder.trim();
+                let ours = holder == std::process::id().to_string();
+                if !ours || Instant::now() >= deadline {
+                    return Err(LedgerError::Locked {
+                        path: display,
+                        holder: if holder.is_empty() {
+                            "unknown".into()
+                        } else {
+                            holder.to_owned()
+                        },
+                    });
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(fail(format!("cannot lock {}: {e}", lock_path.display())))
             }
         }
-        for (sql, sums) in tables {
-            let mut upsert = tx.prepare_cached(sql)?;
-            for ((period, client, account, action, outcome), s) in sums {
-                let (requests, credits, unknown) =
-                    (to_i64(s.requests), to_i64(s.credits), to_i64(s.unknown));
-                let outcome = outcome.as_str();
-                match account {
-                    Some(account) => upsert.execute(params![
-                        period, client, account, action, outcome, requests, credits, unknown
-                    ])?,
-                    None => upsert.execute(params![
-                        period, client, action, outcome, requests, credits, unknown
-                    ])?,
-                };
+    }
+    use std::io::{Seek, Write};
+    let _ = file.set_len(0);
+    let _ = file.seek(std::io::SeekFrom::Start(0));
+    let _ = write!(file, "{}", std::process::id());
+    Ok(file)
+}
+
+/// Fold every row past the watermark into the aggregates and move the watermark, in one
+/// transaction: the aggregates count each row exactly once, whoever folds (the writer, or a
+/// process opening the file after a crash).
+fn fold(conn: &Connection) -> rusqlite::Result<()> {
+    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    let through: i64 = tx.query_row(
+        "SELECT value FROM ledger_meta WHERE key = 'aggregated_through'",
+        [],
+        |r| r.get(0),
+    )?;
+    let last: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM ledger_rows", [], |r| {
+        r.get(0)
+    })?;
+    if last > through {
+        for (i, sql) in FOLD.iter().enumerate() {
+            let mut stmt = tx.prepare_cached(sql)?;
+            if i == 1 {
+                stmt.execute(params![through, last])?;
+            } else {
+                stmt.execute([])?;
             }
         }
+        tx.prepare_cached("UPDATE ledger_meta SET value = ?1 WHERE key = 'aggregated_through'")?
+            .execute([last])?;
+        tx.execute("DELETE FROM temp.fold_batch", [])?;
     }
     tx.commit()
 }
@@ -907,6 +1202,7 @@ impl Fault {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::ledger::{day_of, Outcome};
     use time::macros::date;
     use tokio::task::JoinSet;
 
@@ -954,7 +1250,7 @@ mod tests {
     async fn a_row_is_durable_once_record_resolves() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/dir/ledger.sqlite3");
-        let ledger = SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap();
+        let ledger = SqliteLedger::open(&path, LedgerSync::PowerSafe).unwrap();
         for i in 0..10 {
             ledger
                 .record(with(
@@ -968,8 +1264,8 @@ mod tests {
         // Another connection sees them while the ledger still runs...
         assert_eq!(raw_count(&path), (10, 45));
         // ...and they survive a ledger that never gets to flush or close.
-        std::mem::forget(ledger);
-        let reopened = SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap();
+        ledger.crash();
+        let reopened = SqliteLedger::open(&path, LedgerSync::PowerSafe).unwrap();
         assert_eq!(reopened.totals().unwrap(), (10, 45));
     }
 
@@ -1004,7 +1300,7 @@ mod tests {
         }
         ledger.flush().await.unwrap();
         assert_eq!(raw_count(&path), (100, 100));
-        std::mem::forget(ledger);
+        ledger.crash();
 
         let ledger = SqliteLedger::open(&path, LedgerSync::Async).unwrap();
         for _ in 0..50 {
@@ -1018,7 +1314,7 @@ mod tests {
     async fn concurrent_records_share_few_commits() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = Arc::new(
-            SqliteLedger::open(&dir.path().join("l.sqlite3"), LedgerSync::BeforeResponse).unwrap(),
+            SqliteLedger::open(&dir.path().join("l.sqlite3"), LedgerSync::PowerSafe).unwrap(),
         );
         let before = ledger.commits();
         let mut tasks = JoinSet::new();
@@ -1081,7 +1377,7 @@ mod tests {
     #[tokio::test]
     async fn usage_groups_by_each_key_and_by_several() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = SqliteLedger::open(&dir.path().join("l"), LedgerSync::BeforeResponse).unwrap();
+        let ledger = SqliteLedger::open(&dir.path().join("l"), LedgerSync::PowerSafe).unwrap();
         sample(&ledger).await;
 
         assert_eq!(
@@ -1154,7 +1450,7 @@ mod tests {
     #[tokio::test]
     async fn usage_date_ranges_are_inclusive() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = SqliteLedger::open(&dir.path().join("l"), LedgerSync::BeforeResponse).unwrap();
+        let ledger = SqliteLedger::open(&dir.path().join("l"), LedgerSync::PowerSafe).unwrap();
         sample(&ledger).await;
         // The last millisecond of a day belongs to it.
         let mut late = row(DAY1, "crm", None, None);
@@ -1185,7 +1481,7 @@ mod tests {
     #[tokio::test]
     async fn spent_on_restores_each_clients_day_with_ambiguous_reservations() {
         let dir = tempfile::tempdir().unwrap();
-        let ledger = SqliteLedger::open(&dir.path().join("l"), LedgerSync::BeforeResponse).unwrap();
+        let ledger = SqliteLedger::open(&dir.path().join("l"), LedgerSync::PowerSafe).unwrap();
         sample(&ledger).await;
         let spent = ledger.spent_on(DAY2).unwrap();
         assert_eq!(
@@ -1200,7 +1496,7 @@ mod tests {
     fn an_empty_file_migrates_to_the_last_version() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l");
-        drop(SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap());
+        drop(SqliteLedger::open(&path, LedgerSync::PowerSafe).unwrap());
         let conn = Connection::open(&path).unwrap();
         let version: usize = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
@@ -1245,7 +1541,7 @@ mod tests {
                 .unwrap();
             }
         }
-        let ledger = SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap();
+        let ledger = SqliteLedger::open(&path, LedgerSync::PowerSafe).unwrap();
         assert_eq!(ledger.totals().unwrap(), (3, 6));
         assert_eq!(
             usage(&ledger, DAY2, DAY2, "client,day,account,action"),
@@ -1277,17 +1573,21 @@ mod tests {
             conn.execute_batch(MIGRATIONS[1]).unwrap();
             conn.pragma_update(None, "user_version", 2).unwrap();
             conn.execute(
-                UPSERT_DAILY,
+                "INSERT INTO usage_daily
+                 (day, client, account, action, outcome, requests, credits, unknown)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params!["2026-10-31", "crm", "a1", "invite", "settled", 4, 7, 0],
             )
             .unwrap();
             conn.execute(
-                UPSERT_DAILY,
+                "INSERT INTO usage_daily
+                 (day, client, account, action, outcome, requests, credits, unknown)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params!["2026-10-31", "crm", "a2", "invite", "settled", 1, 1, 1],
             )
             .unwrap();
         }
-        let ledger = SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap();
+        let ledger = SqliteLedger::open(&path, LedgerSync::PowerSafe).unwrap();
         assert_eq!(ledger.totals().unwrap(), (5, 8));
         assert_eq!(ledger.spent_on(date!(2026 - 10 - 31)).unwrap()["crm"], 8);
         assert_eq!(
@@ -1424,12 +1724,12 @@ mod tests {
     fn a_file_from_a_newer_release_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l");
-        drop(SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap());
+        drop(SqliteLedger::open(&path, LedgerSync::PowerSafe).unwrap());
         Connection::open(&path)
             .unwrap()
             .pragma_update(None, "user_version", 99)
             .unwrap();
-        let err = SqliteLedger::open(&path, LedgerSync::BeforeResponse)
+        let err = SqliteLedger::open(&path, LedgerSync::PowerSafe)
             .err()
             .unwrap();
         let message = err.to_string();
@@ -1443,7 +1743,7 @@ mod tests {
         let file = dir.path().join("a-file");
         std::fs::write(&file, b"not a directory").unwrap();
         let path = file.join("ledger.sqlite3");
-        let err = SqliteLedger::open(&path, LedgerSync::BeforeResponse)
+        let err = SqliteLedger::open(&path, LedgerSync::PowerSafe)
             .err()
             .unwrap();
         assert!(matches!(err, LedgerError::Open { .. }), "{err:?}");
@@ -1454,10 +1754,92 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn crash_safe_rows_sqlite_never_got_are_replayed_from_the_journal_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite3");
+        let ledger = SqliteLedger::open(&path, LedgerSync::CrashSafe).unwrap();
+        ledger
+            .record(with(
+                row(DAY2, "crm", Some("a1"), None),
+                2,
+                Outcome::Settled,
+            ))
+            .await
+            .unwrap();
+        ledger.flush().await.unwrap();
+        // SQLite cannot be written: rows are journaled (answered), kept, never committed.
+        ledger.fault(Some(Fault::ReadOnlyFile));
+        for i in 0..5 {
+            let r = with(row(DAY2, "crm", Some("a1"), None), i, Outcome::Settled);
+            // Answered before the writer has met the fault or failed closed after: journaled
+            // either way.
+            let _ = ledger.record(r).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ledger.write_error().is_none() {
+            assert!(Instant::now() < deadline, "the writer never met the fault");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // While SQLite cannot be written, costly requests fail closed; the row is journaled.
+        let err = ledger
+            .record(with(
+                row(DAY2, "crm", Some("a1"), None),
+                5,
+                Outcome::Settled,
+            ))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, LedgerError::ReadOnly { .. }), "{err:?}");
+        assert_eq!(raw_count(&path), (1, 2));
+        ledger.crash();
+
+        let reopened = SqliteLedger::open(&path, LedgerSync::CrashSafe).unwrap();
+        assert_eq!(raw_count(&path), (7, 17), "0+1+2+3+4+5 after the 2 before");
+        assert_eq!(reopened.totals().unwrap(), (7, 17));
+        assert_eq!(reopened.spent_on(DAY2).unwrap()["crm"], 17);
+        // New rows go on numbering past the replayed ones; a clean close leaves no journal.
+        reopened
+            .record(with(row(DAY2, "crm", None, None), 1, Outcome::Settled))
+            .await
+            .unwrap();
+        drop(reopened);
+        assert!(journal::files(&path).is_empty());
+        let again = SqliteLedger::open(&path, LedgerSync::CrashSafe).unwrap();
+        assert_eq!(again.totals().unwrap(), (8, 18), "nothing replayed twice");
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_of_one_ledger_is_refused_naming_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite3");
+        let first = SqliteLedger::open(&path, LedgerSync::CrashSafe).unwrap();
+        // Another process holds it: its pid is in the lock file.
+        let mut lock_path = path.clone().into_os_string();
+        lock_path.push(".lock");
+        std::fs::write(&lock_path, "4242").unwrap();
+        let err = SqliteLedger::open(&path, LedgerSync::CrashSafe)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("pid 4242"), "{err}");
+        assert!(err.contains("exactly one"), "{err}");
+        // A report may still read it beside the writer.
+        first
+            .record(with(row(DAY2, "crm", None, None), 3, Outcome::Settled))
+            .await
+            .unwrap();
+        first.flush().await.unwrap();
+        let report = SqliteLedger::open_read_only(&path).unwrap();
+        assert_eq!(report.totals().unwrap(), (1, 3));
+        drop(first);
+        assert!(SqliteLedger::open(&path, LedgerSync::CrashSafe).is_ok());
+    }
+
+    #[tokio::test]
     async fn a_read_only_file_fails_the_waiters_and_the_writer_recovers() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l");
-        let ledger = SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap();
+        let ledger = SqliteLedger::open(&path, LedgerSync::PowerSafe).unwrap();
         ledger.record(row(DAY2, "crm", None, None)).await.unwrap();
 
         ledger.fault(Some(Fault::ReadOnlyFile));
@@ -1513,7 +1895,7 @@ mod tests {
     async fn rows_queued_before_a_drop_are_written_and_answered() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l");
-        let ledger = SqliteLedger::open(&path, LedgerSync::BeforeResponse).unwrap();
+        let ledger = SqliteLedger::open(&path, LedgerSync::PowerSafe).unwrap();
         let pending = ledger.record(row(DAY2, "crm", None, None));
         drop(ledger);
         // The row was queued before the drop: it is written, and its waiter answered.

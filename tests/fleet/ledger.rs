@@ -102,10 +102,9 @@ fn generated_rows() -> Vec<Row> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_answers_as_sqlite_does_for_the_same_rows() {
     let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
-    let ledger = open(&pg.url(), LedgerSync::BeforeResponse, 100_000).await;
+    let ledger = open(&pg.url(), LedgerSync::PowerSafe, 100_000).await;
     let dir = tempfile::tempdir().unwrap();
-    let sqlite =
-        SqliteLedger::open(&dir.path().join("l.sqlite3"), LedgerSync::BeforeResponse).unwrap();
+    let sqlite = SqliteLedger::open(&dir.path().join("l.sqlite3"), LedgerSync::PowerSafe).unwrap();
     let rows = generated_rows();
     // Concurrently, so batches of several rows (and several keys) commit together.
     let mut tasks = tokio::task::JoinSet::new();
@@ -182,7 +181,7 @@ async fn postgres_answers_as_sqlite_does_for_the_same_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_is_durable_once_record_resolves_and_async_rows_once_flushed() {
     let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
-    let ledger = open(&pg.url(), LedgerSync::BeforeResponse, 100).await;
+    let ledger = open(&pg.url(), LedgerSync::PowerSafe, 100).await;
     ledger
         .record(row("durable".into(), date!(2026 - 11 - 25), "crm", 7))
         .await
@@ -226,7 +225,7 @@ async fn a_row_is_durable_once_record_resolves_and_async_rows_once_flushed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restart_under_eight_writers_loses_and_doubles_no_row() {
     let pg = Arc::new(tokio::task::spawn_blocking(Postgres::start).await.unwrap());
-    let ledger = open(&pg.url(), LedgerSync::BeforeResponse, 1_000_000).await;
+    let ledger = open(&pg.url(), LedgerSync::PowerSafe, 1_000_000).await;
     let stop = Arc::new(AtomicBool::new(false));
     let (oks, errors) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let ok_ids = Arc::new(Mutex::new(Vec::new()));
@@ -327,7 +326,7 @@ async fn a_restart_under_eight_writers_loses_and_doubles_no_row() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_buffer_fails_fast_and_the_kept_rows_are_written_later() {
     let pg = Arc::new(tokio::task::spawn_blocking(Postgres::start).await.unwrap());
-    let ledger = open(&pg.url(), LedgerSync::BeforeResponse, 10).await;
+    let ledger = open(&pg.url(), LedgerSync::PowerSafe, 10).await;
     let pg2 = pg.clone();
     tokio::task::spawn_blocking(move || pg2.stop("immediate"))
         .await
@@ -372,8 +371,8 @@ async fn two_replicas_migrate_once_and_each_sees_both() {
     let url = pg.url();
     // Both open at once: the migration runs once, under the advisory lock.
     let (a, b) = tokio::join!(
-        open(&url, LedgerSync::BeforeResponse, 1000),
-        open(&url, LedgerSync::BeforeResponse, 1000)
+        open(&url, LedgerSync::PowerSafe, 1000),
+        open(&url, LedgerSync::PowerSafe, 1000)
     );
     assert_eq!(
         pg.psql("SELECT string_agg(version::text, ',') FROM ledger_schema_migrations"),
@@ -418,7 +417,7 @@ fn an_unreachable_server_fails_open_clearly_without_the_password() {
     let port = free_port();
     let url = format!("postgres://gw:hunter2@127.0.0.1:{port}/linkup");
     let started = Instant::now();
-    let e = PostgresLedger::open(&url, LedgerSync::BeforeResponse, 10)
+    let e = PostgresLedger::open(&url, LedgerSync::PowerSafe, 10)
         .err()
         .unwrap();
     assert!(started.elapsed() < Duration::from_secs(10));
@@ -435,7 +434,7 @@ fn an_unreachable_server_fails_open_clearly_without_the_password() {
 #[ignore]
 async fn throughput() {
     let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
-    let ledger = open(&pg.url(), LedgerSync::BeforeResponse, 100_000).await;
+    let ledger = open(&pg.url(), LedgerSync::PowerSafe, 100_000).await;
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = tokio::task::JoinSet::new();
     let started = Instant::now();
@@ -551,7 +550,7 @@ async fn a_batch_retried_after_a_lost_commit_acknowledgement_is_not_doubled() {
         }),
     );
     let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port);
-    let ledger = open(&url, LedgerSync::BeforeResponse, 100).await;
+    let ledger = open(&url, LedgerSync::PowerSafe, 100).await;
     ledger
         .record(row("before".into(), date!(2026 - 11 - 25), "crm", 3))
         .await
@@ -640,7 +639,7 @@ async fn tls_is_verified_against_sslrootcert() {
         "{base}?sslmode=verify-full&sslrootcert={}&application_name=lgw-tls",
         ca.display()
     );
-    let ledger = open(&verified, LedgerSync::BeforeResponse, 10).await;
+    let ledger = open(&verified, LedgerSync::PowerSafe, 10).await;
     ledger
         .record(row("tls".into(), date!(2026 - 11 - 25), "crm", 1))
         .await
@@ -657,19 +656,18 @@ async fn tls_is_verified_against_sslrootcert() {
 
     // Without the CA, the certificate does not verify: opening fails, and says why.
     let url = format!("{base}?sslmode=require");
-    let e = tokio::task::spawn_blocking(move || {
-        PostgresLedger::open(&url, LedgerSync::BeforeResponse, 10)
-    })
-    .await
-    .unwrap()
-    .err()
-    .unwrap()
-    .to_string();
+    let e =
+        tokio::task::spawn_blocking(move || PostgresLedger::open(&url, LedgerSync::PowerSafe, 10))
+            .await
+            .unwrap()
+            .err()
+            .unwrap()
+            .to_string();
     assert!(e.contains("certificate"), "{e}");
     // sslmode=disable connects in clear.
     let clear = open(
         &format!("{base}?sslmode=disable&application_name=lgw-clear"),
-        LedgerSync::BeforeResponse,
+        LedgerSync::PowerSafe,
         10,
     )
     .await;
@@ -686,7 +684,7 @@ async fn tls_is_verified_against_sslrootcert() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn awkward_text_is_stored_and_a_non_utf8_database_is_refused() {
     let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
-    let ledger = open(&pg.url(), LedgerSync::BeforeResponse, 10).await;
+    let ledger = open(&pg.url(), LedgerSync::PowerSafe, 10).await;
     // A NUL (which PostgreSQL text cannot hold) must not wedge the writer.
     let mut r = row("nul".into(), date!(2026 - 11 - 25), "crm\u{1F600}", 4);
     r.action = Some("sea\0rch".into());
@@ -707,14 +705,13 @@ async fn awkward_text_is_stored_and_a_non_utf8_database_is_refused() {
          TEMPLATE template0",
     );
     let url = format!("postgres://postgres@127.0.0.1:{}/latin", pg.port);
-    let e = tokio::task::spawn_blocking(move || {
-        PostgresLedger::open(&url, LedgerSync::BeforeResponse, 10)
-    })
-    .await
-    .unwrap()
-    .err()
-    .unwrap()
-    .to_string();
+    let e =
+        tokio::task::spawn_blocking(move || PostgresLedger::open(&url, LedgerSync::PowerSafe, 10))
+            .await
+            .unwrap()
+            .err()
+            .unwrap()
+            .to_string();
     assert!(e.contains("LATIN1") && e.contains("UTF8"), "{e}");
 }
 
