@@ -264,6 +264,8 @@ struct WriterState {
     lost: AtomicU64,
     /// The last write's error while rows wait for a retry.
     error: Mutex<Option<LedgerError>>,
+    /// `error` is set: read on every journaled record without taking the lock.
+    failing: AtomicBool,
     /// Tests: the fault the writer's next connection has, and a generation that tells the
     /// writer to drop its current one.
     #[cfg(test)]
@@ -484,9 +486,11 @@ impl Ledger for SqliteLedger {
                 Err(e) => Err(journal::write_error(&self.path, &e)),
                 // While SQLite cannot be written, costly requests fail closed, as in the
                 // other modes (the row itself is journaled and kept).
-                Ok(()) => sent.and_then(|()| match self.state.error().clone() {
-                    Some(e) => Err(e),
-                    None => Ok(()),
+                Ok(()) => sent.and_then(|()| {
+                    if !self.state.failing.load(Ordering::Acquire) {
+                        return Ok(());
+                    }
+                    self.state.error().clone().map_or(Ok(()), Err)
                 }),
             };
             return Box::pin(std::future::ready(result));
@@ -1032,6 +1036,7 @@ impl Writer {
                 *error = Some(e.clone());
             }
         }
+        self.state.failing.store(error.is_some(), Ordering::Release);
     }
 }
 
