@@ -157,7 +157,7 @@ fn bench_storm(c: &mut Criterion) {
 
     // In process: the whole stack, called directly.
     let settings = config::load_str(&settings_text(&emu.url(), ""), &env, None).unwrap();
-    let upstream = UpstreamClient::new(&settings.upstream).unwrap();
+    let upstream = UpstreamClient::new(&settings.upstream, 0).unwrap();
     let shared = Arc::new(Shared::new(
         Arc::new(settings),
         Arc::new(Process::default()),

@@ -61,7 +61,7 @@ fn bench_stack(c: &mut Criterion) {
         linkup_gateway::keygen::key_sha256_hex(key)
     );
     let settings = config::load_str(&text, &[("K".into(), "upstream-key".into())], None).unwrap();
-    let upstream = UpstreamClient::new(&settings.upstream).unwrap();
+    let upstream = UpstreamClient::new(&settings.upstream, 0).unwrap();
     let shared = Arc::new(Shared::new(
         Arc::new(settings),
         Arc::new(Process::default()),

@@ -62,6 +62,10 @@ pub struct RawServer {
     pub max_in_flight: u64,
     #[serde(default = "d_header_read_timeout")]
     pub header_read_timeout: String,
+    /// Data-plane worker threads, each a single-threaded runtime accepting on the listener;
+    /// 0 (the default): one per CPU the process may run on.
+    #[serde(default)]
+    pub workers: u64,
     /// Where the admin token comes from (never the config file itself: it is served by /config).
     pub admin_token_env: Option<String>,
     pub admin_token_file: Option<PathBuf>,
@@ -78,6 +82,7 @@ impl Default for RawServer {
             shutdown_grace: d_shutdown_grace(),
             max_in_flight: d_max_in_flight(),
             header_read_timeout: d_header_read_timeout(),
+            workers: 0,
             admin_token_env: None,
             admin_token_file: None,
             tls: None,
@@ -419,6 +424,8 @@ pub struct ServerSettings {
     pub shutdown_grace: Duration,
     pub max_in_flight: usize,
     pub header_read_timeout: Duration,
+    /// Data-plane workers (resolved: at least 1).
+    pub workers: usize,
     /// SHA-256 of the admin token; `None`: the admin listener is open (loopback only).
     pub admin_token_sha256: Option<[u8; 32]>,
     pub tls: Option<TlsSettings>,
@@ -907,6 +914,9 @@ fn validate(
     if s.max_in_flight == 0 {
         p.push("server.max_in_flight", "must be greater than 0");
     }
+    if s.workers > 1024 {
+        p.push("server.workers", "must be at most 1024 (0: one per CPU)");
+    }
     let admin_token = match (&s.admin_token_env, &s.admin_token_file) {
         (Some(_), Some(_)) => {
             p.push(
@@ -1237,6 +1247,10 @@ fn validate(
                 shutdown_grace,
                 max_in_flight: usize::try_from(s.max_in_flight).unwrap_or(usize::MAX),
                 header_read_timeout,
+                workers: match s.workers {
+                    0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    n => usize::try_from(n).unwrap_or(1),
+                },
                 admin_token_sha256,
                 tls,
             },

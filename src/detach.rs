@@ -11,7 +11,34 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
+
+/// Calls handed to a task of their own and not finished yet: a data-plane worker draining at
+/// shutdown keeps its runtime alive until this is 0 (or the grace passes), so a caller's
+/// hang-up just before shutdown still gets its call recorded.
+static DETACHED: AtomicUsize = AtomicUsize::new(0);
+
+/// How many detached calls are still running, process-wide.
+pub fn in_flight() -> usize {
+    DETACHED.load(Ordering::Acquire)
+}
+
+/// Counts one detached call from spawn to end (or to its task being dropped).
+struct Counted;
+
+impl Counted {
+    fn new() -> Counted {
+        DETACHED.fetch_add(1, Ordering::AcqRel);
+        Counted
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        DETACHED.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 type Boxed<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -49,7 +76,12 @@ impl<T: Send + 'static> Drop for Detach<T> {
         if let Some(fut) = self.fut.take() {
             // Outside a runtime (its shutdown) there is nothing left to run the call on.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(fut);
+                let counted = Counted::new();
+                rt.spawn(async move {
+                    let out = fut.await;
+                    drop(counted);
+                    out
+                });
             }
         }
     }
@@ -84,8 +116,13 @@ mod tests {
         assert!(pending);
         drop(d);
         assert!(!finished.load(Ordering::SeqCst));
+        // Counted while it runs on its own, so a draining worker waits for it.
+        assert!(in_flight() >= 1);
         release.send(()).unwrap();
         done_rx.await.unwrap();
         assert!(finished.load(Ordering::SeqCst));
+        while in_flight() != 0 {
+            tokio::task::yield_now().await;
+        }
     }
 }

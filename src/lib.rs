@@ -26,3 +26,4 @@ pub mod stack;
 pub mod upstream;
 pub mod usage;
 pub mod util;
+pub mod workers;

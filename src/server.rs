@@ -43,8 +43,14 @@ impl Generation {
         previous: Option<&Generation>,
     ) -> Result<Generation, String> {
         let upstream = match previous {
-            Some(p) if p.shared.upstream.reuse_for(&settings.upstream) => p.shared.upstream.clone(),
-            _ => UpstreamClient::new(&settings.upstream)?,
+            Some(p)
+                if p.shared
+                    .upstream
+                    .reuse_for(&settings.upstream, settings.server.workers) =>
+            {
+                p.shared.upstream.clone()
+            }
+            _ => UpstreamClient::new(&settings.upstream, settings.server.workers)?,
         };
         let shared = Arc::new(Shared::next(
             Arc::new(settings),
@@ -126,13 +132,11 @@ impl Gateway {
                 s.listen
             );
         }
-        let data = TcpListener::bind(s.listen)
-            .await
-            .map_err(|source| StartError::Bind {
-                key: "server.listen",
-                addr: s.listen,
-                source,
-            })?;
+        let data = bind_data(s.listen).map_err(|source| StartError::Bind {
+            key: "server.listen",
+            addr: s.listen,
+            source,
+        })?;
         let admin = TcpListener::bind(s.admin_listen)
             .await
             .map_err(|source| StartError::Bind {
@@ -149,7 +153,13 @@ impl Gateway {
         let current = Arc::new(ArcSwap::from_pointee(generation));
         let (stop_data, data_rx) = watch::channel(false);
         let (stop_admin, admin_rx) = watch::channel(false);
-        let data_task = tokio::spawn(serve_data(data, current.clone(), data_rx.clone()));
+        let workers = crate::workers::start(s.workers, data, &current, &data_rx)
+            .map_err(|e| StartError::Setup(format!("server.workers: cannot start: {e}")))?;
+        let data_task = tokio::spawn(async move {
+            for drained in workers {
+                let _ = drained.await;
+            }
+        });
         tokio::spawn(evict_idle(current.clone(), data_rx.clone()));
         tokio::spawn(watch_ledger(process.clone(), data_rx.clone()));
         tokio::spawn(crate::reconcile::run(current.clone(), data_rx));
@@ -199,6 +209,10 @@ impl Gateway {
                 tracing::warn!("listen addresses changed: they take effect on restart only");
                 s.server.listen = old_server.listen;
                 s.server.admin_listen = old_server.admin_listen;
+            }
+            if s.server.workers != old_server.workers {
+                tracing::warn!("server.workers changed: it takes effect on restart only");
+                s.server.workers = old_server.workers;
             }
             if s.server.tls.is_some() != old_server.tls.is_some() {
                 // Switching the listener between plaintext and TLS under its callers would cut
@@ -325,7 +339,22 @@ fn data_service(
     })
 }
 
-async fn serve_data(
+/// The data listener: bound here, served by every worker (each with a duplicate descriptor).
+/// The backlog is deep enough for thousands of callers connecting at once.
+fn bind_data(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)?.into_std()
+}
+
+/// One worker's accept loop: serve every connection it accepts until shutdown, then drain.
+pub(crate) async fn serve_data(
     listener: TcpListener,
     current: Arc<ArcSwap<Generation>>,
     mut shutdown: watch::Receiver<bool>,

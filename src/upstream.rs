@@ -29,15 +29,21 @@ use crate::shared::Process;
 /// Upstream answers are small JSON; a body beyond this is a broken upstream, not data.
 pub const MAX_RESPONSE_BYTES: usize = 32 * 1024 * 1024;
 
+type Pool = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The upstream pools: one per data-plane worker, so a worker's requests ride connections
+/// whose tasks run on that worker's own runtime (no cross-thread wake-up per request), and one
+/// for everything else (the admin listener's probe, background tasks).
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    pools: Arc<[Pool]>,
     /// What the pool was built from: a reload with the same values keeps the warm pool.
     identity: (String, Duration, Option<std::path::PathBuf>),
 }
 
 impl UpstreamClient {
-    pub fn new(s: &UpstreamSettings) -> Result<UpstreamClient, String> {
+    /// `workers`: the data-plane workers that get a pool of their own.
+    pub fn new(s: &UpstreamSettings, workers: usize) -> Result<UpstreamClient, String> {
         let mut roots = rustls::RootCertStore::empty();
         roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
         if let Some(ca) = &s.ca_file {
@@ -75,16 +81,26 @@ impl UpstreamClient {
             .https_or_http()
             .enable_all_versions()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(4096)
-            .build(https);
+        let pools = (0..=workers)
+            .map(|_| {
+                Client::builder(TokioExecutor::new())
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .pool_idle_timeout(Duration::from_secs(90))
+                    .pool_max_idle_per_host(4096)
+                    .build(https.clone())
+            })
+            .collect();
         Ok(UpstreamClient {
-            client,
+            pools,
             identity: (s.url.clone(), s.connect_timeout, s.ca_file.clone()),
         })
+    }
+
+    /// The pool of the worker this runs on; the shared one off the data plane.
+    fn pool(&self) -> &Pool {
+        let i = crate::workers::current().map_or(0, |w| w + 1);
+        &self.pools[i.min(self.pools.len() - 1)]
     }
 
     /// A request the gateway makes on its own behalf (the `/v2/credits` probe), with the
@@ -104,7 +120,7 @@ impl UpstreamClient {
         *req.uri_mut() = uri;
         req.headers_mut()
             .insert("x-api-key", s.api_key.header().clone());
-        let resp = self.client.request(req).await.map_err(|e| root_cause(&e))?;
+        let resp = self.pool().request(req).await.map_err(|e| root_cause(&e))?;
         let status = resp.status();
         let body = Limited::new(resp.into_body(), MAX_RESPONSE_BYTES)
             .collect()
@@ -115,8 +131,9 @@ impl UpstreamClient {
     }
 
     /// Keep this client (and its warm pool) for new settings when nothing it depends on changed.
-    pub fn reuse_for(&self, s: &UpstreamSettings) -> bool {
-        self.identity == (s.url.clone(), s.connect_timeout, s.ca_file.clone())
+    pub fn reuse_for(&self, s: &UpstreamSettings, workers: usize) -> bool {
+        self.pools.len() == workers + 1
+            && self.identity == (s.url.clone(), s.connect_timeout, s.ca_file.clone())
     }
 }
 
@@ -143,7 +160,7 @@ impl Service<Request<Bytes>> for Upstream {
     }
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
-        let client = self.client.client.clone();
+        let client = self.client.pool().clone();
         let process = self.process.clone();
         Box::pin(async move {
             let log = req.extensions().get::<Arc<RequestLog>>().cloned();

@@ -821,7 +821,7 @@ mod stacks {
             .await
             .unwrap();
         let process = Arc::new(Process::with_fleet(ledger, Some(fleet.clone())));
-        let upstream = UpstreamClient::new(&settings.upstream).unwrap();
+        let upstream = UpstreamClient::new(&settings.upstream, 0).unwrap();
         let shared = Arc::new(Shared::new(settings, process, upstream));
         Replica {
             stack: build_stack(&shared),
