@@ -457,12 +457,32 @@ pub(crate) async fn serve_data(
 
 /// `serve`: start, then wait for signals. SIGTERM/SIGINT drain and exit; SIGHUP reloads.
 pub async fn run(settings: Settings) -> Result<(), StartError> {
+    raise_open_file_limit(settings.server.max_in_flight);
     let gateway = Gateway::start(settings).await?;
     wait_for_signals(&gateway).await;
     tracing::info!("shutting down");
     gateway.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Every request in flight holds two descriptors (the caller's connection and an upstream
+/// one): raise the soft open-file limit to the hard one, as nginx's `worker_rlimit_nofile`
+/// and Go's runtime do, and say so when even that is short of `max_in_flight`.
+fn raise_open_file_limit(max_in_flight: usize) {
+    let want = u64::try_from(max_in_flight)
+        .unwrap_or(u64::MAX)
+        .saturating_mul(2)
+        .saturating_add(1024);
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < want => tracing::warn!(
+            open_file_limit = limit,
+            max_in_flight,
+            "the open-file limit is below 2 x server.max_in_flight + 1024: under full load, connections will be refused; raise `ulimit -n` (LimitNOFILE=) or lower max_in_flight"
+        ),
+        Ok(limit) => tracing::debug!(open_file_limit = limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
 }
 
 #[cfg(unix)]

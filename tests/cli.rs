@@ -574,3 +574,55 @@ async fn sigkill_loses_no_credit_a_caller_saw_charged() {
     restarted.start_kill().unwrap();
     restarted.wait().await.unwrap();
 }
+
+/// `serve` raises its soft open-file limit to the hard one (each call in flight holds two
+/// descriptors) and runs the data plane on `server.workers` threads of its own.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn serve_raises_the_open_file_limit_and_starts_its_workers() {
+    let emu = start_emulator("k-up").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "up.key", "k-up");
+    let cfg = write(
+        dir.path(),
+        "g.toml",
+        &format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nworkers = 3\n\
+             [upstream]\nurl = \"{}\"\napi_key_file = \"up.key\"\n[ledger]\npath = \"{}\"\n",
+            emu.url(),
+            dir.path().join("ledger.sqlite3").display()
+        ),
+    );
+    let mut child = tokio::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("ulimit -Sn 256 && exec {BIN} --log-format json serve --config {cfg}"),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    wait_for_log(&mut lines, "linkup-gateway listening").await;
+    let pid = child.id().unwrap();
+
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    assert_ne!(soft, "256", "{line}");
+    assert_eq!(soft, hard, "{line}");
+
+    let mut workers: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .map(|c| c.trim().to_owned())
+        .filter(|c| c.starts_with("lgw-worker-"))
+        .collect();
+    workers.sort();
+    assert_eq!(workers, ["lgw-worker-0", "lgw-worker-1", "lgw-worker-2"]);
+    child.kill().await.unwrap();
+}

@@ -344,6 +344,7 @@ impl SqliteLedger {
             unsynced: false,
             synced_through: None,
             synced_at: Instant::now(),
+            wal: None,
             unfolded: false,
             folded_at: Instant::now(),
             wake_checkpointer,
@@ -749,6 +750,10 @@ struct Writer {
     /// The last journal number committed since the journal was last trimmed.
     synced_through: Option<u64>,
     synced_at: Instant,
+    /// The WAL, held open for its fsync: opening it every second fails exactly when the
+    /// process is short of descriptors (thousands of connections), which is no time to stop
+    /// writing the ledger. Dropped with the connection, and on any error.
+    wal: Option<std::fs::File>,
     /// Rows committed since the last fold into the aggregates.
     unfolded: bool,
     folded_at: Instant,
@@ -946,7 +951,10 @@ impl Writer {
         }
         let conn = match self.conn.take() {
             Some(conn) => conn,
-            None => self.reopen().map_err(|e| write_error(&self.display, &e))?,
+            None => {
+                self.wal = None;
+                self.reopen().map_err(|e| write_error(&self.display, &e))?
+            }
         };
         match write_rows(&conn, rows, through) {
             Ok(()) => {
@@ -976,17 +984,28 @@ impl Writer {
     /// fsync the WAL, making every commit so far durable (what `synchronous = FULL` does at
     /// each commit). Any descriptor of the file will do.
     fn sync_wal(&mut self) -> Result<(), LedgerError> {
-        let mut wal = self.path.clone().into_os_string();
-        wal.push("-wal");
-        match std::fs::File::open(&wal).and_then(|f| f.sync_all()) {
+        let synced = match &self.wal {
+            Some(f) => f.sync_all(),
+            None => {
+                let mut wal = self.path.clone().into_os_string();
+                wal.push("-wal");
+                std::fs::File::open(&wal).and_then(|f| {
+                    f.sync_all()?;
+                    self.wal = Some(f);
+                    Ok(())
+                })
+            }
+        };
+        match synced {
             Ok(()) => {}
             // No WAL: everything is checkpointed into the (synced) database file.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
+                self.wal = None;
                 return Err(LedgerError::Write {
                     path: self.display.clone(),
                     detail: format!("fsync of the WAL failed: {e}"),
-                })
+                });
             }
         }
         if let Some(journal) = &self.journal {
