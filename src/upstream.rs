@@ -88,6 +88,10 @@ impl UpstreamClient {
                     .timer(TokioTimer::new())
                     .pool_idle_timeout(Duration::from_secs(90))
                     .pool_max_idle_per_host(4096)
+                    // Upstream answers are small JSON: read them 4 KB at a time instead of
+                    // hyper's adaptive 8 KB+ per connection (thousands of slow calls in
+                    // flight each hold one connection; a larger answer takes more reads).
+                    .http1_read_buf_exact_size(4096)
                     .build(https.clone())
             })
             .collect();
