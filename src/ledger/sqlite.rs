@@ -344,7 +344,8 @@ impl SqliteLedger {
             unsynced: false,
             synced_through: None,
             synced_at: Instant::now(),
-            wal: None,
+            // Held from the start, while descriptors are plentiful.
+            wal: open_wal(path).ok(),
             unfolded: false,
             folded_at: Instant::now(),
             wake_checkpointer,
@@ -617,6 +618,12 @@ fn to_u64(v: i64) -> u64 {
 
 fn to_i64(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn open_wal(path: &Path) -> std::io::Result<std::fs::File> {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    std::fs::File::open(wal)
 }
 
 fn open_writer(path: &Path, sync: LedgerSync) -> rusqlite::Result<Connection> {
@@ -962,6 +969,9 @@ impl Writer {
                     self.synced_through = through;
                 }
                 self.conn = Some(conn);
+                if self.wal.is_none() {
+                    self.wal = open_wal(&self.path).ok();
+                }
                 self.state.commits.fetch_add(1, Ordering::Relaxed);
                 let _ = self.wake_checkpointer.try_send(());
                 self.unsynced |= self.sync != LedgerSync::PowerSafe;
@@ -987,9 +997,7 @@ impl Writer {
         let synced = match &self.wal {
             Some(f) => f.sync_all(),
             None => {
-                let mut wal = self.path.clone().into_os_string();
-                wal.push("-wal");
-                std::fs::File::open(&wal).and_then(|f| {
+                open_wal(&self.path).and_then(|f| {
                     f.sync_all()?;
                     self.wal = Some(f);
                     Ok(())
