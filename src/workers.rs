@@ -8,10 +8,8 @@
 //! every worker; background work (admin listener, reconciliation, the ledger's own threads)
 //! stays on the main runtime.
 //!
-//! The workers share one listening socket (each holds a duplicate of its descriptor) instead
-//! of `SO_REUSEPORT` sockets of their own: the kernel hands each new connection to whichever
-//! worker accepts first (an idle one, usually), and a second process can never bind the same
-//! port by accident and take half the traffic.
+//! Each worker accepts on a listening socket of its own, all in one `SO_REUSEPORT` group on
+//! Linux (see `server::bind_data`): the kernel spreads connections evenly over the workers.
 
 use std::cell::Cell;
 use std::sync::Arc;
@@ -30,30 +28,37 @@ pub fn current() -> Option<usize> {
     INDEX.with(Cell::get)
 }
 
-/// Start `n` workers on `listener`; each answers on its channel once it has drained.
-pub(crate) fn start(
-    n: usize,
-    listener: std::net::TcpListener,
+/// Start a worker per listener and wait until every one accepts; each then answers on its
+/// channel once it has drained.
+pub(crate) async fn start(
+    listeners: Vec<std::net::TcpListener>,
     current: &Arc<ArcSwap<Generation>>,
     shutdown: &watch::Receiver<bool>,
 ) -> std::io::Result<Vec<oneshot::Receiver<()>>> {
-    let mut done = Vec::with_capacity(n);
-    for index in 0..n {
+    let mut done = Vec::with_capacity(listeners.len());
+    let mut ready = Vec::with_capacity(listeners.len());
+    for (index, listener) in listeners.into_iter().enumerate() {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let listener = listener.try_clone()?;
         let current = current.clone();
         let shutdown = shutdown.clone();
         let (tx, rx) = oneshot::channel();
+        let (ready_tx, ready_rx) = oneshot::channel::<std::io::Result<()>>();
         std::thread::Builder::new()
             .name(format!("lgw-worker-{index}"))
             .spawn(move || {
                 INDEX.with(|i| i.set(Some(index)));
                 rt.block_on(async move {
                     match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => crate::server::serve_data(l, current.clone(), shutdown).await,
-                        Err(e) => tracing::error!(worker = index, error = %e, "cannot accept"),
+                        Ok(l) => {
+                            let _ = ready_tx.send(Ok(()));
+                            crate::server::serve_data(l, current.clone(), shutdown).await
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
                     }
                     // Calls whose callers hung up run on tasks of this runtime: they are
                     // recorded before it goes, within the grace.
@@ -66,6 +71,14 @@ pub(crate) fn start(
                 let _ = tx.send(());
             })?;
         done.push(rx);
+        ready.push(ready_rx);
+    }
+    for r in ready {
+        match r.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(std::io::Error::other("a worker stopped while starting")),
+        }
     }
     Ok(done)
 }

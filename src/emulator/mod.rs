@@ -100,6 +100,11 @@ pub enum FaultMode {
     RateLimited,
     /// 402 `INSUFFICIENT_CREDITS`.
     InsufficientCredits,
+    /// Answer normally, with the headers a careless upstream sends: `Set-Cookie`, its server's
+    /// name, and the caller's `x-api-key` echoed back (as `x-api-key` and inside another).
+    LeakyHeaders,
+    /// Answer normally, with one 16 KB header.
+    HugeHeader,
 }
 
 /// Fault injection, as `POST /_emulator/faults` takes it (omitted fields default).
@@ -407,7 +412,9 @@ async fn v2(shared: &Shared, parts: Parts, body: Bytes) -> Result<Resp, Reset> {
     }
     let action = route.action(json.as_ref());
     let (status, code, message) = match fault {
-        FaultMode::None => (StatusCode::OK, "", ""),
+        FaultMode::None | FaultMode::LeakyHeaders | FaultMode::HugeHeader => {
+            (StatusCode::OK, "", "")
+        }
         FaultMode::Reset => return Err(Reset),
         FaultMode::BadGatewayHtml => return Ok(bad_gateway_html()),
         FaultMode::SlowHeaders => {
@@ -449,7 +456,7 @@ async fn v2(shared: &Shared, parts: Parts, body: Bytes) -> Result<Resp, Reset> {
     let answer = shared
         .lock()
         .dispatch(&shared.cfg.checkpoint_code, &route, json.as_ref(), query);
-    Ok(match answer {
+    let mut resp = match answer {
         Ok((data, credits)) => json_response(
             StatusCode::OK,
             &Envelope {
@@ -464,8 +471,41 @@ async fn v2(shared: &Shared, parts: Parts, body: Bytes) -> Result<Resp, Reset> {
             code,
             message,
         }) => error_response(status, code, &message, &action),
-    })
+    };
+    let h = resp.headers_mut();
+    match fault {
+        FaultMode::LeakyHeaders => {
+            h.insert(
+                "set-cookie",
+                HeaderValue::from_static("session=s3cr3t; HttpOnly"),
+            );
+            h.insert("server", HeaderValue::from_static("linkup-emulator"));
+            if let Some(key) = parts.headers.get("x-api-key") {
+                h.insert("x-api-key", key.clone());
+                if let Ok(v) = HeaderValue::from_str(&format!(
+                    "key={}",
+                    String::from_utf8_lossy(key.as_bytes())
+                )) {
+                    h.insert("x-debug", v);
+                }
+            }
+        }
+        FaultMode::HugeHeader => {
+            h.insert("x-padding", HeaderValue::from_static(HUGE_HEADER));
+        }
+        _ => {}
+    }
+    Ok(resp)
 }
+
+/// The value of `FaultMode::HugeHeader`'s header: 16 KB.
+const HUGE_HEADER: &str = {
+    const BYTES: [u8; 16 * 1024] = [b'x'; 16 * 1024];
+    match std::str::from_utf8(&BYTES) {
+        Ok(s) => s,
+        Err(_) => "",
+    }
+};
 
 /// The v2 envelope, fields in the upstream's order.
 #[derive(serde::Serialize)]

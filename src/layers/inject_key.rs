@@ -1,6 +1,7 @@
 //! inject_key: the caller's credentials and every hop-by-hop header are dropped, the URI is
 //! rewritten onto the configured upstream, `Host` becomes the upstream's, and `x-api-key`
-//! becomes the stored key (a sensitive header value). The last layer before the wire.
+//! becomes the stored key (a sensitive header value). The last layer before the wire, and the
+//! first on the way back: the answer keeps only the headers a caller needs, never the key.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -101,7 +102,17 @@ where
         if let Err(e) = rewrite(&mut req, &self.upstream) {
             return Box::pin(async move { Err(e) });
         }
-        Box::pin(self.inner.call(req))
+        let fut = self.inner.call(req);
+        let upstream = self.upstream.clone();
+        // On the way back: only the headers a caller needs, never the stored key.
+        Box::pin(async move {
+            let mut resp = fut.await?;
+            crate::headers::answer_headers(
+                resp.headers_mut(),
+                upstream.api_key.expose().as_bytes(),
+            );
+            Ok(resp)
+        })
     }
 }
 

@@ -996,13 +996,11 @@ impl Writer {
     fn sync_wal(&mut self) -> Result<(), LedgerError> {
         let synced = match &self.wal {
             Some(f) => f.sync_all(),
-            None => {
-                open_wal(&self.path).and_then(|f| {
-                    f.sync_all()?;
-                    self.wal = Some(f);
-                    Ok(())
-                })
-            }
+            None => open_wal(&self.path).and_then(|f| {
+                f.sync_all()?;
+                self.wal = Some(f);
+                Ok(())
+            }),
         };
         match synced {
             Ok(()) => {}

@@ -356,3 +356,55 @@ async fn a_raw_rapid_reset_flood_gets_goaway_enhance_your_calm() {
     );
     assert_eq!(h.get("/v2/credits").await.status, 200, "still serving");
 }
+
+/// Identifiers are keys of limiters, caches and the ledger, and log fields: an oversized
+/// `account_id` or `action`, a repeated key hidden behind a `null`, or a control
+/// character are refused as INVALID_PARAMS, counted, never forwarded, and never logged whole.
+#[tokio::test]
+async fn oversized_repeated_or_unprintable_identifiers_are_refused_and_never_forwarded() {
+    let h = Harness::start().await;
+    let before = h.upstream_calls();
+    // Within the harness's 4 KB max_body_bytes; the bound is the same for 1 MB.
+    let huge = "a".repeat(3000);
+    let cases = [
+        format!(r#"{{"account_id":"{huge}","action":"get"}}"#),
+        format!(
+            r#"{{"account_id":"acc_1","action":"{}"}}"#,
+            "i".repeat(3000)
+        ),
+        r#"{"account_id":null,"account_id":"acc_1","action":"get"}"#.to_string(),
+        r#"{"account_id":"acc_1","action":null,"action":"invite"}"#.to_string(),
+        r#"{"account_id":"acc\u0007_1","action":"get"}"#.to_string(),
+    ];
+    for body in &cases {
+        let a = h.post("/v2/profiles", body).await;
+        assert_eq!(a.status, 400, "{}", &body[..body.len().min(80)]);
+        assert_eq!(a.code(), "INVALID_PARAMS");
+    }
+    let a = h
+        .call(
+            http::Method::GET,
+            &format!("/v2/accounts/{}", "b".repeat(300)),
+            Some(ALPHA_KEY),
+            "",
+        )
+        .await;
+    assert_eq!(a.status, 400);
+    assert_eq!(
+        h.upstream_calls(),
+        before,
+        "a refused identifier was forwarded"
+    );
+    let m = String::from_utf8(h.admin("/metrics").await.body.to_vec()).unwrap();
+    let refused: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("linkup_gateway_refusals_total{") && l.contains("INVALID_PARAMS"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(refused >= 6.0, "refusals not counted:\n{m}");
+    let logs = String::from_utf8_lossy(&captured_logs().lock().unwrap()).into_owned();
+    assert!(
+        !logs.contains(&huge[..1024]),
+        "an oversized id reached the log"
+    );
+}

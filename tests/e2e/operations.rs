@@ -211,3 +211,44 @@ fn a_public_admin_listener_without_a_token_and_unreadable_inbound_tls_files_are_
     );
     assert!(e.to_string().contains("server.tls.key_file"), "{e}");
 }
+
+/// The data plane's workers each listen on the port (one `SO_REUSEPORT` group on Linux), and
+/// connections reach all of them; a second gateway started on the same address is refused
+/// with "address in use" instead of silently taking part of the traffic.
+#[tokio::test]
+async fn a_second_gateway_on_the_same_port_is_refused_and_every_worker_serves() {
+    let h = Harness::start_with("workers = 3\n", "").await;
+    assert_eq!(h.gw.settings().server.workers, 3);
+    // Many fresh connections: every one is served whichever worker accepts it.
+    for _ in 0..24 {
+        let mut s = tokio::net::TcpStream::connect(h.gw.data_addr)
+            .await
+            .unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(
+            format!("GET /v2/credits HTTP/1.1\r\nHost: x\r\nx-api-key: {ALPHA_KEY}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        assert!(
+            out.starts_with(b"HTTP/1.1 200"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
+    }
+
+    let mut settings = linkup_gateway::config::load(&h.config_path()).unwrap();
+    settings.server.listen = h.gw.data_addr;
+    settings.ledger.path = h.dir.path().join("second.sqlite3");
+    match linkup_gateway::server::Gateway::start(settings).await {
+        Err(linkup_gateway::server::StartError::Bind { key, source, .. }) => {
+            assert_eq!(key, "server.listen");
+            assert_eq!(source.kind(), std::io::ErrorKind::AddrInUse);
+        }
+        Err(e) => panic!("refused for another reason: {e}"),
+        Ok(_) => panic!("a second gateway bound the same port"),
+    }
+}

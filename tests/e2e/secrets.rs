@@ -72,3 +72,40 @@ async fn keys_never_leak_into_logs_errors_or_admin_answers() {
         assert!(!all.contains(secret), "leaked: {secret}");
     }
 }
+
+/// An upstream that echoes the stored key, sets a cookie or names its server: the caller sees
+/// only the headers it needs, and never the key; an answer with an oversized header is a 502.
+#[tokio::test]
+async fn upstream_answer_headers_are_filtered_and_oversized_ones_refused() {
+    use linkup_gateway::emulator::{FaultMode, Faults};
+    let h = Harness::start().await;
+    h.emu.set_faults(Faults {
+        mode: FaultMode::LeakyHeaders,
+        ..Default::default()
+    });
+    let a = h.get("/v2/credits").await;
+    assert_eq!(a.status, 200, "{}", a.text());
+    assert_eq!(a.headers["content-type"], "application/json");
+    assert!(a.headers.contains_key("x-request-id"));
+    for name in ["set-cookie", "x-api-key", "x-debug", "server"] {
+        assert!(!a.headers.contains_key(name), "{name} reached the caller");
+    }
+    for (k, v) in &a.headers {
+        assert!(
+            !String::from_utf8_lossy(v.as_bytes()).contains(UPSTREAM_KEY),
+            "{k} carries the stored key"
+        );
+    }
+
+    h.emu.set_faults(Faults {
+        mode: FaultMode::HugeHeader,
+        ..Default::default()
+    });
+    let a = h.get("/v2/credits").await;
+    assert_eq!(a.status, 502, "{}", a.text());
+    assert_eq!(a.code(), "UPSTREAM_UNAVAILABLE");
+    assert!(
+        !a.text().contains(&"x".repeat(64)),
+        "the oversized header came back"
+    );
+}
