@@ -42,11 +42,20 @@ pub struct CreditState {
     pub ledger_failing: AtomicBool,
 }
 
+/// The most credits one call is believed to cost. LinkupAPI's prices are single digits; a
+/// larger `credits_consumed` is a broken answer, recorded as unknown rather than trusted: one
+/// such number (u64::MAX) would otherwise overflow every sum of the ledger built on it.
+pub const MAX_CREDITS_PER_CALL: u64 = 1_000_000;
+
 /// What an upstream answer says about credits. Only the fields the gateway needs are read.
 #[derive(Debug, Default, PartialEq)]
 pub struct Charge {
-    /// `metadata.credits_consumed` when it is a non-negative integer.
+    /// `metadata.credits_consumed` when it is a whole number from 0 to
+    /// [`MAX_CREDITS_PER_CALL`].
     pub credits: Option<u64>,
+    /// `metadata.credits_consumed` as sent (JSON text, at most 64 bytes) when it is present but
+    /// not such a number: fractional, negative, a string, absurdly large.
+    pub credits_raw: Option<String>,
     /// `metadata.action`.
     pub action: Option<String>,
     /// `error.code`.
@@ -72,15 +81,30 @@ impl Charge {
         let Ok(env) = serde_json::from_slice::<Envelope>(body) else {
             return Charge::default();
         };
-        let (credits, action) = match env.metadata {
-            Some(m) => (
-                m.credits_consumed.and_then(|v| v.as_u64()),
-                m.action.and_then(|v| v.as_str().map(str::to_owned)),
-            ),
-            None => (None, None),
-        };
+        let (mut credits, mut credits_raw, mut action) = (None, None, None);
+        if let Some(m) = env.metadata {
+            action = m.action.and_then(|v| v.as_str().map(str::to_owned));
+            match m.credits_consumed {
+                None | Some(serde_json::Value::Null) => {}
+                Some(v) => match v.as_u64() {
+                    Some(n) if n <= MAX_CREDITS_PER_CALL => credits = Some(n),
+                    _ => {
+                        let mut raw = v.to_string();
+                        if raw.len() > 64 {
+                            let mut cut = 64;
+                            while !raw.is_char_boundary(cut) {
+                                cut -= 1;
+                            }
+                            raw.truncate(cut);
+                        }
+                        credits_raw = Some(raw);
+                    }
+                },
+            }
+        }
         Charge {
             credits,
+            credits_raw,
             action,
             error: env
                 .error
@@ -306,6 +330,17 @@ where
     let (status, charged, known, meta_action, outcome) = match &result {
         Ok(resp) => {
             let charge = Charge::of(resp.body());
+            if let Some(raw) = &charge.credits_raw {
+                let request_id = log
+                    .as_ref()
+                    .and_then(|l| l.request_id.to_str().ok())
+                    .unwrap_or("-");
+                tracing::warn!(
+                    request_id,
+                    credits_consumed = %raw,
+                    "the upstream's credits_consumed is not a whole number from 0 to {MAX_CREDITS_PER_CALL}: recorded as unknown"
+                );
+            }
             if resp.status() == StatusCode::PAYMENT_REQUIRED
                 && charge.error.as_deref() == Some("INSUFFICIENT_CREDITS")
             {
@@ -550,6 +585,7 @@ where
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -570,6 +606,11 @@ mod tests {
             br#"{"metadata":{"credits_consumed":"2"}}"#,
             br#"{"metadata":{"credits_consumed":-1}}"#,
             br#"{"metadata":{"credits_consumed":1.5}}"#,
+            br#"{"metadata":{"credits_consumed":1e30}}"#,
+            br#"{"metadata":{"credits_consumed":18446744073709551615}}"#,
+            br#"{"metadata":{"credits_consumed":9223372036854775808}}"#,
+            br#"{"metadata":{"credits_consumed":1000001}}"#,
+            br#"{"metadata":{"credits_consumed":{"n":1}}}"#,
             br#"{"data":{}}"#,
             b"",
         ] {
@@ -580,5 +621,21 @@ mod tests {
                 String::from_utf8_lossy(unknown)
             );
         }
+        // The value as sent is kept for the warning, bounded.
+        let c = Charge::of(br#"{"metadata":{"credits_consumed":1.5}}"#);
+        assert_eq!(c.credits_raw.as_deref(), Some("1.5"));
+        let long = format!(
+            r#"{{"metadata":{{"credits_consumed":"{}"}}}}"#,
+            "9".repeat(500)
+        );
+        assert!(Charge::of(long.as_bytes()).credits_raw.unwrap().len() <= 64);
+        assert_eq!(
+            Charge::of(br#"{"metadata":{"credits_consumed":1000000}}"#).credits,
+            Some(MAX_CREDITS_PER_CALL)
+        );
+        assert_eq!(
+            Charge::of(br#"{"metadata":{"credits_consumed":null}}"#).credits_raw,
+            None
+        );
     }
 }
