@@ -542,11 +542,15 @@ impl LoseNextCommitAck {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_retried_after_a_lost_commit_acknowledgement_is_not_doubled() {
     let pg = Arc::new(tokio::task::spawn_blocking(Postgres::start).await.unwrap());
-    let pg2 = pg.clone();
+    // The proxy's threads outlive the test (its accept loop blocks): they hold the server
+    // weakly, so the server's Drop still stops it when the test ends, pass or fail.
+    let weak = Arc::downgrade(&pg);
     let proxy = LoseNextCommitAck::start(
         pg.port,
         Arc::new(move || {
-            pg2.psql("SELECT count(*) FROM ledger_rows WHERE request_id = 'lost-ack'") == "1"
+            weak.upgrade().is_none_or(|pg| {
+                pg.psql("SELECT count(*) FROM ledger_rows WHERE request_id = 'lost-ack'") == "1"
+            })
         }),
     );
     let url = format!("postgres://postgres@127.0.0.1:{}/postgres", proxy.port);
