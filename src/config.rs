@@ -700,7 +700,7 @@ impl CostSettings {
             return *c;
         }
         for (k, c) in &self.by_key {
-            if k.contains('*') && PathPattern::new(k).matches(path) {
+            if k.contains('*') && glob_match(k.as_bytes(), path.as_bytes()) {
                 return *c;
             }
         }

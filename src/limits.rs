@@ -85,6 +85,8 @@ pub struct Limiter {
     pub burst: u32,
     /// `RateLimit-Policy` item for this limit, built once.
     pub policy: HeaderValue,
+    /// `"name"` as a `RateLimit` item starts, built once.
+    item_name: Box<str>,
     emission: Duration,
     keyed: Keyed,
     clock: TokioClock,
@@ -118,9 +120,9 @@ impl Limiter {
             .allow_burst(NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN));
         let clock = TokioClock::default();
         let keyed: Keyed = RateLimiter::new(gq, DefaultKeyedStateStore::default(), clock.clone());
+        let item_name = format!("\"{}\"", name.replace(['"', '\\'], ""));
         let policy = format!(
-            "\"{}\";q={};w={}",
-            name.replace(['"', '\\'], ""),
+            "{item_name};q={};w={}",
             quota.count,
             quota.period.as_secs().max(1)
         );
@@ -130,6 +132,7 @@ impl Limiter {
             burst,
             policy: HeaderValue::from_str(&policy)
                 .unwrap_or_else(|_| HeaderValue::from_static("\"limit\"")),
+            item_name: item_name.into_boxed_str(),
             emission,
             keyed,
             clock,
@@ -333,14 +336,19 @@ impl Limits {
 
 /// `RateLimit` header item (IETF draft): remaining cells and seconds until the bucket is full.
 pub fn ratelimit_item(limiter: &Limiter, remaining: u32, reset: Duration) -> HeaderValue {
+    use std::io::Write;
     let secs = reset.as_millis().div_ceil(1000);
-    let v = format!(
-        "\"{}\";r={};t={}",
-        limiter.name.replace(['"', '\\'], ""),
-        remaining,
-        secs
-    );
-    HeaderValue::from_str(&v).unwrap_or_else(|_| HeaderValue::from_static("\"limit\";r=0;t=0"))
+    // On every answer that passed a limit: written on the stack, one allocation (the value).
+    let mut buf = [0u8; 320];
+    let mut w = std::io::Cursor::new(&mut buf[..]);
+    let fits = write!(w, "{};r={remaining};t={secs}", limiter.item_name).is_ok();
+    let len = usize::try_from(w.position()).unwrap_or(0);
+    let value = match fits {
+        true => HeaderValue::from_bytes(&buf[..len]),
+        // A rule name too long for the buffer.
+        false => HeaderValue::from_str(&format!("{};r={remaining};t={secs}", limiter.item_name)),
+    };
+    value.unwrap_or_else(|_| HeaderValue::from_static("\"limit\";r=0;t=0"))
 }
 
 #[cfg(test)]
@@ -401,6 +409,13 @@ mod tests {
         assert_eq!(reset, Duration::from_secs(1));
         assert_eq!(l.policy, "\"account\";q=60;w=60");
         assert_eq!(ratelimit_item(&l, 9, reset), "\"account\";r=9;t=1");
+        // A rule name longer than the stack buffer still gets its own item.
+        let long = "r".repeat(400);
+        let l = Limiter::new(&format!("{long}\"x"), parse_quota("60/min").unwrap(), 10);
+        assert_eq!(
+            ratelimit_item(&l, 3, Duration::from_millis(1500)),
+            format!("\"{long}x\";r=3;t=2").as_str()
+        );
     }
 
     #[test]

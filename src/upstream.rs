@@ -38,7 +38,8 @@ type Pool = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 pub struct UpstreamClient {
     pools: Arc<[Pool]>,
     /// What the pool was built from: a reload with the same values keeps the warm pool.
-    identity: (String, Duration, Option<std::path::PathBuf>),
+    /// Shared: the client is cloned with the stack on every request.
+    identity: Arc<(String, Duration, Option<std::path::PathBuf>)>,
 }
 
 impl UpstreamClient {
@@ -97,7 +98,7 @@ impl UpstreamClient {
             .collect();
         Ok(UpstreamClient {
             pools,
-            identity: (s.url.clone(), s.connect_timeout, s.ca_file.clone()),
+            identity: Arc::new((s.url.clone(), s.connect_timeout, s.ca_file.clone())),
         })
     }
 
@@ -137,7 +138,7 @@ impl UpstreamClient {
     /// Keep this client (and its warm pool) for new settings when nothing it depends on changed.
     pub fn reuse_for(&self, s: &UpstreamSettings, workers: usize) -> bool {
         self.pools.len() == workers + 1
-            && self.identity == (s.url.clone(), s.connect_timeout, s.ca_file.clone())
+            && *self.identity == (s.url.clone(), s.connect_timeout, s.ca_file.clone())
     }
 }
 

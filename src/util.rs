@@ -30,9 +30,15 @@ impl Default for RequestIds {
 impl RequestIds {
     pub fn next(&self) -> HeaderValue {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let s = format!("{:08x}{:012x}", self.prefix, n & 0xffff_ffff_ffff);
+        // 8 hex digits of the prefix, then 12 of the counter: on the stack, one allocation.
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let value = (u128::from(self.prefix) << 48) | u128::from(n & 0xffff_ffff_ffff);
+        let mut buf = [0u8; 20];
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = HEX[((value >> (4 * (19 - i))) & 0xf) as usize];
+        }
         // Hex digits are always a valid header value.
-        HeaderValue::from_str(&s).unwrap_or_else(|_| HeaderValue::from_static("0"))
+        HeaderValue::from_bytes(&buf).unwrap_or_else(|_| HeaderValue::from_static("0"))
     }
 }
 
@@ -40,4 +46,19 @@ impl RequestIds {
 pub fn acceptable_request_id(v: &HeaderValue) -> bool {
     let b = v.as_bytes();
     !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_the_prefix_then_the_counter_in_hex() {
+        let ids = RequestIds {
+            prefix: 0x397a_456a,
+            next: AtomicU64::new(0x26f3),
+        };
+        assert_eq!(ids.next(), "397a456a0000000026f3");
+        assert_eq!(ids.next(), "397a456a0000000026f4");
+    }
 }

@@ -15,6 +15,8 @@ use crate::config::UpstreamSettings;
 use crate::context::RequestLog;
 use crate::error::GatewayError;
 
+const X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+
 #[derive(Clone)]
 pub struct InjectKeyLayer {
     upstream: Arc<UpstreamSettings>,
@@ -72,9 +74,9 @@ pub fn rewrite(req: &mut Request<Bytes>, up: &UpstreamSettings) -> Result<(), Ga
     h.remove("x-forwarded-host");
     h.remove("x-forwarded-proto");
     h.insert(header::HOST, up.host.clone());
-    h.insert("x-api-key", up.api_key.header().clone());
+    h.insert(X_API_KEY, up.api_key.header().clone());
     if let Some(id) = request_id {
-        h.insert("x-request-id", id);
+        h.insert(super::observe::X_REQUEST_ID, id);
     }
     if !h.contains_key(header::CONTENT_TYPE) && !req.body().is_empty() {
         req.headers_mut().insert(

@@ -14,7 +14,9 @@ use crate::error::GatewayAnswered;
 use crate::metrics::{Label, RefusalLabels, RequestLabels, RouteLabels};
 use crate::shared::Process;
 
-pub const X_REQUEST_ID: &str = "x-request-id";
+/// A `HeaderName` constant, not a `&str`: inserting a non-standard name given as text copies
+/// it into a new allocation on every request.
+pub const X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 #[derive(Clone)]
 pub struct ObserveLayer {
@@ -60,7 +62,7 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let started = Instant::now();
-        let request_id = match req.headers().get(X_REQUEST_ID) {
+        let request_id = match req.headers().get(&X_REQUEST_ID) {
             Some(v) if crate::util::acceptable_request_id(v) => v.clone(),
             _ => self.process.request_ids.next(),
         };
