@@ -66,6 +66,8 @@ pub struct RawServer {
     /// 0 (the default): one per CPU the process may run on.
     #[serde(default)]
     pub workers: u64,
+    #[serde(default = "d_max_id_bytes")]
+    pub max_id_bytes: u64,
     /// Where the admin token comes from (never the config file itself: it is served by /config).
     pub admin_token_env: Option<String>,
     pub admin_token_file: Option<PathBuf>,
@@ -83,6 +85,7 @@ impl Default for RawServer {
             max_in_flight: d_max_in_flight(),
             header_read_timeout: d_header_read_timeout(),
             workers: 0,
+            max_id_bytes: d_max_id_bytes(),
             admin_token_env: None,
             admin_token_file: None,
             tls: None,
@@ -107,6 +110,9 @@ fn d_shutdown_grace() -> String {
 }
 fn d_max_in_flight() -> u64 {
     10_000
+}
+fn d_max_id_bytes() -> u64 {
+    crate::layers::classify::MAX_ID_BYTES as u64
 }
 fn d_header_read_timeout() -> String {
     "10s".into()
@@ -426,6 +432,8 @@ pub struct ServerSettings {
     pub header_read_timeout: Duration,
     /// Data-plane workers (resolved: at least 1).
     pub workers: usize,
+    /// The longest `account_id`, `action` or path segment accepted.
+    pub max_id_bytes: usize,
     /// SHA-256 of the admin token; `None`: the admin listener is open (loopback only).
     pub admin_token_sha256: Option<[u8; 32]>,
     pub tls: Option<TlsSettings>,
@@ -917,6 +925,9 @@ fn validate(
     if s.workers > 1024 {
         p.push("server.workers", "must be at most 1024 (0: one per CPU)");
     }
+    if !(16..=65_536).contains(&s.max_id_bytes) {
+        p.push("server.max_id_bytes", "must be from 16 to 65536");
+    }
     let admin_token = match (&s.admin_token_env, &s.admin_token_file) {
         (Some(_), Some(_)) => {
             p.push(
@@ -1247,6 +1258,7 @@ fn validate(
                 shutdown_grace,
                 max_in_flight: usize::try_from(s.max_in_flight).unwrap_or(usize::MAX),
                 header_read_timeout,
+                max_id_bytes: usize::try_from(s.max_id_bytes).unwrap_or(usize::MAX),
                 workers: match s.workers {
                     0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                     n => usize::try_from(n).unwrap_or(1),
@@ -1547,6 +1559,26 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("rate_limit"), "{msg}");
         assert!(msg.contains("per_acount"), "{msg}");
+    }
+
+    #[test]
+    fn workers_and_the_identifier_bound_are_checked() {
+        let text = format!("{MINIMAL}\n[server]\nworkers = 2\nmax_id_bytes = 64\n");
+        let s = load_str(&text, &env(), None).unwrap();
+        assert_eq!((s.server.workers, s.server.max_id_bytes), (2, 64));
+        let s = load_str(MINIMAL, &env(), None).unwrap();
+        assert!(s.server.workers >= 1);
+        assert_eq!(s.server.max_id_bytes, 256);
+        let text = format!("{MINIMAL}\n[server]\nworkers = 5000\nmax_id_bytes = 8\n");
+        let ps = load_str(&text, &env(), None).unwrap_err().problems();
+        assert!(
+            ps.iter().any(|p| p.starts_with("server.workers:")),
+            "{ps:?}"
+        );
+        assert!(
+            ps.iter().any(|p| p.starts_with("server.max_id_bytes:")),
+            "{ps:?}"
+        );
     }
 
     #[test]

@@ -58,7 +58,7 @@ where
         .layer(ReadBodyLayer::new(s.max_body_bytes))
         // classify: route, action, account_id from body/path/query, and the caller's scopes.
         // Everything below needs to know the account.
-        .layer(ClassifyLayer)
+        .layer(ClassifyLayer::new(s.max_id_bytes))
         // record_saved: the 0-credit ledger rows of the answers the two layers below give
         // themselves (cached, coalesced): what the gateway saved.
         .layer(RecordSavedLayer::new(shared.process.clone()))
