@@ -80,28 +80,34 @@ pub fn json(rows: &[UsageRow]) -> String {
     serde_json::to_string(&serde_json::json!({ "rows": rows })).unwrap_or_default()
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_owned()
+/// A cell a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, tab, CR first: OWASP's
+/// CSV injection list) gets a leading `'`, which spreadsheets show and never evaluate.
+fn neutralised(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.as_bytes().first() {
+        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r') => format!("'{s}").into(),
+        _ => s.into(),
     }
 }
 
+/// CSV (RFC 4180 quoting by the `csv` crate), one line per row, text cells neutralised.
 pub fn csv(rows: &[UsageRow], by: &[GroupBy]) -> String {
-    let mut out = String::new();
+    let mut w = ::csv::Writer::from_writer(Vec::new());
     let mut header: Vec<&str> = by.iter().map(|g| g.as_str()).collect();
     header.extend(["requests", "credits"]);
-    out.push_str(&header.join(","));
-    out.push('\n');
+    // Writing to a Vec cannot fail.
+    let _ = w.write_record(&header);
     for r in rows {
-        let mut fields: Vec<String> = keys(r, by).iter().map(|k| csv_field(k)).collect();
+        let mut fields: Vec<String> = keys(r, by)
+            .iter()
+            .map(|k| neutralised(k).into_owned())
+            .collect();
         fields.push(r.requests.to_string());
         fields.push(r.credits.to_string());
-        out.push_str(&fields.join(","));
-        out.push('\n');
+        let _ = w.write_record(&fields);
     }
-    out
+    w.into_inner()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
 }
 
 /// A readable table with a total line.
@@ -212,6 +218,31 @@ mod tests {
         let t = table(&rows, &by);
         assert!(t.lines().last().unwrap().starts_with("TOTAL"));
         assert!(t.lines().last().unwrap().ends_with('6'));
+        // Formula cells are neutralised; quoting stays RFC 4180.
+        let rows = vec![
+            row("=HYPERLINK(\"http://x\",\"y\")", "2026-11-24", 1, 1),
+            row("+1", "2026-11-24", 1, 1),
+            row("@SUM(A1)", "2026-11-24", 1, 1),
+            row("-2", "2026-11-24", 1, 1),
+            row("\tx", "2026-11-24", 1, 1),
+        ];
+        let c = csv(&rows, &by);
+        let cells: Vec<&str> = c
+            .lines()
+            .skip(1)
+            .map(|l| l.rsplitn(4, ',').last().unwrap())
+            .collect();
+        assert_eq!(
+            cells,
+            [
+                "\"'=HYPERLINK(\"\"http://x\"\",\"\"y\"\")\"",
+                "'+1",
+                "'@SUM(A1)",
+                "'-2",
+                "'\tx"
+            ]
+        );
+        let rows = vec![row("crm", "2026-11-24", 3, 5)];
         let j: serde_json::Value = serde_json::from_str(&json(&rows)).unwrap();
         assert_eq!(j["rows"][0]["credits"], 5);
         assert!(j["rows"][0].get("account").is_none());

@@ -299,6 +299,18 @@ async fn usage_api_answers_json_and_csv_and_the_dashboard_draws_it() {
         "{text}"
     );
     assert!(text.contains("budgeted,search_people,1,2"), "{text}");
+    // A cell a spreadsheet would run is exported inert.
+    h.call(
+        http::Method::POST,
+        "/v2/profiles",
+        Some(BUDGETED_KEY),
+        &action(&account, "=1+2"),
+    )
+    .await;
+    let csv = h.admin("/usage?by=action&format=csv").await;
+    let text = String::from_utf8(csv.body.to_vec()).unwrap();
+    assert!(text.lines().any(|l| l.starts_with("'=1+2,")), "{text}");
+    assert!(!text.lines().any(|l| l.starts_with('=')), "{text}");
     let bad = h.admin("/usage?by=colour").await;
     assert_eq!(bad.status, 400);
     let d = h.admin("/dashboard").await;
