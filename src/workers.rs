@@ -82,3 +82,9 @@ pub(crate) async fn start(
     }
     Ok(done)
 }
+
+/// Tests: make this thread count as data-plane worker `index`.
+#[cfg(test)]
+pub(crate) fn mark_for_test(index: usize) {
+    INDEX.with(|i| i.set(Some(index)));
+}

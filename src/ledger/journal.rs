@@ -186,7 +186,25 @@ impl Journal {
         encoded: &[u8],
         then: impl FnOnce(u64),
     ) -> Result<(), std::io::Error> {
+        let mut then = Some(then);
+        self.append_many(encoded, &[encoded.len()], |_, n| {
+            if let Some(t) = then.take() {
+                t(n)
+            }
+        })
+    }
+
+    /// [`Journal::append`] for several rows at once: `lines` holds their JSON lines one after
+    /// the other, `ends[i]` where row `i`'s ends. One `writev(2)` for all of them; `then(i, n)`
+    /// is called for each row in order, under the lock, with its number.
+    pub(super) fn append_many(
+        &self,
+        lines: &[u8],
+        ends: &[usize],
+        mut then: impl FnMut(usize, u64),
+    ) -> Result<(), std::io::Error> {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = ends.len() as u64;
         if inner.broken || inner.bytes >= ROTATE_BYTES {
             let next = inner.next;
             match create(&self.ledger, next) {
@@ -196,22 +214,35 @@ impl Journal {
                     inner.broken = false;
                 }
                 Err(e) if inner.broken => {
-                    let n = inner.next;
-                    inner.next += 1;
-                    then(n);
+                    let first = inner.next;
+                    inner.next += count;
+                    for i in 0..ends.len() {
+                        then(i, first + i as u64);
+                    }
                     return Err(e);
                 }
                 // Rotation failed: keep appending to the file we have.
                 Err(_) => {}
             }
         }
-        let n = inner.next;
-        inner.next += 1;
-        let mut prefix = itoa_buf(n);
-        prefix.push(b'\t');
-        let want = prefix.len() + encoded.len();
-        let written =
-            (&*inner.file).write_vectored(&[IoSlice::new(&prefix), IoSlice::new(encoded)]);
+        let first = inner.next;
+        inner.next += count;
+        // `<number>\t` before each line.
+        let mut prefixes = Vec::with_capacity(ends.len() * 12);
+        let mut prefix_ends = Vec::with_capacity(ends.len());
+        for i in 0..ends.len() {
+            let _ = write!(prefixes, "{}\t", first + i as u64);
+            prefix_ends.push(prefixes.len());
+        }
+        let mut slices = Vec::with_capacity(ends.len() * 2);
+        let (mut p, mut l) = (0, 0);
+        for (pe, le) in prefix_ends.iter().zip(ends) {
+            slices.push(IoSlice::new(&prefixes[p..*pe]));
+            slices.push(IoSlice::new(&lines[l..*le]));
+            (p, l) = (*pe, *le);
+        }
+        let want = prefixes.len() + l;
+        let written = (&*inner.file).write_vectored(&slices);
         let result = match written {
             Ok(w) if w == want => {
                 inner.bytes += want as u64;
@@ -229,9 +260,11 @@ impl Journal {
                 Err(e)
             }
         };
-        // The row goes to the writer either way: a row whose journal write failed is still
+        // The rows go to the writer either way: a row whose journal write failed is still
         // kept and written to SQLite (the upstream may have charged for it).
-        then(n);
+        for i in 0..ends.len() {
+            then(i, first + i as u64);
+        }
         result
     }
 
@@ -266,12 +299,6 @@ impl Journal {
             let _ = std::fs::remove_file(path);
         }
     }
-}
-
-fn itoa_buf(n: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(24);
-    let _ = write!(v, "{n}");
-    v
 }
 
 /// A journal write failure as the callers see it.
