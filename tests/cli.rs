@@ -626,3 +626,55 @@ async fn serve_raises_the_open_file_limit_and_starts_its_workers() {
     assert_eq!(workers, ["lgw-worker-0", "lgw-worker-1", "lgw-worker-2"]);
     child.kill().await.unwrap();
 }
+
+/// Two gateways pointed at one SQLite ledger would each enforce the whole daily budget: the
+/// second process is refused at start, naming the first one's pid, and the first keeps serving.
+#[tokio::test]
+async fn a_second_gateway_on_the_same_ledger_is_refused_naming_the_first() {
+    let emu = start_emulator("k-up").await;
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "up.key", "k-up");
+    let ledger = dir.path().join("ledger.sqlite3");
+    let cfg = |name: &str| {
+        write(
+            dir.path(),
+            name,
+            &format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                 [upstream]\nurl = \"{}\"\napi_key_file = \"up.key\"\n[ledger]\npath = \"{}\"\n",
+                emu.url(),
+                ledger.display()
+            ),
+        )
+    };
+    let (first_cfg, second_cfg) = (cfg("one.toml"), cfg("two.toml"));
+    let (mut child, _lines, addr) = spawn_serve(&first_cfg).await;
+    let pid = child.id().unwrap();
+
+    let second = tokio::process::Command::new(BIN)
+        .args(["serve", "--config", &second_cfg])
+        .output();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), second)
+        .await
+        .expect("the second gateway neither started nor gave up")
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("pid {pid}")), "{err}");
+    assert!(err.contains("ledger.sqlite3"), "{err}");
+
+    // The first one still answers.
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(b"GET /v2/credits HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    child.kill().await.unwrap();
+}
