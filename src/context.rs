@@ -28,6 +28,12 @@ pub enum AnsweredBy {
     Coalesced,
 }
 
+/// Response extension: the status cache already learnt from this upstream answer (coalesce's
+/// flight owner teaches it before releasing its followers), so the status_cache layer does
+/// not learn from it a second time (in fleet mode that would be one more Redis round trip).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusLearnt;
+
 /// Filled in by the layers as the request goes down, read by `observe` when the answer comes
 /// back up (refusals included): pingora's per-request CTX. One allocation per request.
 #[derive(Debug)]

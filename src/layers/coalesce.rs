@@ -30,7 +30,7 @@ use tracing::Instrument;
 use super::status_cache::{self, StatusStore};
 use super::{take_ready, BoxFuture};
 use crate::config::OnFailure;
-use crate::context::{AnsweredBy, RequestContext, RequestLog};
+use crate::context::{AnsweredBy, RequestContext, RequestLog, StatusLearnt};
 use crate::error::GatewayError;
 use crate::fleet::{FlightRole, RemoteAnswer};
 use crate::shared::Process;
@@ -351,15 +351,16 @@ impl Lead {
                 }
             }
         }
-        let result = match tokio::time::timeout(timeout, inner.call(req)).await {
+        let mut result = match tokio::time::timeout(timeout, inner.call(req)).await {
             Ok(r) => r,
             Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
         };
         // The call's owner teaches the cache before anyone is released: a waiter re-checking
         // it must see what this call learnt, and a first caller that hung up must not take the
         // lesson with it.
-        if let (Some(store), Ok(resp)) = (&cfg.store, &result) {
+        if let (Some(store), Ok(resp)) = (&cfg.store, &mut result) {
             store.learn("checkpoint", Some(&self.account), resp).await;
+            resp.extensions_mut().insert(StatusLearnt);
         }
         let outcome = Arc::new(Outcome::of(&result));
         // The other replicas' followers get it too (published on its own task, patiently), or,

@@ -25,7 +25,7 @@ use tower::{Layer, Service};
 
 use super::{take_ready, BoxFuture};
 use crate::config::{OnFailure, StatusCacheSettings};
-use crate::context::{AnsweredBy, RequestContext, RequestLog};
+use crate::context::{AnsweredBy, RequestContext, RequestLog, StatusLearnt};
 use crate::error::GatewayError;
 use crate::fleet::Fleet;
 use crate::metrics::{Metrics, StatusLabels};
@@ -81,6 +81,9 @@ pub struct StatusStore {
     ttl: Duration,
     max_entries: u64,
     fleet: Option<Arc<Fleet>>,
+    /// Answers parsed to learn from (tests: one checkpoint answer is learnt from once).
+    #[cfg(test)]
+    parsed: std::sync::atomic::AtomicUsize,
 }
 
 impl StatusStore {
@@ -98,6 +101,8 @@ impl StatusStore {
             ttl,
             max_entries,
             fleet,
+            #[cfg(test)]
+            parsed: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -186,7 +191,8 @@ impl StatusStore {
 
     /// Learn from an upstream answer. `route` and `account` are the request's; only the
     /// answers that can teach something are parsed. The gateway's own answers (cache hits,
-    /// coalesced copies: their call was learnt from by its own task) teach nothing.
+    /// coalesced copies: their call was learnt from by its own task) teach nothing, and an
+    /// answer marked [`StatusLearnt`] was learnt from already.
     pub(crate) async fn learn(
         &self,
         route: &'static str,
@@ -196,9 +202,13 @@ impl StatusStore {
         if matches!(
             resp.extensions().get::<AnsweredBy>(),
             Some(AnsweredBy::Cache | AnsweredBy::Coalesced)
-        ) {
+        ) || resp.extensions().get::<StatusLearnt>().is_some()
+        {
             return;
         }
+        #[cfg(test)]
+        self.parsed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         match route {
             "login" | "checkpoint" | "account" => {
                 let Ok(a) = serde_json::from_slice::<StatusAnswer>(resp.body()) else {
@@ -602,6 +612,59 @@ mod tests {
         );
         svc.oneshot(req("profiles", Some("acc_1"))).await.unwrap();
         assert!(store.is_connected("acc_1").await);
+    }
+
+    #[tokio::test]
+    async fn an_answer_already_learnt_from_is_not_learnt_again() {
+        let store = Arc::new(StatusStore::new(Duration::from_secs(60), 100));
+        store
+            .remember(Arc::from("acc_1"), CachedStatus::CheckpointRequired)
+            .await;
+        let svc = StatusCacheLayer::new(Some(store.clone()), Arc::new(Process::default())).layer(
+            tower::service_fn(|_r: Request<Bytes>| async {
+                let mut r = answer(
+                    200,
+                    r#"{"data":{"account_id":"acc_1","status":"inactive"}}"#,
+                );
+                r.extensions_mut().insert(StatusLearnt);
+                Ok::<_, GatewayError>(r)
+            }),
+        );
+        svc.oneshot(req("checkpoint", Some("acc_1"))).await.unwrap();
+        // Learning from it would have forgotten the account.
+        assert_eq!(
+            store.get("acc_1").await,
+            Some(CachedStatus::CheckpointRequired)
+        );
+        assert_eq!(store.parsed.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_checkpoint_through_coalescing_is_learnt_from_once() {
+        use crate::layers::coalesce::{CoalesceLayer, Flights};
+        let store = Arc::new(StatusStore::new(Duration::from_secs(60), 100));
+        let process = Arc::new(Process::default());
+        let coalesce = CoalesceLayer::new(
+            true,
+            Flights::default(),
+            Some(store.clone()),
+            process.clone(),
+            Duration::from_secs(30),
+        );
+        let svc = StatusCacheLayer::new(Some(store.clone()), process).layer(coalesce.layer(
+            tower::service_fn(|_r: Request<Bytes>| async {
+                Ok::<_, GatewayError>(answer(
+                    200,
+                    r#"{"success":true,"data":{"account_id":"acc_1","status":"connected"}}"#,
+                ))
+            }),
+        ));
+        let mut r = req("checkpoint", Some("acc_1"));
+        r.extensions_mut().get_mut::<RequestContext>().unwrap().code = Some(Arc::from("123456"));
+        let resp = svc.oneshot(r).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(store.is_connected("acc_1").await);
+        assert_eq!(store.parsed.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(start_paused = true)]
