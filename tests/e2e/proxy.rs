@@ -392,3 +392,49 @@ async fn every_refusal_is_counted_in_metrics() {
     );
     assert!(m.contains(r#"linkup_gateway_requests_total{client="unauthenticated",route="credits",status="403"} 1"#), "{m}");
 }
+
+#[tokio::test]
+async fn a_caller_that_half_closes_after_its_request_gets_its_answer_and_is_charged() {
+    // Some clients shut their write side once the request is sent (`nc -N`, scripts). The
+    // gateway answers them (hyper's `half_close`), and the call is in the ledger.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::start().await;
+    let account = h.connected_account("tok-half-close").await;
+    let requests = |v: serde_json::Value| -> u64 {
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["requests"].as_u64().unwrap())
+            .sum()
+    };
+    let before = requests(h.admin("/usage?by=client").await.json());
+    let calls = h.upstream_calls();
+    let body = action(&account, "get");
+    let mut s = tokio::net::TcpStream::connect(h.gw.data_addr)
+        .await
+        .unwrap();
+    let head = format!(
+        "POST /v2/profiles HTTP/1.1\r\nHost: x\r\nx-api-key: {ALPHA_KEY}\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the gateway closes after answering")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""success":true"#), "{answer}");
+    assert_eq!(h.upstream_calls(), calls + 1);
+    assert_eq!(
+        requests(h.admin("/usage?by=client").await.json()),
+        before + 1
+    );
+}
