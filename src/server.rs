@@ -396,12 +396,9 @@ pub(crate) async fn serve_data(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(server.header_read_timeout)
-        // A caller that shuts its write side after sending its request still gets the
-        // answer (nginx would call it a hang-up, 499). What this gives up is noticing a
-        // caller that closed both ways before its answer: nothing is lost by that, since a
-        // forwarded call runs to its end and is charged anyway (`detach`), and
-        // `request_timeout` bounds it.
-        .half_close(true)
+        // No `half_close`: a caller that shuts its write side before its answer is taken as
+        // gone (nginx's 499), which is what frees its in-flight slot when a caller times out
+        // and closes. Its call still runs to its end and is charged (`detach`).
         .max_buf_size(64 * 1024);
     builder
         .http2()
