@@ -26,4 +26,5 @@ pub mod stack;
 pub mod upstream;
 pub mod usage;
 pub mod util;
+pub mod webhook_owners;
 pub mod workers;

@@ -19,6 +19,7 @@ use crate::limits::Limits;
 use crate::metrics::Metrics;
 use crate::upstream::UpstreamClient;
 use crate::util::RequestIds;
+use crate::webhook_owners::WebhookOwners;
 
 pub struct Process {
     pub metrics: Metrics,
@@ -38,6 +39,9 @@ pub struct Process {
     /// Fleet mode: limits, budgets, the status cache and coalescing shared through Redis.
     /// `None`: embedded mode, nothing of fleet mode runs.
     pub fleet: Option<Arc<Fleet>>,
+    /// Which account each webhook belongs to, learned from answers (scoped clients' webhook
+    /// routes are checked against it).
+    pub webhook_owners: WebhookOwners,
 }
 
 impl Default for Process {
@@ -70,6 +74,7 @@ impl Process {
             budgets: Budgets::default(),
             credit_state: CreditState::default(),
             fleet,
+            webhook_owners: WebhookOwners::default(),
         }
     }
 }

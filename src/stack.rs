@@ -21,6 +21,7 @@ use crate::layers::inject_key::InjectKeyLayer;
 use crate::layers::observe::ObserveLayer;
 use crate::layers::read_body::ReadBodyLayer;
 use crate::layers::respond::RespondLayer;
+use crate::layers::scope::ScopeLayer;
 use crate::layers::status_cache::StatusCacheLayer;
 use crate::shared::Shared;
 use crate::upstream::Upstream;
@@ -56,9 +57,12 @@ where
         .layer(ClientLimitLayer::new(shared.clone()))
         // read_body: collect the body once, bounded; below here requests are `Request<Bytes>`.
         .layer(ReadBodyLayer::new(s.max_body_bytes))
-        // classify: route, action, account_id from body/path/query, and the caller's scopes.
-        // Everything below needs to know the account.
+        // classify: route, action, account_id from body/path/query. Everything below needs to
+        // know the account.
         .layer(ClassifyLayer::new(s.max_id_bytes))
+        // scope: the caller's paths, and its accounts on every route (lists filtered, webhooks
+        // resolved to their account); before anything counts, caches or charges the request.
+        .layer(ScopeLayer::new(shared.clone()))
         // record_saved: the 0-credit ledger rows of the answers the two layers below give
         // themselves (cached, coalesced): what the gateway saved.
         .layer(RecordSavedLayer::new(shared.process.clone()))

@@ -1,6 +1,6 @@
 //! classify: which route, which action, which account. Reads `account_id` from the top level
 //! of a JSON body, from `/v2/accounts/{id}` or from the `account_id` query parameter, and the
-//! `action` from the body. Then checks the caller's path and account scopes (403 FORBIDDEN).
+//! `action` from the body (the caller's scopes are `scope`'s).
 //! The result travels down as a `RequestContext` extension; nothing below re-parses.
 
 use std::fmt;
@@ -13,7 +13,6 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use tower::{Layer, Service};
 
 use super::BoxFuture;
-use crate::config::ClientSettings;
 use crate::context::{RequestContext, RequestLog};
 use crate::error::GatewayError;
 
@@ -399,29 +398,6 @@ fn check_id(name: &str, v: &str, max_id: usize) -> Result<(), GatewayError> {
     Ok(())
 }
 
-/// The caller's scopes: may it use this path, and act for this account?
-pub fn check_scope(
-    client: &ClientSettings,
-    path: &str,
-    ctx: &RequestContext,
-) -> Result<(), GatewayError> {
-    if !client.paths.iter().any(|p| p.matches(path)) {
-        return Err(GatewayError::Forbidden(format!(
-            "client `{}` may not use {path}",
-            client.name
-        )));
-    }
-    if let Some(a) = &ctx.account_id {
-        if !client.accounts.allows(a) {
-            return Err(GatewayError::Forbidden(format!(
-                "client `{}` may not act for account {a}",
-                client.name
-            )));
-        }
-    }
-    Ok(())
-}
-
 #[derive(Clone)]
 pub struct ClassifyLayer {
     max_id: usize,
@@ -484,11 +460,6 @@ where
         if let Some(log) = req.extensions().get::<Arc<RequestLog>>() {
             let _ = log.context.set(ctx.clone());
         }
-        if let Some(client) = req.extensions().get::<Arc<ClientSettings>>() {
-            if let Err(e) = check_scope(client, req.uri().path(), &ctx) {
-                return Box::pin(async move { Err(e) });
-            }
-        }
         req.extensions_mut().insert(ctx);
         Box::pin(self.inner.call(req))
     }
@@ -498,7 +469,6 @@ where
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::config::{AccountScope, PathPattern};
 
     fn post(path: &str, body: &str) -> Result<RequestContext, GatewayError> {
         classify(&Method::POST, path, None, body.as_bytes())
@@ -660,39 +630,5 @@ b"}"#
         assert_eq!(e.code(), "METHOD_NOT_ALLOWED");
         assert!(classify(&Method::DELETE, "/v2/webhooks/w1", None, b"").is_ok());
         assert!(classify(&Method::POST, "/v2/login", None, b"anything").is_ok());
-    }
-
-    #[test]
-    fn scopes_refuse_other_accounts_and_paths() {
-        let client = ClientSettings {
-            name: Arc::from("crm"),
-            keys: Vec::new(),
-            cert_subject: None,
-            accounts: AccountScope::Only(vec!["acc_1".into()]),
-            paths: vec![
-                PathPattern::new("/v2/checkpoint"),
-                PathPattern::new("/v2/accounts/*"),
-            ],
-            daily_credit_budget: None,
-            requests_per_second: None,
-            burst: 1,
-            shadow: false,
-        };
-        let ok = post("/v2/checkpoint", r#"{"account_id":"acc_1"}"#).unwrap();
-        assert!(check_scope(&client, "/v2/checkpoint", &ok).is_ok());
-        let other = post("/v2/checkpoint", r#"{"account_id":"acc_2"}"#).unwrap();
-        assert_eq!(
-            check_scope(&client, "/v2/checkpoint", &other)
-                .unwrap_err()
-                .code(),
-            "FORBIDDEN"
-        );
-        let msg = post("/v2/messages", r#"{"account_id":"acc_1"}"#).unwrap();
-        assert_eq!(
-            check_scope(&client, "/v2/messages", &msg)
-                .unwrap_err()
-                .code(),
-            "FORBIDDEN"
-        );
     }
 }

@@ -14,6 +14,7 @@ pub mod inject_key;
 pub mod observe;
 pub mod read_body;
 pub mod respond;
+pub mod scope;
 pub mod status_cache;
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;

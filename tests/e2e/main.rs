@@ -11,5 +11,6 @@ mod ledger_disk;
 mod limits;
 mod operations;
 mod proxy;
+mod scopes;
 mod secrets;
 mod tls;
