@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::{header, Method, Request, Response, Uri};
 use serde_json::Value;
 use tower::{Layer, Service, ServiceExt};
@@ -128,65 +129,96 @@ where
 {
     type Response = Response<Bytes>;
     type Error = GatewayError;
-    type Future = BoxFuture<Result<Response<Bytes>, GatewayError>>;
+    /// The common case (unscoped, or a request that names its account) is the inner future
+    /// itself, with no box of this layer's.
+    type Future = Either<S::Future, BoxFuture<Result<Response<Bytes>, GatewayError>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
-        let (Some(client), Some(ctx)) = (
-            req.extensions().get::<Arc<ClientSettings>>().cloned(),
-            req.extensions().get::<RequestContext>(),
-        ) else {
-            return Box::pin(self.inner.call(req));
-        };
-        let route = ctx.route;
-        let webhooks = matches!(route, "webhooks" | "webhook");
-        if let Err(e) = check_scope(&client, req.uri().path(), ctx) {
-            return Box::pin(async move { Err(e) });
+        match self.decide(req) {
+            Ok(req) => Either::Left(self.inner.call(req)),
+            Err(fut) => Either::Right(fut),
         }
-        let AccountScope::Only(_) = client.accounts else {
+    }
+}
+
+impl<S> Scope<S>
+where
+    S: Service<Request<Bytes>, Response = Response<Bytes>, Error = GatewayError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    /// `Ok`: forward as is; `Err`: the refusal, or the work around forwarding.
+    #[allow(clippy::result_large_err)]
+    fn decide(
+        &mut self,
+        req: Request<Bytes>,
+    ) -> Result<Request<Bytes>, BoxFuture<Result<Response<Bytes>, GatewayError>>> {
+        let (route, named, scoped) = {
+            let (Some(client), Some(ctx)) = (
+                req.extensions().get::<Arc<ClientSettings>>(),
+                req.extensions().get::<RequestContext>(),
+            ) else {
+                return Ok(req);
+            };
+            if let Err(e) = check_scope(client, req.uri().path(), ctx) {
+                return Err(Box::pin(async move { Err(e) }));
+            }
+            let scoped = matches!(client.accounts, AccountScope::Only(_));
+            (ctx.route, ctx.account_id.is_some(), scoped)
+        };
+        let webhooks = matches!(route, "webhooks" | "webhook");
+        if !scoped {
             if !webhooks {
-                return Box::pin(self.inner.call(req));
+                return Ok(req);
             }
             // Unscoped: forwarded as is; a webhook answer still teaches the owner table.
             let fut = self.inner.call(req);
             let shared = self.shared.clone();
-            return Box::pin(async move {
+            return Err(Box::pin(async move {
                 let resp = fut.await?;
                 learn(&shared, &resp).await;
                 Ok(resp)
-            });
+            }));
+        }
+        let rule = rule(route, req.method());
+        if rule == Rule::Free || (rule == Rule::NamesAccount && named) {
+            return Ok(req);
+        }
+        let Some(client) = req.extensions().get::<Arc<ClientSettings>>().cloned() else {
+            return Ok(req);
         };
-        let named = ctx.account_id.is_some();
-        match rule(route, req.method()) {
-            Rule::Free => Box::pin(self.inner.call(req)),
-            Rule::Refused(why) => Box::pin(async move { Err(forbidden(&client, why)) }),
-            Rule::NamesAccount if named => Box::pin(self.inner.call(req)),
-            Rule::NamesAccount => Box::pin(async move {
+        match rule {
+            Rule::Free => Ok(req),
+            Rule::Refused(why) => Err(Box::pin(async move { Err(forbidden(&client, why)) })),
+            Rule::NamesAccount => Err(Box::pin(async move {
                 Err(forbidden(
                     &client,
                     "the request must name one of the client's accounts (`account_id`)",
                 ))
-            }),
+            })),
             Rule::FilterItems => {
                 let fut = self.inner.call(req);
                 let shared = self.shared.clone();
-                Box::pin(async move {
+                Err(Box::pin(async move {
                     let resp = fut.await?;
                     learn(&shared, &resp).await;
                     Ok(filter_items(resp, &client.accounts))
-                })
+                }))
             }
             Rule::Webhook => {
                 let inner = take_ready(&mut self.inner);
                 let shared = self.shared.clone();
-                Box::pin(webhook(inner, shared, client, req))
+                Err(Box::pin(webhook(inner, shared, client, req)))
             }
             Rule::AccountList => {
                 let inner = self.inner.clone();
-                Box::pin(account_list(inner, client, req))
+                Err(Box::pin(account_list(inner, client, req)))
             }
         }
     }
