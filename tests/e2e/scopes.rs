@@ -271,3 +271,49 @@ async fn a_scoped_client_sees_and_changes_only_its_accounts_on_every_route() {
     assert_eq!(rotate.status, 200);
     assert!(rotate.text().contains("whsec_"));
 }
+
+#[tokio::test]
+async fn a_scoped_clients_account_list_is_read_across_every_upstream_page() {
+    // 1,030 accounts upstream (three pages of 500); team-a has the first, one on the second
+    // page and the last.
+    let tokens: Vec<String> = (0..1030).map(|i| format!("tok-page-{i}")).collect();
+    let mine = [&tokens[0], &tokens[777], &tokens[1029]].map(|t| account_of(t));
+    let extra = format!(
+        "[[clients]]\nname = \"team-a\"\nkey_sha256 = \"{}\"\naccounts = [{}]\n",
+        sha(TEAM_A_KEY),
+        mine.iter()
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let h = Harness::start_with("", &extra).await;
+    for t in &tokens {
+        let req = Request::post(format!("{}/v2/login", h.emu.url()))
+            .header("x-api-key", UPSTREAM_KEY)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(format!(
+                r#"{{"platform":"linkedin","login_token":"{t}","country":"FR"}}"#
+            ))))
+            .unwrap();
+        assert_eq!(h.send(req).await.status, 200);
+    }
+    let list = |q: &'static str| {
+        let h = &h;
+        async move { h.call(Method::GET, q, Some(TEAM_A_KEY), "").await }
+    };
+    let all = list("/v2/accounts").await;
+    assert_eq!(all.status, 200, "{}", all.text());
+    assert_eq!(ids(&all, "account_id"), mine.to_vec());
+    assert_eq!(all.json()["data"]["total"], 3);
+    let second = list("/v2/accounts?limit=1&offset=1").await;
+    assert_eq!(ids(&second, "account_id"), vec![mine[1].clone()]);
+    assert_eq!(
+        (
+            second.json()["data"]["limit"].clone(),
+            second.json()["data"]["offset"].clone()
+        ),
+        (Value::from(1), Value::from(1))
+    );
+    let bad = list("/v2/accounts?limit=501").await;
+    assert_eq!((bad.status, bad.code().as_str()), (400, "INVALID_PARAMS"));
+}
