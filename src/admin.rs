@@ -329,6 +329,10 @@ pub fn redacted_config(s: &Settings) -> serde_json::Value {
         },
         "checkpoint": {"coalesce": s.checkpoint_coalesce},
         "status_cache": {"enabled": s.status_cache.enabled, "ttl": d(s.status_cache.ttl), "max_entries": s.status_cache.max_entries},
+        "idempotency": {
+            "enabled": s.idempotency.enabled, "ttl": d(s.idempotency.ttl), "max_keys": s.idempotency.max_keys,
+            "require": s.idempotency.require.iter().map(|(p, a)| json!({"path": p.as_str(), "action": a})).collect::<Vec<_>>(),
+        },
         "ledger": {
             "path": s.ledger.path.display().to_string(),
             "postgres_url": s.ledger.postgres_url.as_ref().map(|_| "[redacted]"),

@@ -37,6 +37,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub status_cache: RawStatusCache,
     #[serde(default)]
+    pub idempotency: RawIdempotency,
+    #[serde(default)]
     pub ledger: RawLedger,
     pub fleet: Option<RawFleet>,
     #[serde(default)]
@@ -279,6 +281,44 @@ fn d_cache_max() -> u64 {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RawIdempotency {
+    #[serde(default = "d_true")]
+    pub enabled: bool,
+    #[serde(default = "d_idem_ttl")]
+    pub ttl: String,
+    #[serde(default = "d_idem_max")]
+    pub max_keys: u64,
+    #[serde(default)]
+    pub require: Vec<RawRequire>,
+}
+
+impl Default for RawIdempotency {
+    fn default() -> Self {
+        RawIdempotency {
+            enabled: true,
+            ttl: d_idem_ttl(),
+            max_keys: d_idem_max(),
+            require: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRequire {
+    pub path: String,
+    pub action: Option<String>,
+}
+
+fn d_idem_ttl() -> String {
+    "24h".into()
+}
+fn d_idem_max() -> u64 {
+    1_000_000
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct RawLedger {
     pub path: Option<PathBuf>,
     pub postgres_url: Option<String>,
@@ -415,6 +455,7 @@ pub struct Settings {
     pub rate_limit: RateLimitSettings,
     pub checkpoint_coalesce: bool,
     pub status_cache: StatusCacheSettings,
+    pub idempotency: IdempotencySettings,
     pub ledger: LedgerSettings,
     pub fleet: Option<FleetSettings>,
     pub metrics_per_account: bool,
@@ -609,6 +650,24 @@ pub struct StatusCacheSettings {
     pub enabled: bool,
     pub ttl: Duration,
     pub max_entries: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdempotencySettings {
+    pub enabled: bool,
+    pub ttl: Duration,
+    pub max_keys: u64,
+    /// POSTs that must carry an `Idempotency-Key`: a path pattern and, optionally, the action.
+    pub require: Vec<(PathPattern, Option<String>)>,
+}
+
+impl IdempotencySettings {
+    /// Must a request on `path` with `action` carry a key?
+    pub fn required(&self, path: &str, action: Option<&str>) -> bool {
+        self.require
+            .iter()
+            .any(|(p, a)| p.matches(path) && a.as_deref().is_none_or(|a| Some(a) == action))
+    }
 }
 
 /// Ledger durability, named by what a recorded row survives.
@@ -1192,6 +1251,31 @@ fn validate(
         p.push("status_cache.max_entries", "must be at least 1");
     }
 
+    // [idempotency]
+    let idem_ttl = p.duration("idempotency.ttl", &raw.idempotency.ttl);
+    if raw.idempotency.max_keys == 0 {
+        p.push("idempotency.max_keys", "must be at least 1");
+    }
+    for (i, r) in raw.idempotency.require.iter().enumerate() {
+        if !r.path.starts_with("/v2/") {
+            p.push(
+                format!("idempotency.require[{i}].path"),
+                "must start with /v2/",
+            );
+        }
+    }
+    let idempotency = IdempotencySettings {
+        enabled: raw.idempotency.enabled,
+        ttl: idem_ttl,
+        max_keys: raw.idempotency.max_keys,
+        require: raw
+            .idempotency
+            .require
+            .iter()
+            .map(|r| (PathPattern::new(&r.path), r.action.clone()))
+            .collect(),
+    };
+
     // [ledger]
     let ledger = validate_ledger(&raw.ledger, &resolve, &mut p);
     // [fleet]
@@ -1281,6 +1365,7 @@ fn validate(
                 ttl,
                 max_entries: raw.status_cache.max_entries,
             },
+            idempotency,
             ledger,
             fleet,
             metrics_per_account: raw.metrics.per_account,

@@ -26,6 +26,8 @@ pub enum AnsweredBy {
     Upstream,
     Cache,
     Coalesced,
+    /// A stored answer replayed for a repeated `Idempotency-Key`: 0 credits.
+    Replayed,
 }
 
 /// Response extension: the status cache already learnt from this upstream answer (coalesce's

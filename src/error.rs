@@ -54,6 +54,16 @@ pub enum GatewayError {
     NotFound(String),
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// An `Idempotency-Key` seen before with another request (422).
+    #[error("{0}")]
+    IdempotencyKeyReused(String),
+    /// An `Idempotency-Key` whose first request is still in flight (409, Retry-After).
+    #[error("{0}")]
+    IdempotencyInFlight(String),
+    /// An `Idempotency-Key` whose first request's outcome is unknown, or whose answer was not
+    /// kept: not sent again (409).
+    #[error("{0}")]
+    IdempotencyOutcomeUnknown(String),
 }
 
 impl GatewayError {
@@ -71,6 +81,10 @@ impl GatewayError {
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::IdempotencyKeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            GatewayError::IdempotencyInFlight(_) | GatewayError::IdempotencyOutcomeUnknown(_) => {
+                StatusCode::CONFLICT
+            }
         }
     }
 
@@ -89,6 +103,9 @@ impl GatewayError {
             GatewayError::StoreUnavailable(_) => "STORE_UNAVAILABLE",
             GatewayError::NotFound(_) => "NOT_FOUND",
             GatewayError::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
+            GatewayError::IdempotencyKeyReused(_) => "IDEMPOTENCY_KEY_REUSED",
+            GatewayError::IdempotencyInFlight(_) => "IDEMPOTENCY_IN_FLIGHT",
+            GatewayError::IdempotencyOutcomeUnknown(_) => "IDEMPOTENCY_OUTCOME_UNKNOWN",
         }
     }
 
@@ -111,7 +128,9 @@ impl GatewayError {
                 let ms = retry_after.as_millis();
                 Some(u64::try_from(ms.div_ceil(1000)).unwrap_or(u64::MAX).max(1))
             }
-            GatewayError::Overloaded { .. } | GatewayError::StoreUnavailable(_) => Some(1),
+            GatewayError::Overloaded { .. }
+            | GatewayError::StoreUnavailable(_)
+            | GatewayError::IdempotencyInFlight(_) => Some(1),
             GatewayError::LedgerUnavailable => Some(5),
             _ => None,
         }

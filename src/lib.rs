@@ -13,6 +13,7 @@ pub mod emulator;
 pub mod error;
 pub mod fleet;
 pub mod headers;
+pub mod idempotency;
 pub mod inbound_tls;
 pub mod keygen;
 pub mod layers;

@@ -198,6 +198,9 @@ pub struct Metrics {
     pub in_flight: Gauge,
     pub config_reloads: Family<ReloadLabels, Counter>,
     pub checkpoint_coalesced: Counter,
+    pub idempotency_replays: Counter,
+    pub idempotency_conflicts: Counter,
+    pub idempotency_waits: Counter,
     pub status_cache_hits: Counter,
     pub status_cache_misses: Counter,
     pub status_cache_entries: Family<StatusLabels, Gauge>,
@@ -269,6 +272,24 @@ impl Default for Metrics {
             "checkpoint_coalesced",
             "Checkpoint submits answered with a copy of an identical in-flight upstream call",
             checkpoint_coalesced.clone(),
+        );
+        let idempotency_replays = Counter::default();
+        registry.register(
+            "idempotency_replays",
+            "Repeated Idempotency-Key requests answered with the first one's stored answer",
+            idempotency_replays.clone(),
+        );
+        let idempotency_conflicts = Counter::default();
+        registry.register(
+            "idempotency_conflicts",
+            "Repeated Idempotency-Key requests refused (422 another request, 409 in flight or unknown outcome)",
+            idempotency_conflicts.clone(),
+        );
+        let idempotency_waits = Counter::default();
+        registry.register(
+            "idempotency_waits",
+            "Repeated Idempotency-Key requests that waited for their first one in flight",
+            idempotency_waits.clone(),
         );
         let status_cache_hits = Counter::default();
         registry.register(
@@ -383,6 +404,9 @@ impl Default for Metrics {
             in_flight,
             config_reloads,
             checkpoint_coalesced,
+            idempotency_replays,
+            idempotency_conflicts,
+            idempotency_waits,
             status_cache_hits,
             status_cache_misses,
             status_cache_entries,

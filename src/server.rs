@@ -113,7 +113,20 @@ impl Gateway {
             ),
             None => None,
         };
-        let process = Arc::new(Process::with_fleet(ledger, fleet));
+        let mut process = Process::with_fleet(ledger, fleet);
+        // Idempotency-Key fates live in the embedded ledger's database (a PostgreSQL ledger:
+        // in memory, per replica).
+        if settings.ledger.postgres_url.is_none() {
+            let path = settings.ledger.path.clone();
+            let store = tokio::task::spawn_blocking(move || {
+                crate::idempotency::IdempotencyStore::sqlite(&path)
+            })
+            .await
+            .map_err(|e| StartError::Setup(format!("ledger.path: {e}")))?
+            .map_err(|e| StartError::Setup(format!("ledger.path: idempotency store: {e}")))?;
+            process.idempotency = Arc::new(store);
+        }
+        let process = Arc::new(process);
         // Today's budgets resume where the ledger says they were.
         let today = crate::usage::today();
         let ledger = process.ledger.clone();
@@ -273,6 +286,7 @@ impl Gateway {
 
 /// Every minute, forget rate-limit buckets that are full again and expired cooldowns, so
 /// millions of accounts over time cost memory only while they are active.
+/// Once a minute: idle limiter state and expired Idempotency-Key fates.
 async fn evict_idle(current: Arc<ArcSwap<Generation>>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -287,6 +301,11 @@ async fn evict_idle(current: Arc<ArcSwap<Generation>>, mut stop: watch::Receiver
                     .metrics
                     .rate_limit_tracked
                     .set(i64::try_from(tracked).unwrap_or(i64::MAX));
+                // Idempotency-Key fates past their ttl, and the oldest beyond max_keys.
+                let max_keys = generation.shared.settings.idempotency.max_keys;
+                if let Err(e) = generation.shared.process.idempotency.purge(max_keys).await {
+                    tracing::warn!(error = %e, "idempotency store: purge failed");
+                }
             }
             _ = stop.changed() => return,
         }

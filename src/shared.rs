@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::budgets::Budgets;
 use crate::config::{AccountScope, ClientSettings, PathPattern, Settings};
 use crate::fleet::Fleet;
+use crate::idempotency::IdempotencyStore;
 use crate::layers::coalesce::Flights;
 use crate::layers::credits::CreditState;
 use crate::layers::status_cache::{StatusStore, StatusStoreSlot};
@@ -42,6 +43,9 @@ pub struct Process {
     /// Which account each webhook belongs to, learned from answers (scoped clients' webhook
     /// routes are checked against it).
     pub webhook_owners: WebhookOwners,
+    /// Idempotency-Key fates: in the embedded ledger's database (`Gateway::start`), else in
+    /// memory.
+    pub idempotency: Arc<IdempotencyStore>,
 }
 
 impl Default for Process {
@@ -75,6 +79,7 @@ impl Process {
             credit_state: CreditState::default(),
             fleet,
             webhook_owners: WebhookOwners::default(),
+            idempotency: Arc::new(IdempotencyStore::in_memory()),
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::layers::client_limit::ClientLimitLayer;
 use crate::layers::coalesce::CoalesceLayer;
 use crate::layers::credits::{CreditsLayer, RecordSavedLayer};
 use crate::layers::guard::GuardLayer;
+use crate::layers::idempotency::IdempotencyLayer;
 use crate::layers::inject_key::InjectKeyLayer;
 use crate::layers::observe::ObserveLayer;
 use crate::layers::read_body::ReadBodyLayer;
@@ -63,9 +64,13 @@ where
         // scope: the caller's paths, and its accounts on every route (lists filtered, webhooks
         // resolved to their account); before anything counts, caches or charges the request.
         .layer(ScopeLayer::new(shared.clone()))
-        // record_saved: the 0-credit ledger rows of the answers the two layers below give
-        // themselves (cached, coalesced): what the gateway saved.
+        // record_saved: the 0-credit ledger rows of the answers the layers below give
+        // themselves (replayed, cached, coalesced): what the gateway saved.
         .layer(RecordSavedLayer::new(shared.process.clone()))
+        // idempotency: a repeated Idempotency-Key is answered here (replayed, 409, 422) and
+        // never reaches the cache, coalescing, limits or credits below; below record_saved so
+        // a replay is a 0-credit `replayed` ledger row.
+        .layer(IdempotencyLayer::new(shared.clone()))
         // status_cache: a checkpoint for an account known to be connected is answered here,
         // free, before anything below counts it; above coalesce so a hit never waits on a call
         // in flight. It learns from upstream answers on their way back up.

@@ -558,6 +558,7 @@ where
             let outcome = match resp.extensions().get::<AnsweredBy>() {
                 Some(AnsweredBy::Cache) => Outcome::Cached,
                 Some(AnsweredBy::Coalesced) => Outcome::Coalesced,
+                Some(AnsweredBy::Replayed) => Outcome::Replayed,
                 _ => return Ok(resp),
             };
             if let Some(client) = client {

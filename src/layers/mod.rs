@@ -10,6 +10,7 @@ pub mod client_limit;
 pub mod coalesce;
 pub mod credits;
 pub mod guard;
+pub mod idempotency;
 pub mod inject_key;
 pub mod observe;
 pub mod read_body;

@@ -201,7 +201,7 @@ impl StatusStore {
     ) {
         if matches!(
             resp.extensions().get::<AnsweredBy>(),
-            Some(AnsweredBy::Cache | AnsweredBy::Coalesced)
+            Some(AnsweredBy::Cache | AnsweredBy::Coalesced | AnsweredBy::Replayed)
         ) || resp.extensions().get::<StatusLearnt>().is_some()
         {
             return;

@@ -63,16 +63,20 @@ pub enum Outcome {
     Cached,
     /// The answer was shared from another caller's in-flight call: 0 credits.
     Coalesced,
+    /// A stored answer replayed for a repeated `Idempotency-Key`: 0 credits, what the gateway
+    /// saved.
+    Replayed,
     /// A timeout or reset after the request was sent: `credits` is the reserved cost, which
     /// stays counted until reconciliation.
     Ambiguous,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 4] = [
+    pub const ALL: [Outcome; 5] = [
         Outcome::Settled,
         Outcome::Cached,
         Outcome::Coalesced,
+        Outcome::Replayed,
         Outcome::Ambiguous,
     ];
 
@@ -81,6 +85,7 @@ impl Outcome {
             Outcome::Settled => "settled",
             Outcome::Cached => "cached",
             Outcome::Coalesced => "coalesced",
+            Outcome::Replayed => "replayed",
             Outcome::Ambiguous => "ambiguous",
         }
     }

@@ -1,0 +1,734 @@
+//! Idempotency-Key: the answers a retry gets instead of a second upstream call.
+//!
+//! Per client and key, a POST's fingerprint (method, path and query, body: SHA-256) and its
+//! fate are kept for `idempotency.ttl`:
+//! - **in flight** in this process: a repeat waits for the first and shares its answer;
+//! - **done**: the upstream acted or charged; the answer (status, headers, body) is replayed;
+//! - **unknown**: the first attempt may have reached the upstream but its answer never came
+//!   (reset, timeout after sending, or the gateway stopped mid-call): a repeat is refused, not
+//!   sent again.
+//!
+//! Answers where nothing happened upstream (the gateway's own refusals, upstream errors at 0
+//! credits) are forgotten, so a retry is forwarded anew.
+//!
+//! The durable part lives in the embedded ledger's SQLite database (table `idempotency`,
+//! its own connection, WAL: a row is in the OS's hands before the call is forwarded, so a
+//! crash of the gateway mid-call leaves it `in_flight`, read back as unknown). Without an
+//! SQLite ledger (unit tests, a PostgreSQL ledger) it is kept in memory. Expired keys are
+//! purged every minute, and at most `max_keys` are kept (the oldest go first).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use rusqlite::{params, Connection, OptionalExtension};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+/// The longest `Idempotency-Key` accepted (Stripe's limit).
+pub const MAX_KEY_BYTES: usize = 255;
+/// The largest answer kept for replay; a larger one is remembered as done but not replayable.
+pub const MAX_STORED_BODY: usize = 1 << 20;
+
+/// A request's fingerprint: SHA-256 over method, path and query, and body.
+pub type Fingerprint = [u8; 32];
+
+pub fn fingerprint(method: &http::Method, path_and_query: &str, body: &[u8]) -> Fingerprint {
+    let mut h = Sha256::new();
+    h.update(method.as_str().as_bytes());
+    h.update([0]);
+    h.update(path_and_query.as_bytes());
+    h.update([0]);
+    h.update(body);
+    h.finalize().into()
+}
+
+/// An `Idempotency-Key` value is 1–255 printable ASCII characters.
+pub fn check_key(v: &HeaderValue) -> Result<&str, String> {
+    let s = v
+        .to_str()
+        .map_err(|_| "`Idempotency-Key` must be printable ASCII".to_string())?;
+    if s.is_empty() || s.len() > MAX_KEY_BYTES {
+        return Err(format!(
+            "`Idempotency-Key` must be 1 to {MAX_KEY_BYTES} characters long"
+        ));
+    }
+    if s.bytes().any(|b| !(0x21..=0x7e).contains(&b) && b != b' ') {
+        return Err("`Idempotency-Key` must be printable ASCII".into());
+    }
+    Ok(s)
+}
+
+/// An answer kept for replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub status: u16,
+    /// Name/value pairs, as the caller got them (content-length and date left out).
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Bytes,
+}
+
+impl Stored {
+    pub fn of(status: StatusCode, headers: &HeaderMap, body: &Bytes) -> Stored {
+        let headers = headers
+            .iter()
+            .filter(|(n, _)| {
+                !matches!(
+                    n.as_str(),
+                    "content-length" | "date" | "x-request-id" | "transfer-encoding"
+                )
+            })
+            .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+            .collect();
+        Stored {
+            status: status.as_u16(),
+            headers,
+            body: body.clone(),
+        }
+    }
+
+    pub fn header_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.headers.len() + 1);
+        for (n, v) in &self.headers {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(n.as_bytes()),
+                HeaderValue::from_bytes(v),
+            ) {
+                map.append(n, v);
+            }
+        }
+        map
+    }
+
+    fn encode_headers(&self) -> Vec<u8> {
+        let pairs: Vec<(&str, String)> = self
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), hex::encode(v)))
+            .collect();
+        serde_json::to_vec(&pairs).unwrap_or_default()
+    }
+
+    fn decode_headers(raw: &[u8]) -> Vec<(String, Vec<u8>)> {
+        serde_json::from_slice::<Vec<(String, String)>>(raw)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(n, v)| hex::decode(v).ok().map(|v| (n, v)))
+            .collect()
+    }
+}
+
+/// What became of a first attempt, as its repeats see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fate {
+    /// Replay this answer.
+    Done(Arc<Stored>),
+    /// The upstream acted, but the answer was too large to keep.
+    DoneUnreplayable,
+    /// The first attempt may or may not have reached the upstream.
+    Unknown,
+    /// Nothing happened upstream: the key is free again.
+    Released,
+}
+
+/// The answer to "may this request go?".
+pub enum Begin {
+    /// The first with this key: forward it, then [`Lead::finish`].
+    Lead(Lead),
+    /// Seen before with the same fingerprint.
+    Seen(Fate),
+    /// In flight here: wait for its fate (`None` while it runs).
+    Wait(watch::Receiver<Option<Fate>>),
+    /// Seen before with another request.
+    Mismatch,
+}
+
+type Slot = (Arc<str>, Arc<str>);
+
+struct Flight {
+    fingerprint: Fingerprint,
+    fate: watch::Sender<Option<Fate>>,
+}
+
+/// The store: flights in memory, fates in SQLite (or memory).
+pub struct IdempotencyStore {
+    flights: Mutex<HashMap<Slot, Flight>>,
+    durable: Durable,
+}
+
+enum Durable {
+    Sqlite(Arc<Mutex<Connection>>),
+    Memory(Arc<Mutex<MemoryRows>>),
+}
+
+#[derive(Default)]
+struct MemoryRows {
+    rows: HashMap<Slot, Row>,
+}
+
+#[derive(Clone)]
+struct Row {
+    fingerprint: Fingerprint,
+    state: State,
+    stored: Option<Arc<Stored>>,
+    created_ms: i64,
+    expires_ms: i64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    InFlight,
+    Done,
+    Unknown,
+}
+
+impl State {
+    fn as_str(self) -> &'static str {
+        match self {
+            State::InFlight => "in_flight",
+            State::Done => "done",
+            State::Unknown => "unknown",
+        }
+    }
+    fn parse(s: &str) -> State {
+        match s {
+            "done" => State::Done,
+            "in_flight" => State::InFlight,
+            _ => State::Unknown,
+        }
+    }
+}
+
+/// The first attempt's handle: its fate must be told (a drop without it counts as unknown).
+pub struct Lead {
+    store: Arc<IdempotencyStore>,
+    slot: Slot,
+    ttl: Duration,
+    told: bool,
+}
+
+fn now_ms() -> i64 {
+    crate::budgets::now_ms()
+}
+
+fn expiry(now: i64, ttl: Duration) -> i64 {
+    now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
+}
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS idempotency (
+    client      TEXT    NOT NULL,
+    key         TEXT    NOT NULL,
+    fingerprint BLOB    NOT NULL,
+    state       TEXT    NOT NULL,
+    status      INTEGER,
+    headers     BLOB,
+    body        BLOB,
+    created_ms  INTEGER NOT NULL,
+    expires_ms  INTEGER NOT NULL,
+    PRIMARY KEY (client, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_expires ON idempotency (expires_ms);";
+
+impl IdempotencyStore {
+    pub fn in_memory() -> IdempotencyStore {
+        IdempotencyStore {
+            flights: Mutex::default(),
+            durable: Durable::Memory(Arc::default()),
+        }
+    }
+
+    /// In the embedded ledger's database at `path` (its own connection).
+    pub fn sqlite(path: &Path) -> rusqlite::Result<Self> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // The ledger's checkpointer thread checkpoints the WAL; commits here never do.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(IdempotencyStore {
+            flights: Mutex::default(),
+            durable: Durable::Sqlite(Arc::new(Mutex::new(conn))),
+        })
+    }
+
+    fn flights(&self) -> std::sync::MutexGuard<'_, HashMap<Slot, Flight>> {
+        self.flights.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Number of requests in flight under a key (metrics, tests).
+    pub fn in_flight(&self) -> usize {
+        self.flights().len()
+    }
+
+    /// May this request go? `client`'s `key`, the request's `fp`; a fate is kept for `ttl`.
+    pub async fn begin(
+        self: &Arc<Self>,
+        client: &Arc<str>,
+        key: &str,
+        fp: Fingerprint,
+        ttl: Duration,
+    ) -> Result<Begin, String> {
+        let slot: Slot = (client.clone(), Arc::from(key));
+        {
+            let mut flights = self.flights();
+            if let Some(f) = flights.get(&slot) {
+                return Ok(if f.fingerprint == fp {
+                    Begin::Wait(f.fate.subscribe())
+                } else {
+                    Begin::Mismatch
+                });
+            }
+            let (tx, _) = watch::channel(None);
+            flights.insert(
+                slot.clone(),
+                Flight {
+                    fingerprint: fp,
+                    fate: tx,
+                },
+            );
+        }
+        // This task holds the flight: repeats now wait on it while the durable row is read
+        // and, for a first, written.
+        let mut lead = Lead {
+            store: self.clone(),
+            slot: slot.clone(),
+            ttl,
+            told: false,
+        };
+        let now = now_ms();
+        let expires = expiry(now, ttl);
+        match self.durable_begin(slot, fp, now, expires).await {
+            Ok(None) => Ok(Begin::Lead(lead)),
+            Ok(Some(Err(()))) => {
+                lead.release(None);
+                Ok(Begin::Mismatch)
+            }
+            Ok(Some(Ok(fate))) => {
+                lead.release(Some(fate.clone()));
+                Ok(Begin::Seen(fate))
+            }
+            Err(e) => {
+                lead.release(None);
+                Err(e)
+            }
+        }
+    }
+
+    /// The durable row: `None` if none was live (one `in_flight` row is now written);
+    /// `Some(Err)` on another fingerprint; `Some(Ok(fate))` for a live row.
+    async fn durable_begin(
+        &self,
+        slot: Slot,
+        fp: Fingerprint,
+        now: i64,
+        expires: i64,
+    ) -> Result<Option<Result<Fate, ()>>, String> {
+        let seen = move |row: &Row| -> Result<Fate, ()> {
+            if row.fingerprint != fp {
+                return Err(());
+            }
+            Ok(match (row.state, &row.stored) {
+                (State::Done, Some(s)) => Fate::Done(s.clone()),
+                (State::Done, None) => Fate::DoneUnreplayable,
+                // A row in flight with no flight here: the gateway stopped mid-call.
+                _ => Fate::Unknown,
+            })
+        };
+        let fresh = Row {
+            fingerprint: fp,
+            state: State::InFlight,
+            stored: None,
+            created_ms: now,
+            expires_ms: expires,
+        };
+        match &self.durable {
+            Durable::Memory(rows) => {
+                let mut rows = rows.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(row) = rows.rows.get(&slot).filter(|r| r.expires_ms > now) {
+                    return Ok(Some(seen(row)));
+                }
+                rows.rows.insert(slot, fresh);
+                Ok(None)
+            }
+            Durable::Sqlite(conn) => {
+                let conn = conn.clone();
+                tokio::task::spawn_blocking(move || {
+                    let conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+                    let row = read_row(&conn, &slot, now)?;
+                    if let Some(row) = row {
+                        return Ok(Some(seen(&row)));
+                    }
+                    write_row(&conn, &slot, &fresh)?;
+                    Ok(None)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e: rusqlite::Error| e.to_string())
+            }
+        }
+    }
+
+    async fn durable_finish(
+        &self,
+        slot: Slot,
+        fate: Option<Fate>,
+        ttl: Duration,
+    ) -> Result<(), String> {
+        let expires = expiry(now_ms(), ttl);
+        let released = matches!(fate, Some(Fate::Released));
+        let update = move |row: &mut Row| match &fate {
+            Some(Fate::Done(s)) => {
+                row.state = State::Done;
+                row.stored = Some(s.clone());
+                row.expires_ms = expires;
+            }
+            Some(Fate::DoneUnreplayable) => {
+                row.state = State::Done;
+                row.stored = None;
+                row.expires_ms = expires;
+            }
+            _ => {
+                row.state = State::Unknown;
+                row.expires_ms = expires;
+            }
+        };
+        match &self.durable {
+            Durable::Memory(rows) => {
+                let mut rows = rows.lock().unwrap_or_else(PoisonError::into_inner);
+                if released {
+                    rows.rows.remove(&slot);
+                } else if let Some(row) = rows.rows.get_mut(&slot) {
+                    update(row);
+                }
+                Ok(())
+            }
+            Durable::Sqlite(conn) => {
+                let conn = conn.clone();
+                tokio::task::spawn_blocking(move || {
+                    let conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+                    if released {
+                        conn.execute(
+                            "DELETE FROM idempotency WHERE client = ?1 AND key = ?2",
+                            params![&*slot.0, &*slot.1],
+                        )?;
+                        return Ok(());
+                    }
+                    if let Some(mut row) = read_row(&conn, &slot, i64::MIN)? {
+                        update(&mut row);
+                        write_row(&conn, &slot, &row)?;
+                    }
+                    Ok(())
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e: rusqlite::Error| e.to_string())
+            }
+        }
+    }
+
+    /// Expired keys out, and the oldest beyond `max_keys`. Returns how many went.
+    pub async fn purge(&self, max_keys: u64) -> Result<usize, String> {
+        let now = now_ms();
+        let max = max_keys;
+        match &self.durable {
+            Durable::Memory(rows) => {
+                let mut rows = rows.lock().unwrap_or_else(PoisonError::into_inner);
+                let before = rows.rows.len();
+                rows.rows
+                    .retain(|_, r| r.expires_ms > now || r.state == State::InFlight);
+                let over = rows.rows.len().saturating_sub(max as usize);
+                if over > 0 {
+                    let mut by_age: Vec<(i64, Slot)> = rows
+                        .rows
+                        .iter()
+                        .filter(|(_, r)| r.state != State::InFlight)
+                        .map(|(s, r)| (r.created_ms, s.clone()))
+                        .collect();
+                    by_age.sort();
+                    for (_, s) in by_age.into_iter().take(over) {
+                        rows.rows.remove(&s);
+                    }
+                }
+                Ok(before - rows.rows.len())
+            }
+            Durable::Sqlite(conn) => {
+                let conn = conn.clone();
+                tokio::task::spawn_blocking(move || {
+                    let conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+                    let mut n = conn.execute(
+                        "DELETE FROM idempotency WHERE expires_ms <= ?1 AND state <> 'in_flight'",
+                        [now],
+                    )?;
+                    let count: i64 =
+                        conn.query_row("SELECT count(*) FROM idempotency", [], |r| r.get(0))?;
+                    let over = count.saturating_sub(i64::try_from(max).unwrap_or(i64::MAX));
+                    if over > 0 {
+                        n += conn.execute(
+                            "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency
+                             WHERE state <> 'in_flight' ORDER BY created_ms LIMIT ?1)",
+                            [over],
+                        )?;
+                    }
+                    Ok(n)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e: rusqlite::Error| e.to_string())
+            }
+        }
+    }
+
+    /// Keys kept (tests, metrics).
+    pub async fn keys_kept(&self) -> usize {
+        match &self.durable {
+            Durable::Memory(rows) => rows
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .rows
+                .len(),
+            Durable::Sqlite(conn) => {
+                let conn = conn.clone();
+                tokio::task::spawn_blocking(move || {
+                    let conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
+                    conn.query_row("SELECT count(*) FROM idempotency", [], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                    .unwrap_or(0)
+                })
+                .await
+                .map_or(0, |n| usize::try_from(n).unwrap_or(0))
+            }
+        }
+    }
+}
+
+fn read_row(conn: &Connection, slot: &Slot, now: i64) -> rusqlite::Result<Option<Row>> {
+    conn.prepare_cached(
+        "SELECT fingerprint, state, status, headers, body, created_ms, expires_ms
+         FROM idempotency WHERE client = ?1 AND key = ?2 AND expires_ms > ?3",
+    )?
+    .query_row(params![&*slot.0, &*slot.1, now], |r| {
+        let fp: Vec<u8> = r.get(0)?;
+        let state: String = r.get(1)?;
+        let status: Option<u16> = r.get(2)?;
+        let headers: Option<Vec<u8>> = r.get(3)?;
+        let body: Option<Vec<u8>> = r.get(4)?;
+        let mut fingerprint = [0u8; 32];
+        if fp.len() == 32 {
+            fingerprint.copy_from_slice(&fp);
+        }
+        let stored = match (status, body) {
+            (Some(status), Some(body)) => Some(Arc::new(Stored {
+                status,
+                headers: Stored::decode_headers(headers.as_deref().unwrap_or(b"[]")),
+                body: Bytes::from(body),
+            })),
+            _ => None,
+        };
+        Ok(Row {
+            fingerprint,
+            state: State::parse(&state),
+            stored,
+            created_ms: r.get(5)?,
+            expires_ms: r.get(6)?,
+        })
+    })
+    .optional()
+}
+
+fn write_row(conn: &Connection, slot: &Slot, row: &Row) -> rusqlite::Result<()> {
+    let (status, headers, body) = match &row.stored {
+        Some(s) => (
+            Some(s.status),
+            Some(s.encode_headers()),
+            Some(s.body.to_vec()),
+        ),
+        None => (None, None, None),
+    };
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO idempotency
+         (client, key, fingerprint, state, status, headers, body, created_ms, expires_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
+        &*slot.0,
+        &*slot.1,
+        &row.fingerprint[..],
+        row.state.as_str(),
+        status,
+        headers,
+        body,
+        row.created_ms,
+        row.expires_ms
+    ])?;
+    Ok(())
+}
+
+impl Lead {
+    /// Tell the first attempt's fate: kept durably, then every waiting repeat is released.
+    pub async fn finish(mut self, fate: Fate) {
+        self.told = true;
+        let store = self.store.clone();
+        if let Err(e) = store
+            .durable_finish(self.slot.clone(), Some(fate.clone()), self.ttl)
+            .await
+        {
+            tracing::error!(error = %e, "idempotency store: the first attempt's fate could not be kept");
+        }
+        self.release(Some(fate));
+    }
+
+    /// Drop the flight and tell the waiters (`None`: they look again).
+    fn release(&mut self, fate: Option<Fate>) {
+        self.told = true;
+        if let Some(f) = self.store.flights().remove(&self.slot) {
+            let _ = f.fate.send(Some(fate.unwrap_or(Fate::Released)));
+        }
+    }
+}
+
+impl Drop for Lead {
+    /// A first attempt dropped before its fate was told (its task was cancelled): unknown.
+    fn drop(&mut self) {
+        if !self.told {
+            let store = self.store.clone();
+            let slot = self.slot.clone();
+            let ttl = self.ttl;
+            self.release(Some(Fate::Unknown));
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = store.durable_finish(slot, Some(Fate::Unknown), ttl).await;
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(60);
+
+    fn stored() -> Fate {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("content-length", HeaderValue::from_static("2"));
+        Fate::Done(Arc::new(Stored::of(StatusCode::OK, &h, &Bytes::from("{}"))))
+    }
+
+    async fn walk(store: Arc<IdempotencyStore>) {
+        let c: Arc<str> = Arc::from("crm");
+        let fp = fingerprint(&http::Method::POST, "/v2/messages", b"{}");
+        let Begin::Lead(lead) = store.begin(&c, "k1", fp, TTL).await.unwrap() else {
+            panic!("first is the lead")
+        };
+        let Begin::Wait(mut rx) = store.begin(&c, "k1", fp, TTL).await.unwrap() else {
+            panic!("a repeat waits")
+        };
+        assert!(matches!(
+            store.begin(&c, "k1", [1; 32], TTL).await.unwrap(),
+            Begin::Mismatch
+        ));
+        lead.finish(stored()).await;
+        rx.changed().await.unwrap();
+        assert_eq!(*rx.borrow(), Some(stored()));
+        let Begin::Seen(Fate::Done(s)) = store.begin(&c, "k1", fp, TTL).await.unwrap() else {
+            panic!("replayed")
+        };
+        assert_eq!(s.header_map()["content-type"], "application/json");
+        assert!(!s.header_map().contains_key("content-length"));
+        // Another client's same key is its own.
+        assert!(matches!(
+            store
+                .begin(&Arc::from("other"), "k1", fp, TTL)
+                .await
+                .unwrap(),
+            Begin::Lead(_)
+        ));
+        // Released: the key is free again.
+        let Begin::Lead(lead) = store.begin(&c, "k2", fp, TTL).await.unwrap() else {
+            panic!()
+        };
+        lead.finish(Fate::Released).await;
+        assert!(matches!(
+            store.begin(&c, "k2", fp, TTL).await.unwrap(),
+            Begin::Lead(_)
+        ));
+        // A lead dropped untold is unknown.
+        let Begin::Lead(lead) = store.begin(&c, "k3", fp, TTL).await.unwrap() else {
+            panic!()
+        };
+        drop(lead);
+        tokio::task::yield_now().await;
+        let mut seen = None;
+        for _ in 0..100 {
+            if let Begin::Seen(f) = store.begin(&c, "k3", fp, TTL).await.unwrap() {
+                seen = Some(f);
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(seen, Some(Fate::Unknown));
+    }
+
+    #[tokio::test]
+    async fn first_waits_replays_mismatches_and_unknowns_in_memory() {
+        walk(Arc::new(IdempotencyStore::in_memory())).await;
+    }
+
+    #[tokio::test]
+    async fn the_same_in_sqlite_and_it_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let store = Arc::new(IdempotencyStore::sqlite(&path).unwrap());
+        walk(store.clone()).await;
+        drop(store);
+        let again = Arc::new(IdempotencyStore::sqlite(&path).unwrap());
+        let fp = fingerprint(&http::Method::POST, "/v2/messages", b"{}");
+        assert!(matches!(
+            again.begin(&Arc::from("crm"), "k1", fp, TTL).await.unwrap(),
+            Begin::Seen(Fate::Done(_))
+        ));
+        // A row left in flight by a stopped gateway reads as unknown.
+        let Begin::Lead(lead) = again.begin(&Arc::from("crm"), "k9", fp, TTL).await.unwrap() else {
+            panic!()
+        };
+        std::mem::forget(lead);
+        let third = Arc::new(IdempotencyStore::sqlite(&path).unwrap());
+        assert!(matches!(
+            third.begin(&Arc::from("crm"), "k9", fp, TTL).await.unwrap(),
+            Begin::Seen(Fate::Unknown)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_keys_is_bounded() {
+        let store = Arc::new(IdempotencyStore::in_memory());
+        let c: Arc<str> = Arc::from("crm");
+        for i in 0..200 {
+            if let Begin::Lead(l) = store
+                .begin(&c, &format!("k{i}"), [0; 32], TTL)
+                .await
+                .unwrap()
+            {
+                l.finish(Fate::DoneUnreplayable).await;
+            }
+        }
+        assert_eq!(store.keys_kept().await, 200);
+        store.purge(50).await.unwrap();
+        assert_eq!(store.keys_kept().await, 50);
+    }
+
+    #[test]
+    fn keys_are_short_and_printable() {
+        assert!(check_key(&HeaderValue::from_static("abc-123_X")).is_ok());
+        assert!(check_key(&HeaderValue::from_static("")).is_err());
+        assert!(check_key(&HeaderValue::from_str(&"x".repeat(256)).unwrap()).is_err());
+        assert!(check_key(&HeaderValue::from_bytes(b"a\tb").unwrap()).is_err());
+    }
+}
