@@ -17,7 +17,7 @@ use crate::layers::status_cache::{StatusStore, StatusStoreSlot};
 use crate::ledger::{Ledger, MemoryLedger};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::upstream::UpstreamClient;
+use crate::upstream::{AnswerBudget, UpstreamClient};
 use crate::util::RequestIds;
 
 pub struct Process {
@@ -38,6 +38,9 @@ pub struct Process {
     /// Fleet mode: limits, budgets, the status cache and coalescing shared through Redis.
     /// `None`: embedded mode, nothing of fleet mode runs.
     pub fleet: Option<Arc<Fleet>>,
+    /// Bytes held by buffered upstream answers, across config generations (an answer of the
+    /// previous generation still holds its bytes after a reload).
+    pub answer_budget: Arc<AnswerBudget>,
 }
 
 impl Default for Process {
@@ -70,6 +73,7 @@ impl Process {
             budgets: Budgets::default(),
             credit_state: CreditState::default(),
             fleet,
+            answer_budget: Arc::new(AnswerBudget::default()),
         }
     }
 }

@@ -122,6 +122,10 @@ pub struct Faults {
     pub account_id: Option<String>,
     /// The wait of `slow_headers`.
     pub slow_ms: u64,
+    /// When not 0, every (matching) successful answer is padded to this many bytes (a
+    /// `padding` string in `data`, before `metadata`), with its `Content-Length`: a large
+    /// upstream answer. Like `latency_ms`, it stays until changed (`count` is for `mode`).
+    pub big_answer_bytes: u64,
 }
 
 /// One `/v2` request as the emulator received it.
@@ -402,7 +406,7 @@ async fn v2(shared: &Shared, parts: Parts, body: Bytes) -> Result<Resp, Reset> {
     let json: Option<Value> = serde_json::from_slice(&body).ok();
     let named = route.named_account(json.as_ref(), query);
     let record = record_of(&parts, &body);
-    let (latency_ms, fault, slow_ms) = {
+    let (latency_ms, fault, slow_ms, big_answer_bytes) = {
         let mut st = shared.lock();
         st.record(record, path, &route, json.as_ref());
         st.take_fault(named.as_deref())
@@ -457,6 +461,9 @@ async fn v2(shared: &Shared, parts: Parts, body: Bytes) -> Result<Resp, Reset> {
         .lock()
         .dispatch(&shared.cfg.checkpoint_code, &route, json.as_ref(), query);
     let mut resp = match answer {
+        Ok((data, credits)) if big_answer_bytes > 0 => {
+            big_answer(data, &action, credits, big_answer_bytes)
+        }
         Ok((data, credits)) => json_response(
             StatusCode::OK,
             &Envelope {
@@ -496,6 +503,41 @@ async fn v2(shared: &Shared, parts: Parts, body: Bytes) -> Result<Resp, Reset> {
         _ => {}
     }
     Ok(resp)
+}
+
+/// A successful answer padded to `bytes` (when `data` is an object; as is otherwise).
+fn big_answer(mut data: Value, action: &str, credits: i64, bytes: u64) -> Resp {
+    let metadata = Metadata::new(action, credits);
+    let size = |data: &Value| {
+        serde_json::to_vec(&Envelope {
+            success: true,
+            data: Some(data),
+            error: None,
+            metadata: Metadata {
+                action,
+                credits_consumed: credits,
+                timestamp: metadata.timestamp.clone(),
+            },
+        })
+        .map_or(0, |v| v.len())
+    };
+    if let Some(obj) = data.as_object_mut() {
+        obj.insert("padding".into(), Value::String(String::new()));
+    }
+    let base = size(&data) as u64;
+    if let Some(obj) = data.as_object_mut() {
+        let pad = usize::try_from(bytes.saturating_sub(base)).unwrap_or(0);
+        obj.insert("padding".into(), Value::String("x".repeat(pad)));
+    }
+    json_response(
+        StatusCode::OK,
+        &Envelope {
+            success: true,
+            data: Some(&data),
+            error: None,
+            metadata,
+        },
+    )
 }
 
 /// The value of `FaultMode::HugeHeader`'s header: 16 KB.
