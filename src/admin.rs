@@ -255,6 +255,10 @@ fn route(
             // Counted at scrape time: one pass over the cache, never per request.
             let store = current.load().shared.status_store.clone();
             StatusStore::export(store.as_deref(), &process.metrics);
+            process
+                .metrics
+                .upstream_buffered_bytes
+                .set(i64::try_from(process.answer_budget.held()).unwrap_or(i64::MAX));
             text(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -302,6 +306,7 @@ pub fn redacted_config(s: &Settings) -> serde_json::Value {
             "api_key_source": s.upstream.api_key_source,
             "connect_timeout": d(s.upstream.connect_timeout),
             "ca_file": s.upstream.ca_file.as_ref().map(|p| p.display().to_string()),
+            "max_buffered_bytes": s.upstream.max_buffered_bytes,
         },
         "clients": s.clients.iter().map(|c| json!({
             "name": &*c.name,

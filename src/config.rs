@@ -138,6 +138,9 @@ pub struct RawUpstream {
     #[serde(default = "d_connect_timeout")]
     pub connect_timeout: String,
     pub ca_file: Option<PathBuf>,
+    /// Bytes all upstream answers being buffered may hold at once, process-wide.
+    #[serde(default = "d_max_buffered_bytes")]
+    pub max_buffered_bytes: u64,
 }
 
 fn d_upstream_url() -> String {
@@ -146,6 +149,13 @@ fn d_upstream_url() -> String {
 fn d_connect_timeout() -> String {
     "5s".into()
 }
+/// 256 MB: eight answers of the largest size one answer may have (32 MB) at once, far above
+/// what LinkupAPI's JSON answers (kilobytes) need even with thousands in flight.
+fn d_max_buffered_bytes() -> u64 {
+    8 * crate::upstream::MAX_RESPONSE_BYTES as u64
+}
+/// The smallest `upstream.max_buffered_bytes`: below it ordinary answers would be refused.
+pub const MIN_BUFFERED_BYTES: u64 = 64 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -501,6 +511,9 @@ pub struct UpstreamSettings {
     pub api_key_source: String,
     pub connect_timeout: Duration,
     pub ca_file: Option<PathBuf>,
+    /// The process-wide budget of bytes held by upstream answers being buffered (and until
+    /// they have been written to their callers); past it an answer is refused with a 503.
+    pub max_buffered_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -1463,6 +1476,12 @@ fn validate_upstream(
     p: &mut Problems,
 ) -> Option<UpstreamSettings> {
     let connect_timeout = p.duration("upstream.connect_timeout", &u.connect_timeout);
+    if u.max_buffered_bytes < MIN_BUFFERED_BYTES {
+        p.push(
+            "upstream.max_buffered_bytes",
+            format!("must be at least {MIN_BUFFERED_BYTES} (64 KB)"),
+        );
+    }
     let uri: Option<Uri> = match u.url.parse::<Uri>() {
         Ok(uri) => Some(uri),
         Err(_) => {
@@ -1559,6 +1578,7 @@ fn validate_upstream(
         api_key_source,
         connect_timeout,
         ca_file: u.ca_file.as_deref().map(resolve),
+        max_buffered_bytes: usize::try_from(u.max_buffered_bytes).unwrap_or(usize::MAX),
     })
 }
 
@@ -1634,7 +1654,18 @@ mod tests {
         assert_eq!(s.server.request_timeout, Duration::from_secs(60));
         assert_eq!(s.rate_limit.per_account, parse_quota("60/min").unwrap());
         assert_eq!(s.upstream.api_key.expose(), "secret-upstream-key");
+        assert_eq!(s.upstream.max_buffered_bytes, 256 << 20);
         assert_eq!(s.costs.default, 1);
+    }
+
+    #[test]
+    fn max_buffered_bytes_is_read_and_bounded_below() {
+        let text = format!("{MINIMAL}\nmax_buffered_bytes = 1048576\n");
+        let s = load_str(&text, &env(), None).unwrap();
+        assert_eq!(s.upstream.max_buffered_bytes, 1 << 20);
+        let text = format!("{MINIMAL}\nmax_buffered_bytes = 1000\n");
+        let msg = load_str(&text, &env(), None).unwrap_err().to_string();
+        assert!(msg.contains("upstream.max_buffered_bytes"), "{msg}");
     }
 
     #[test]

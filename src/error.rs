@@ -44,6 +44,11 @@ pub enum GatewayError {
     UpstreamUnavailable { message: String, maybe_sent: bool },
     #[error("the request took longer than {}s", .0.as_secs_f64())]
     UpstreamTimeout(Duration),
+    /// The upstream answered, but holding its answer would take the bytes held by all answers
+    /// in flight past `upstream.max_buffered_bytes`. The call was made: the upstream may have
+    /// acted and charged (ledger: `ambiguous`).
+    #[error("the gateway is holding its limit of {limit} bytes of upstream answers and dropped this one; the upstream received the request and may have acted on it and charged for it, so check before repeating an action that is not idempotent")]
+    AnswerOverBudget { limit: usize },
     #[error("the credit ledger cannot be written; requests that cost credits are refused until it recovers")]
     LedgerUnavailable,
     /// Fleet mode: the shared store (Redis) is down and `fleet.on_store_failure` says `deny`
@@ -76,7 +81,8 @@ impl GatewayError {
             GatewayError::InsufficientCredits(_) => StatusCode::PAYMENT_REQUIRED,
             GatewayError::Overloaded { .. }
             | GatewayError::LedgerUnavailable
-            | GatewayError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | GatewayError::StoreUnavailable(_)
+            | GatewayError::AnswerOverBudget { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -99,6 +105,7 @@ impl GatewayError {
             GatewayError::Overloaded { .. } => "OVERLOADED",
             GatewayError::UpstreamUnavailable { .. } => "UPSTREAM_UNAVAILABLE",
             GatewayError::UpstreamTimeout(_) => "UPSTREAM_TIMEOUT",
+            GatewayError::AnswerOverBudget { .. } => "UPSTREAM_ANSWER_OVER_BUDGET",
             GatewayError::LedgerUnavailable => "LEDGER_UNAVAILABLE",
             GatewayError::StoreUnavailable(_) => "STORE_UNAVAILABLE",
             GatewayError::NotFound(_) => "NOT_FOUND",
@@ -113,7 +120,8 @@ impl GatewayError {
         match self {
             GatewayError::Overloaded { .. }
             | GatewayError::LedgerUnavailable
-            | GatewayError::StoreUnavailable(_) => Blame::Gateway,
+            | GatewayError::StoreUnavailable(_)
+            | GatewayError::AnswerOverBudget { .. } => Blame::Gateway,
             GatewayError::UpstreamUnavailable { .. } | GatewayError::UpstreamTimeout(_) => {
                 Blame::Upstream
             }
@@ -130,7 +138,8 @@ impl GatewayError {
             }
             GatewayError::Overloaded { .. }
             | GatewayError::StoreUnavailable(_)
-            | GatewayError::IdempotencyInFlight(_) => Some(1),
+            | GatewayError::IdempotencyInFlight(_)
+            | GatewayError::AnswerOverBudget { .. } => Some(1),
             GatewayError::LedgerUnavailable => Some(5),
             _ => None,
         }

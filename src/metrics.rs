@@ -194,6 +194,8 @@ pub struct Metrics {
     pub request_duration: HistogramFamily,
     pub upstream_duration: HistogramFamily,
     pub upstream_errors: Family<KindLabels, Counter>,
+    /// Set at scrape time from the process's answer budget.
+    pub upstream_buffered_bytes: Gauge,
     pub refusals: Family<RefusalLabels, Counter>,
     pub in_flight: Gauge,
     pub config_reloads: Family<ReloadLabels, Counter>,
@@ -249,8 +251,14 @@ impl Default for Metrics {
         let upstream_errors = Family::<KindLabels, Counter>::default();
         registry.register(
             "upstream_errors",
-            "Upstream calls that failed, by kind (connect, reset, timeout, body)",
+            "Upstream calls that failed, by kind (connect, reset, timeout, body, answer_budget)",
             upstream_errors.clone(),
+        );
+        let upstream_buffered_bytes = Gauge::default();
+        registry.register(
+            "upstream_buffered_bytes",
+            "Bytes held by upstream answers being buffered or written to their callers (bounded by upstream.max_buffered_bytes)",
+            upstream_buffered_bytes.clone(),
         );
         let refusals = Family::<RefusalLabels, Counter>::default();
         registry.register(
@@ -400,6 +408,7 @@ impl Default for Metrics {
             request_duration,
             upstream_duration,
             upstream_errors,
+            upstream_buffered_bytes,
             refusals,
             in_flight,
             config_reloads,

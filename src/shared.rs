@@ -18,7 +18,7 @@ use crate::layers::status_cache::{StatusStore, StatusStoreSlot};
 use crate::ledger::{Ledger, MemoryLedger};
 use crate::limits::Limits;
 use crate::metrics::Metrics;
-use crate::upstream::UpstreamClient;
+use crate::upstream::{AnswerBudget, UpstreamClient};
 use crate::util::RequestIds;
 use crate::webhook_owners::WebhookOwners;
 
@@ -46,6 +46,9 @@ pub struct Process {
     /// Idempotency-Key fates: in the embedded ledger's database (`Gateway::start`), else in
     /// memory.
     pub idempotency: Arc<IdempotencyStore>,
+    /// Bytes held by buffered upstream answers, across config generations (an answer of the
+    /// previous generation still holds its bytes after a reload).
+    pub answer_budget: Arc<AnswerBudget>,
 }
 
 impl Default for Process {
@@ -80,6 +83,7 @@ impl Process {
             fleet,
             webhook_owners: WebhookOwners::default(),
             idempotency: Arc::new(IdempotencyStore::in_memory()),
+            answer_budget: Arc::new(AnswerBudget::default()),
         }
     }
 }

@@ -107,6 +107,7 @@ where
         .service(Upstream::new(
             shared.upstream.clone(),
             shared.process.clone(),
+            shared.settings.upstream.max_buffered_bytes,
         ));
     BoxCloneSyncService::new(svc)
 }

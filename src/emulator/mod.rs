@@ -9,16 +9,20 @@
 mod state;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONTENT_TYPE, HOST};
 use http::request::Parts;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body::Frame;
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -122,6 +126,14 @@ pub struct Faults {
     pub account_id: Option<String>,
     /// The wait of `slow_headers`.
     pub slow_ms: u64,
+    /// When not 0, every (matching) successful answer is padded to this many bytes (a
+    /// `padding` string in `data`, before `metadata`), with its `Content-Length`: a large
+    /// upstream answer. Like `latency_ms`, it stays until changed (`count` is for `mode`).
+    pub big_answer_bytes: u64,
+    /// Big answers send their headers and the first half of their body, then wait for
+    /// [`EmulatorHandle::release_stalled`] (or `POST /_emulator/release`) before the rest: the
+    /// answers of concurrent calls are then all in flight at once, by construction.
+    pub stall_big_answers: bool,
 }
 
 /// One `/v2` request as the emulator received it.
@@ -140,6 +152,8 @@ struct Shared {
     state: Mutex<State>,
     in_flight: AtomicU64,
     max_in_flight: AtomicU64,
+    /// Bumped by each release of the stalled big answers.
+    released: tokio::sync::watch::Sender<u64>,
 }
 
 impl Shared {
@@ -219,6 +233,12 @@ impl EmulatorHandle {
         self.shared.lock().faults = faults;
     }
 
+    /// Lets every big answer stalled so far (`Faults::stall_big_answers`) send the rest of its
+    /// body; answers that start later stall until the next release.
+    pub fn release_stalled(&self) {
+        self.shared.released.send_modify(|g| *g += 1);
+    }
+
     /// Approves a pending `app_challenge` (the user tapped "yes" in the app): the next
     /// checkpoint connects the account. False when the account is unknown.
     pub fn approve(&self, account_id: &str) -> bool {
@@ -255,6 +275,7 @@ pub async fn start(listener: TcpListener, cfg: EmulatorConfig) -> std::io::Resul
         cfg,
         in_flight: AtomicU64::new(0),
         max_in_flight: AtomicU64::new(0),
+        released: tokio::sync::watch::Sender::new(0),
     });
     let stop = Arc::new(Notify::new());
     let task = tokio::spawn(accept_loop(listener, shared.clone(), stop.clone()));
@@ -342,7 +363,43 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Arc<Notif
 #[error("emulated connection reset")]
 struct Reset;
 
-type Resp = Response<Full<Bytes>>;
+type Resp = Response<Either<Full<Bytes>, Stalled>>;
+
+/// A body that sends `first`, waits for `wait`, then sends `rest` (with its whole length
+/// declared up front): `Faults::stall_big_answers`.
+struct Stalled {
+    first: Option<Bytes>,
+    rest: Option<Bytes>,
+    wait: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl http_body::Body for Stalled {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(Ok(Frame::data(first))));
+        }
+        if self.rest.is_none() {
+            return Poll::Ready(None);
+        }
+        std::task::ready!(self.wait.as_mut().poll(cx));
+        Poll::Ready(self.rest.take().map(|b| Ok(Frame::data(b))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.rest.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        let len = |b: &Option<Bytes>| b.as_ref().map_or(0, Bytes::len) as u64;
+        http_body::SizeHint::with_exact(len(&self.first) + len(&self.rest))
+    }
+}
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp, Reset> {
     let (parts, body) = req.into_parts();
@@ -402,7 +459,7 @@ async fn v2(shared: &Shared, parts: Parts, body: Bytes) -> Result<Resp, Reset> {
     let json: Option<Value> = serde_json::from_slice(&body).ok();
     let named = route.named_account(json.as_ref(), query);
     let record = record_of(&parts, &body);
-    let (latency_ms, fault, slow_ms) = {
+    let (latency_ms, fault, slow_ms, big_answer_bytes, stall) = {
         let mut st = shared.lock();
         st.record(record, path, &route, json.as_ref());
         st.take_fault(named.as_deref())
@@ -457,6 +514,10 @@ async fn v2(shared: &Shared, parts: Parts, body: Bytes) -> Result<Resp, Reset> {
         .lock()
         .dispatch(&shared.cfg.checkpoint_code, &route, json.as_ref(), query);
     let mut resp = match answer {
+        Ok((data, credits)) if big_answer_bytes > 0 => {
+            let stall = stall.then(|| shared.released.subscribe());
+            big_answer(data, &action, credits, big_answer_bytes, stall)
+        }
         Ok((data, credits)) => json_response(
             StatusCode::OK,
             &Envelope {
@@ -496,6 +557,61 @@ async fn v2(shared: &Shared, parts: Parts, body: Bytes) -> Result<Resp, Reset> {
         _ => {}
     }
     Ok(resp)
+}
+
+/// A successful answer padded to `bytes` (when `data` is an object; as is otherwise). With
+/// `stall`, its body stops half-way until the next release.
+fn big_answer(
+    mut data: Value,
+    action: &str,
+    credits: i64,
+    bytes: u64,
+    stall: Option<tokio::sync::watch::Receiver<u64>>,
+) -> Resp {
+    let metadata = Metadata::new(action, credits);
+    let size = |data: &Value| {
+        serde_json::to_vec(&Envelope {
+            success: true,
+            data: Some(data),
+            error: None,
+            metadata: Metadata {
+                action,
+                credits_consumed: credits,
+                timestamp: metadata.timestamp.clone(),
+            },
+        })
+        .map_or(0, |v| v.len())
+    };
+    if let Some(obj) = data.as_object_mut() {
+        obj.insert("padding".into(), Value::String(String::new()));
+    }
+    let base = size(&data) as u64;
+    if let Some(obj) = data.as_object_mut() {
+        let pad = usize::try_from(bytes.saturating_sub(base)).unwrap_or(0);
+        obj.insert("padding".into(), Value::String("x".repeat(pad)));
+    }
+    let envelope = Envelope {
+        success: true,
+        data: Some(&data),
+        error: None,
+        metadata,
+    };
+    let Some(mut released) = stall else {
+        return json_response(StatusCode::OK, &envelope);
+    };
+    let mut first = Bytes::from(serde_json::to_vec(&envelope).unwrap_or_default());
+    let rest = first.split_off(first.len() / 2);
+    let body = Stalled {
+        first: Some(first),
+        rest: Some(rest),
+        wait: Box::pin(async move {
+            let _ = released.changed().await;
+        }),
+    };
+    let mut resp = Response::new(Either::Right(body));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
 }
 
 /// The value of `FaultMode::HugeHeader`'s header: 16 KB.
@@ -544,7 +660,7 @@ impl<'a> Metadata<'a> {
 fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Resp {
     // Serializing these types cannot fail (string keys only).
     let bytes = serde_json::to_vec(body).unwrap_or_default();
-    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    let mut resp = Response::new(Either::Left(Full::new(Bytes::from(bytes))));
     *resp.status_mut() = status;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -565,7 +681,7 @@ fn error_response(status: StatusCode, code: &str, message: &str, action: &str) -
 fn bad_gateway_html() -> Resp {
     const PAGE: &str = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n\
         <center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
-    let mut resp = Response::new(Full::new(Bytes::from_static(PAGE.as_bytes())));
+    let mut resp = Response::new(Either::Left(Full::new(Bytes::from_static(PAGE.as_bytes()))));
     *resp.status_mut() = StatusCode::BAD_GATEWAY;
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("text/html"));
@@ -633,6 +749,10 @@ fn control_route(shared: &Shared, parts: &Parts, body: &Bytes) -> Result<Value, 
             Ok(json!({ "balance": b.balance }))
         }
         (&Method::GET, ["requests"]) => serde_json::to_value(&shared.lock().requests),
+        (&Method::POST, ["release"]) => {
+            shared.released.send_modify(|g| *g += 1);
+            Ok(json!({"ok": true}))
+        }
         (&Method::POST, ["reset"]) => {
             shared.reset();
             Ok(json!({"ok": true}))

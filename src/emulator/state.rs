@@ -388,16 +388,17 @@ impl State {
         self.requests.push_back(request);
     }
 
-    /// The latency to add and the fault to play for a request naming `account`. A fault with
-    /// a `count` is used up by matching requests and then switches itself off.
-    pub fn take_fault(&mut self, account: Option<&str>) -> (u64, FaultMode, u64) {
+    /// The latency to add and the fault to play for a request naming `account`:
+    /// `(latency_ms, mode, slow_ms, big_answer_bytes, stall_big_answers)`. A fault with a `count` is used up by
+    /// matching requests and then switches itself off.
+    pub fn take_fault(&mut self, account: Option<&str>) -> (u64, FaultMode, u64, u64, bool) {
         let f = &mut self.faults;
         let matches = match f.account_id.as_deref() {
             None => true,
             Some(want) => account == Some(want),
         };
         if !matches {
-            return (0, FaultMode::None, 0);
+            return (0, FaultMode::None, 0, 0, false);
         }
         let mode = f.mode;
         if mode != FaultMode::None && f.count > 0 {
@@ -406,7 +407,13 @@ impl State {
                 f.mode = FaultMode::None;
             }
         }
-        (f.latency_ms, mode, f.slow_ms)
+        (
+            f.latency_ms,
+            mode,
+            f.slow_ms,
+            f.big_answer_bytes,
+            f.stall_big_answers,
+        )
     }
 
     /// Clears counters, recorded requests and faults; accounts, webhooks and balance stay.

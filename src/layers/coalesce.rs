@@ -102,6 +102,13 @@ impl Outcome {
                     message: message.clone(),
                 })
             }
+            // The call was made; the other replicas' submits must not make it again.
+            Outcome::Failed(e @ GatewayError::AnswerOverBudget { .. }) => {
+                Some(RemoteAnswer::Failed {
+                    timeout: None,
+                    message: e.to_string(),
+                })
+            }
             Outcome::Failed(_) | Outcome::Connected => None,
         }
     }

@@ -355,10 +355,13 @@ where
             )
         }
         // Sent, then lost: the upstream may have acted and charged. Keep the reservation.
+        // Answered, but the answer was dropped for memory (`upstream.max_buffered_bytes`):
+        // its credits_consumed was never read. Same: keep the reservation.
         Err(GatewayError::UpstreamUnavailable {
             maybe_sent: true, ..
         })
-        | Err(GatewayError::UpstreamTimeout(_)) => {
+        | Err(GatewayError::UpstreamTimeout(_))
+        | Err(GatewayError::AnswerOverBudget { .. }) => {
             let status = result
                 .as_ref()
                 .err()

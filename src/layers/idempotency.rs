@@ -254,7 +254,10 @@ fn fate_of(result: &Result<Response<Bytes>, GatewayError>, log: Option<&RequestL
                 resp.body(),
             )))
         }
+        // The request may have been carried out, but its answer is lost (or, over the answer
+        // budget, was not kept).
         Err(GatewayError::UpstreamTimeout(_))
+        | Err(GatewayError::AnswerOverBudget { .. })
         | Err(GatewayError::UpstreamUnavailable {
             maybe_sent: true, ..
         }) => Fate::Unknown,

@@ -162,15 +162,33 @@ impl Harness {
     }
 
     pub async fn start_against(emu: EmulatorHandle, server: &str, extra: &str) -> Harness {
+        Self::start_against_with_upstream(emu, server, "", extra).await
+    }
+
+    /// Like `start_with`, with `upstream`: lines for the [upstream] table.
+    pub async fn start_with_upstream(upstream: &str, extra: &str) -> Harness {
+        captured_logs();
+        let emu = start_emulator(UPSTREAM_KEY).await;
+        Self::start_against_with_upstream(emu, "", upstream, extra).await
+    }
+
+    async fn start_against_with_upstream(
+        emu: EmulatorHandle,
+        server: &str,
+        upstream: &str,
+        extra: &str,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let key_file = dir.path().join("upstream.key");
         std::fs::write(&key_file, format!("{UPSTREAM_KEY}\n")).unwrap();
         let cfg_path = dir.path().join("gateway.toml");
-        std::fs::write(
-            &cfg_path,
-            config_text(&emu.url(), &key_file.display().to_string(), server, extra),
-        )
-        .unwrap();
+        let text = config_text(&emu.url(), &key_file.display().to_string(), server, extra)
+            .replacen(
+                "connect_timeout = \"1s\"\n",
+                &format!("connect_timeout = \"1s\"\n{upstream}\n"),
+                1,
+            );
+        std::fs::write(&cfg_path, text).unwrap();
         let settings = config::load(&cfg_path).unwrap();
         let gw = Gateway::start(settings).await.unwrap();
         let http = Client::builder(TokioExecutor::new()).build_http();

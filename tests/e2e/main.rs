@@ -2,6 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod big_answers;
 mod checkpoint;
 mod common;
 mod credits;
