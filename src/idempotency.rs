@@ -157,7 +157,13 @@ struct Flight {
 pub struct IdempotencyStore {
     flights: Mutex<HashMap<Slot, Flight>>,
     durable: Durable,
+    /// New keys since start: every `PURGE_EVERY` of them, a purge (besides the minute's), so a
+    /// flood of distinct keys stays near `max_keys`.
+    inserted: std::sync::atomic::AtomicU64,
 }
+
+/// New keys between two purges triggered by inserts.
+const PURGE_EVERY: u64 = 1024;
 
 enum Durable {
     Sqlite(Arc<Mutex<Connection>>),
@@ -237,6 +243,7 @@ impl IdempotencyStore {
         IdempotencyStore {
             flights: Mutex::default(),
             durable: Durable::Memory(Arc::default()),
+            inserted: Default::default(),
         }
     }
 
@@ -251,6 +258,7 @@ impl IdempotencyStore {
         Ok(IdempotencyStore {
             flights: Mutex::default(),
             durable: Durable::Sqlite(Arc::new(Mutex::new(conn))),
+            inserted: Default::default(),
         })
     }
 
@@ -263,13 +271,15 @@ impl IdempotencyStore {
         self.flights().len()
     }
 
-    /// May this request go? `client`'s `key`, the request's `fp`; a fate is kept for `ttl`.
+    /// May this request go? `client`'s `key`, the request's `fp`; a fate is kept for `ttl`,
+    /// and about `max_keys` fates at most.
     pub async fn begin(
         self: &Arc<Self>,
         client: &Arc<str>,
         key: &str,
         fp: Fingerprint,
         ttl: Duration,
+        max_keys: u64,
     ) -> Result<Begin, String> {
         let slot: Slot = (client.clone(), Arc::from(key));
         {
@@ -301,7 +311,20 @@ impl IdempotencyStore {
         let now = now_ms();
         let expires = expiry(now, ttl);
         match self.durable_begin(slot, fp, now, expires).await {
-            Ok(None) => Ok(Begin::Lead(lead)),
+            Ok(None) => {
+                let n = self
+                    .inserted
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n % PURGE_EVERY == PURGE_EVERY - 1 {
+                    let store = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = store.purge(max_keys).await {
+                            tracing::warn!(error = %e, "idempotency store: purge failed");
+                        }
+                    });
+                }
+                Ok(Begin::Lead(lead))
+            }
             Ok(Some(Err(()))) => {
                 lead.release(None);
                 Ok(Begin::Mismatch)
@@ -624,20 +647,20 @@ mod tests {
     async fn walk(store: Arc<IdempotencyStore>) {
         let c: Arc<str> = Arc::from("crm");
         let fp = fingerprint(&http::Method::POST, "/v2/messages", b"{}");
-        let Begin::Lead(lead) = store.begin(&c, "k1", fp, TTL).await.unwrap() else {
+        let Begin::Lead(lead) = store.begin(&c, "k1", fp, TTL, 1000).await.unwrap() else {
             panic!("first is the lead")
         };
-        let Begin::Wait(mut rx) = store.begin(&c, "k1", fp, TTL).await.unwrap() else {
+        let Begin::Wait(mut rx) = store.begin(&c, "k1", fp, TTL, 1000).await.unwrap() else {
             panic!("a repeat waits")
         };
         assert!(matches!(
-            store.begin(&c, "k1", [1; 32], TTL).await.unwrap(),
+            store.begin(&c, "k1", [1; 32], TTL, 1000).await.unwrap(),
             Begin::Mismatch
         ));
         lead.finish(stored()).await;
         rx.changed().await.unwrap();
         assert_eq!(*rx.borrow(), Some(stored()));
-        let Begin::Seen(Fate::Done(s)) = store.begin(&c, "k1", fp, TTL).await.unwrap() else {
+        let Begin::Seen(Fate::Done(s)) = store.begin(&c, "k1", fp, TTL, 1000).await.unwrap() else {
             panic!("replayed")
         };
         assert_eq!(s.header_map()["content-type"], "application/json");
@@ -645,29 +668,29 @@ mod tests {
         // Another client's same key is its own.
         assert!(matches!(
             store
-                .begin(&Arc::from("other"), "k1", fp, TTL)
+                .begin(&Arc::from("other"), "k1", fp, TTL, 1000)
                 .await
                 .unwrap(),
             Begin::Lead(_)
         ));
         // Released: the key is free again.
-        let Begin::Lead(lead) = store.begin(&c, "k2", fp, TTL).await.unwrap() else {
+        let Begin::Lead(lead) = store.begin(&c, "k2", fp, TTL, 1000).await.unwrap() else {
             panic!()
         };
         lead.finish(Fate::Released).await;
         assert!(matches!(
-            store.begin(&c, "k2", fp, TTL).await.unwrap(),
+            store.begin(&c, "k2", fp, TTL, 1000).await.unwrap(),
             Begin::Lead(_)
         ));
         // A lead dropped untold is unknown.
-        let Begin::Lead(lead) = store.begin(&c, "k3", fp, TTL).await.unwrap() else {
+        let Begin::Lead(lead) = store.begin(&c, "k3", fp, TTL, 1000).await.unwrap() else {
             panic!()
         };
         drop(lead);
         tokio::task::yield_now().await;
         let mut seen = None;
         for _ in 0..100 {
-            if let Begin::Seen(f) = store.begin(&c, "k3", fp, TTL).await.unwrap() {
+            if let Begin::Seen(f) = store.begin(&c, "k3", fp, TTL, 1000).await.unwrap() {
                 seen = Some(f);
                 break;
             }
@@ -691,17 +714,27 @@ mod tests {
         let again = Arc::new(IdempotencyStore::sqlite(&path).unwrap());
         let fp = fingerprint(&http::Method::POST, "/v2/messages", b"{}");
         assert!(matches!(
-            again.begin(&Arc::from("crm"), "k1", fp, TTL).await.unwrap(),
+            again
+                .begin(&Arc::from("crm"), "k1", fp, TTL, 1000)
+                .await
+                .unwrap(),
             Begin::Seen(Fate::Done(_))
         ));
         // A row left in flight by a stopped gateway reads as unknown.
-        let Begin::Lead(lead) = again.begin(&Arc::from("crm"), "k9", fp, TTL).await.unwrap() else {
+        let Begin::Lead(lead) = again
+            .begin(&Arc::from("crm"), "k9", fp, TTL, 1000)
+            .await
+            .unwrap()
+        else {
             panic!()
         };
         std::mem::forget(lead);
         let third = Arc::new(IdempotencyStore::sqlite(&path).unwrap());
         assert!(matches!(
-            third.begin(&Arc::from("crm"), "k9", fp, TTL).await.unwrap(),
+            third
+                .begin(&Arc::from("crm"), "k9", fp, TTL, 1000)
+                .await
+                .unwrap(),
             Begin::Seen(Fate::Unknown)
         ));
     }
@@ -712,7 +745,7 @@ mod tests {
         let c: Arc<str> = Arc::from("crm");
         for i in 0..200 {
             if let Begin::Lead(l) = store
-                .begin(&c, &format!("k{i}"), [0; 32], TTL)
+                .begin(&c, &format!("k{i}"), [0; 32], TTL, 1000)
                 .await
                 .unwrap()
             {

@@ -134,7 +134,13 @@ where
     // a few times: each round is another caller's attempt ending).
     for _ in 0..8 {
         let begin = store
-            .begin(&client.name, &key, fp, settings.idempotency.ttl)
+            .begin(
+                &client.name,
+                &key,
+                fp,
+                settings.idempotency.ttl,
+                settings.idempotency.max_keys,
+            )
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "idempotency store unavailable");

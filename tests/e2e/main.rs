@@ -7,6 +7,7 @@ mod checkpoint;
 mod common;
 mod credits;
 mod hostile;
+mod idempotency;
 mod inbound_tls;
 mod ledger_disk;
 mod limits;
