@@ -162,7 +162,7 @@ pub fn render(
             r.credits
         );
     }
-    body.push_str("</table><p class=\"muted\">cached and coalesced answers cost nothing: each is a credit the gateway saved.</p></section>");
+    body.push_str("</table><p class=\"muted\">cached, coalesced and replayed answers cost nothing: each is a call the gateway saved.</p></section>");
 
     format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8"><title>linkup-gateway — credits</title>
