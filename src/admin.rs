@@ -330,6 +330,7 @@ pub fn redacted_config(s: &Settings) -> serde_json::Value {
             "rules": s.rate_limit.rules.iter().map(|r| json!({
                 "name": r.name, "path": r.path.as_str(), "action": r.action,
                 "per_account": r.per_account.to_string(), "burst": r.burst, "shadow": r.shadow,
+                "on_limit": if r.pacing.is_some() { "delay" } else { "refuse" }, "max_delay": r.pacing.map(d),
             })).collect::<Vec<_>>(),
         },
         "checkpoint": {"coalesce": s.checkpoint_coalesce},

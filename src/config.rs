@@ -242,6 +242,10 @@ pub struct RawRule {
     pub burst: Option<u32>,
     #[serde(default)]
     pub shadow: bool,
+    /// `"refuse"` (default): 429 at once; `"delay"`: wait for the next slot.
+    pub on_limit: Option<String>,
+    /// With `on_limit = "delay"`: the longest wait (default 30 s); a slot further away is 429.
+    pub max_delay: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -656,6 +660,8 @@ pub struct RuleSettings {
     pub per_account: Quota,
     pub burst: u32,
     pub shadow: bool,
+    /// `on_limit = "delay"`: requests over the limit wait up to this long for their slot.
+    pub pacing: Option<Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -1248,6 +1254,37 @@ fn validate(
             Some(a) => format!("{} {}", r.path, a),
             None => r.path.clone(),
         });
+        let pacing = match r.on_limit.as_deref() {
+            None | Some("refuse") => {
+                if r.max_delay.is_some() {
+                    p.push(
+                        format!("rate_limit.rules[{i}].max_delay"),
+                        "only applies with on_limit = \"delay\"",
+                    );
+                }
+                None
+            }
+            Some("delay") => {
+                let d = p.duration(
+                    &format!("rate_limit.rules[{i}].max_delay"),
+                    r.max_delay.as_deref().unwrap_or("30s"),
+                );
+                if d.is_zero() {
+                    p.push(
+                        format!("rate_limit.rules[{i}].max_delay"),
+                        "must be more than 0 (or use on_limit = \"refuse\")",
+                    );
+                }
+                Some(d)
+            }
+            Some(other) => {
+                p.push(
+                    format!("rate_limit.rules[{i}].on_limit"),
+                    format!("must be \"refuse\" or \"delay\", not {other:?}"),
+                );
+                None
+            }
+        };
         rules.push(RuleSettings {
             name,
             path: PathPattern::new(&r.path),
@@ -1255,6 +1292,7 @@ fn validate(
             per_account: q,
             burst: r.burst.unwrap_or(rl.burst.max(1)),
             shadow: r.shadow,
+            pacing,
         });
     }
 

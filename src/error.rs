@@ -69,6 +69,9 @@ pub enum GatewayError {
     /// kept: not sent again (409).
     #[error("{0}")]
     IdempotencyOutcomeUnknown(String),
+    /// The gateway is shutting down and cannot serve this request within its grace (503).
+    #[error("{0}")]
+    Draining(String),
 }
 
 impl GatewayError {
@@ -88,6 +91,7 @@ impl GatewayError {
             GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::IdempotencyKeyReused(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            GatewayError::Draining(_) => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::IdempotencyInFlight(_) | GatewayError::IdempotencyOutcomeUnknown(_) => {
                 StatusCode::CONFLICT
             }
@@ -111,6 +115,7 @@ impl GatewayError {
             GatewayError::NotFound(_) => "NOT_FOUND",
             GatewayError::MethodNotAllowed(_) => "METHOD_NOT_ALLOWED",
             GatewayError::IdempotencyKeyReused(_) => "IDEMPOTENCY_KEY_REUSED",
+            GatewayError::Draining(_) => "DRAINING",
             GatewayError::IdempotencyInFlight(_) => "IDEMPOTENCY_IN_FLIGHT",
             GatewayError::IdempotencyOutcomeUnknown(_) => "IDEMPOTENCY_OUTCOME_UNKNOWN",
         }
@@ -121,6 +126,7 @@ impl GatewayError {
             GatewayError::Overloaded { .. }
             | GatewayError::LedgerUnavailable
             | GatewayError::StoreUnavailable(_)
+            | GatewayError::Draining(_)
             | GatewayError::AnswerOverBudget { .. } => Blame::Gateway,
             GatewayError::UpstreamUnavailable { .. } | GatewayError::UpstreamTimeout(_) => {
                 Blame::Upstream
@@ -139,6 +145,7 @@ impl GatewayError {
             GatewayError::Overloaded { .. }
             | GatewayError::StoreUnavailable(_)
             | GatewayError::IdempotencyInFlight(_)
+            | GatewayError::Draining(_)
             | GatewayError::AnswerOverBudget { .. } => Some(1),
             GatewayError::LedgerUnavailable => Some(5),
             _ => None,

@@ -157,6 +157,11 @@ impl Limiter {
     }
 
     /// Forget subjects whose buckets are full again (indistinguishable from new ones).
+    /// The time one request takes of the quota (period / count).
+    pub fn emission(&self) -> Duration {
+        self.emission
+    }
+
     pub fn evict_idle(&self) {
         self.keyed.retain_recent();
         self.keyed.shrink_to_fit();
@@ -183,6 +188,92 @@ pub struct Rule {
     pub action: Option<String>,
     pub limiter: Arc<Limiter>,
     pub shadow: bool,
+    /// `on_limit = "delay"`: the longest wait for a slot.
+    pub pacing: Option<Duration>,
+}
+
+/// Pacing queues: one per (rule, account) with requests waiting for their slot, first come
+/// first served (a fair `tokio` mutex: the head of the queue holds it while it waits). An
+/// entry lives while someone waits on it; reloads keep them.
+/// A pacing queue's rule name and account.
+type QueueKey = (Arc<str>, Arc<str>);
+
+#[derive(Debug, Default)]
+pub struct Queues {
+    gates: std::sync::Mutex<HashMap<QueueKey, Arc<Gate>>>,
+    /// Requests waiting now, over every queue.
+    pub waiting: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+pub struct Gate {
+    pub turn: tokio::sync::Mutex<()>,
+    /// Requests in this queue, the one at its head included.
+    pub queued: std::sync::atomic::AtomicUsize,
+}
+
+/// A place in a pacing queue; leaving it (answered, refused or hung up) gives it back.
+pub struct Place {
+    queues: Arc<Queues>,
+    key: QueueKey,
+    pub gate: Arc<Gate>,
+    /// How many were queued ahead when it joined.
+    pub ahead: usize,
+}
+
+impl Queues {
+    /// Join the queue of `rule` for `account`.
+    pub fn join(self: &Arc<Self>, rule: &Arc<str>, account: &Arc<str>) -> Place {
+        use std::sync::atomic::Ordering;
+        let key = (rule.clone(), account.clone());
+        // Counted under the map's lock, so a last leaver never removes a queue just joined.
+        let (gate, ahead) = {
+            let mut gates = self
+                .gates
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let gate = gates.entry(key.clone()).or_default().clone();
+            let ahead = gate.queued.fetch_add(1, Ordering::AcqRel);
+            (gate, ahead)
+        };
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        Place {
+            queues: self.clone(),
+            key,
+            gate,
+            ahead,
+        }
+    }
+
+    /// Queues with someone in them (tests).
+    pub fn len(&self) -> usize {
+        self.gates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering;
+        self.queues.waiting.fetch_sub(1, Ordering::Relaxed);
+        if self.gate.queued.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let mut gates = self
+                .queues
+                .gates
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Nobody joined since: the queue goes.
+            if self.gate.queued.load(Ordering::Acquire) == 0 {
+                gates.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// Accounts held back after the upstream said RATE_LIMITED. Rare, so a lock is fine, and the
@@ -245,6 +336,9 @@ pub struct Limits {
     pub clients: HashMap<Arc<str>, Arc<Limiter>>,
     pub cooldowns: Arc<Cooldowns>,
     pub cooldown: Duration,
+    pub queues: Arc<Queues>,
+    /// Some rule paces (`on_limit = "delay"`).
+    pub paces: bool,
 }
 
 impl Limits {
@@ -274,6 +368,7 @@ impl Limits {
                 action: r.action.clone(),
                 limiter: make(&r.name, r.per_account, r.burst),
                 shadow: r.shadow,
+                pacing: r.pacing,
             })
             .collect();
         let mut clients = HashMap::new();
@@ -298,22 +393,29 @@ impl Limits {
             clients,
             cooldowns: previous.map(|p| p.cooldowns.clone()).unwrap_or_default(),
             cooldown: rl.upstream_429_cooldown,
+            queues: previous.map(|p| p.queues.clone()).unwrap_or_default(),
+            paces: rl.rules.iter().any(|r| r.pacing.is_some()),
         }
     }
 
     /// The limiter for a request: the first rule matching path (and action), else the default.
     pub fn for_request(&self, path: &str, action: Option<&str>) -> (&Arc<Limiter>, bool) {
-        for r in &self.rules {
+        match self.rule_for(path, action) {
+            Some(r) => (&r.limiter, r.shadow),
+            None => (&self.default, self.default_shadow),
+        }
+    }
+
+    /// The first rule matching path (and action).
+    pub fn rule_for(&self, path: &str, action: Option<&str>) -> Option<&Rule> {
+        self.rules.iter().find(|r| {
             let action_ok = match (&r.action, action) {
                 (None, _) => true,
                 (Some(want), Some(got)) => want == got,
                 (Some(_), None) => false,
             };
-            if action_ok && r.path.matches(path) {
-                return (&r.limiter, r.shadow);
-            }
-        }
-        (&self.default, self.default_shadow)
+            action_ok && r.path.matches(path)
+        })
     }
 
     fn all(&self) -> impl Iterator<Item = &Arc<Limiter>> {

@@ -208,6 +208,8 @@ pub struct Metrics {
     pub status_cache_entries: Family<StatusLabels, Gauge>,
     pub rate_limited: Family<RateLimitedLabels, Counter>,
     pub rate_limit_tracked: Gauge,
+    pub rate_limit_queued: Gauge,
+    pub rate_limit_waited: Counter<f64, std::sync::atomic::AtomicU64>,
     pub credits_consumed: Family<ActionLabels, Counter>,
     pub action_labels: LabelCap,
     /// Only filled with `metrics.per_account = true` (one series per account: cardinality!).
@@ -383,6 +385,18 @@ impl Default for Metrics {
             "Requests over a rate limit, by client and reason (client, account, rule name, cooldown); shadow=true: counted, not refused",
             rate_limited.clone(),
         );
+        let rate_limit_queued = Gauge::default();
+        registry.register(
+            "rate_limit_queued",
+            "Requests waiting for their slot under an on_limit = \"delay\" rule",
+            rate_limit_queued.clone(),
+        );
+        let rate_limit_waited = Counter::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "rate_limit_waited_seconds",
+            "Seconds requests spent waiting for their slot under on_limit = \"delay\" rules",
+            rate_limit_waited.clone(),
+        );
         let rate_limit_tracked = Gauge::default();
         registry.register(
             "rate_limit_tracked_subjects",
@@ -392,6 +406,8 @@ impl Default for Metrics {
         Metrics {
             rate_limited,
             rate_limit_tracked,
+            rate_limit_queued,
+            rate_limit_waited,
             credits_consumed,
             action_labels: LabelCap::default(),
             account_credits,

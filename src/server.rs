@@ -269,6 +269,7 @@ impl Gateway {
     /// finish, then the admin listener stops too.
     pub async fn shutdown(self) {
         self.process.draining.store(true, Ordering::SeqCst);
+        self.process.drain_started.notify_waiters();
         let _ = self.stop_data.send(true);
         let _ = self.data_task.await;
         // Budget settles still on their way to the fleet store go before the process does.

@@ -49,6 +49,8 @@ pub struct Process {
     /// Bytes held by buffered upstream answers, across config generations (an answer of the
     /// previous generation still holds its bytes after a reload).
     pub answer_budget: Arc<AnswerBudget>,
+    /// Woken when draining starts (requests waiting for a paced slot look at the grace).
+    pub drain_started: tokio::sync::Notify,
 }
 
 impl Default for Process {
@@ -83,6 +85,7 @@ impl Process {
             fleet,
             webhook_owners: WebhookOwners::default(),
             idempotency: Arc::new(IdempotencyStore::in_memory()),
+            drain_started: tokio::sync::Notify::new(),
             answer_budget: Arc::new(AnswerBudget::default()),
         }
     }

@@ -149,12 +149,17 @@ fn check_local(
     path: &str,
     ctx: &RequestContext,
     client: &ClientSettings,
+    paced: bool,
 ) -> Result<Passed, GatewayError> {
     let limits = &shared.limits;
     let account = ctx.account_id.as_ref();
     let (limiter, shadow) = limits.for_request(path, ctx.action.as_deref());
     if let Some(a) = account {
         if let Some(left) = limits.cooldowns.remaining(a) {
+            if paced && !limits.default_shadow {
+                // A paced request waits this out; only a final refusal is counted.
+                return Err(cooldown_refusal(shared, a, left));
+            }
             count(shared, client, Arc::from("cooldown"), limits.default_shadow);
             if limits.default_shadow {
                 tracing::info!(account = %a, shadow = true, "would refuse: upstream 429 cooldown");
@@ -173,8 +178,11 @@ fn check_local(
             ratelimit_item(limiter, remaining, reset),
         ))),
         Verdict::Deny { wait } => {
-            count(shared, client, limiter.name.clone(), shadow);
             let message = limit_message(limiter, account, client, wait);
+            if paced && !shadow {
+                return Err(limit_refusal(limiter, message, wait));
+            }
+            count(shared, client, limiter.name.clone(), shadow);
             if shadow {
                 tracing::info!(shadow = true, "would refuse: {message}");
                 Ok(None)
@@ -194,8 +202,8 @@ async fn check_fleet(
     path: &str,
     ctx: &RequestContext,
     client: &ClientSettings,
-    cost: u64,
-    day: i64,
+    (cost, day): (u64, i64),
+    paced: bool,
 ) -> Result<Result<(Passed, Arc<str>), GatewayError>, Unavailable> {
     let limits = &shared.limits;
     let account = ctx.account_id.as_ref();
@@ -204,7 +212,9 @@ async fn check_fleet(
     // RATE_LIMITED answer came while the store was down (the store never heard of it).
     let local_cooldown = account.and_then(|a| limits.cooldowns.remaining(a).map(|l| (a, l)));
     if let (Some((a, left)), false) = (local_cooldown, limits.default_shadow) {
-        count(shared, client, Arc::from("cooldown"), false);
+        if !paced {
+            count(shared, client, Arc::from("cooldown"), false);
+        }
         return Ok(Err(cooldown_refusal(shared, a, left)));
     }
     let subject = match account {
@@ -281,12 +291,16 @@ async fn check_fleet(
             standing,
         } => Err(match part {
             Part::Cooldown => {
-                count(shared, client, Arc::from("cooldown"), false);
+                if !paced {
+                    count(shared, client, Arc::from("cooldown"), false);
+                }
                 let a = account.map(|a| &**a).unwrap_or("");
                 cooldown_refusal(shared, a, wait)
             }
             Part::Limit => {
-                count(shared, client, limiter.name.clone(), false);
+                if !paced {
+                    count(shared, client, limiter.name.clone(), false);
+                }
                 limit_refusal(limiter, limit_message(limiter, account, client, wait), wait)
             }
             Part::Client => {
@@ -334,69 +348,209 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<Bytes>) -> Self::Future {
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
         let shared = self.shared.clone();
-        let Some(fleet) = shared.process.fleet.clone() else {
-            // Embedded mode: nothing of fleet mode on this path.
-            let (Some(ctx), Some(client)) = (
-                req.extensions().get::<RequestContext>(),
-                req.extensions().get::<Arc<ClientSettings>>(),
-            ) else {
-                // Not classified (a test stack without classify): nothing to key on.
-                return Box::pin(self.inner.call(req));
-            };
-            let passed = match check_local(&shared, req.uri().path(), ctx, client) {
+        let (Some(ctx), Some(client)) = (
+            req.extensions().get::<RequestContext>(),
+            req.extensions().get::<Arc<ClientSettings>>(),
+        ) else {
+            // Not classified (a test stack without classify): nothing to key on.
+            return Box::pin(self.inner.call(req));
+        };
+        if shared.limits.paces {
+            if let (Some(account), Some(rule)) = (
+                &ctx.account_id,
+                shared
+                    .limits
+                    .rule_for(req.uri().path(), ctx.action.as_deref()),
+            ) {
+                if let (Some(max_delay), false) = (rule.pacing, rule.shadow) {
+                    let pace = Pace {
+                        limiter: rule.limiter.clone(),
+                        account: account.clone(),
+                        max_delay,
+                    };
+                    let (ctx, client) = (ctx.clone(), client.clone());
+                    let inner = take_ready(&mut self.inner);
+                    return Box::pin(paced(shared, inner, req, ctx, client, pace));
+                }
+            }
+        }
+        if shared.process.fleet.is_none() {
+            // Embedded mode: nothing of fleet mode on this path, and nothing awaited.
+            let passed = match check_local(&shared, req.uri().path(), ctx, client, false) {
                 Ok(p) => p,
                 Err(e) => return Box::pin(async move { Err(e) }),
             };
             let account = ctx.account_id.clone();
             let inner = take_ready(&mut self.inner);
             return Box::pin(forward(shared, inner, req, account, passed));
-        };
-        let (Some(ctx), Some(client)) = (
-            req.extensions().get::<RequestContext>().cloned(),
-            req.extensions().get::<Arc<ClientSettings>>().cloned(),
-        ) else {
-            return Box::pin(self.inner.call(req));
-        };
+        }
+        let (ctx, client) = (ctx.clone(), client.clone());
         let inner = take_ready(&mut self.inner);
         Box::pin(async move {
-            let path = req.uri().path().to_owned();
-            let cost = shared.settings.costs.expected(&path, ctx.action.as_deref());
-            let day = utc_day(now_ms());
-            let decided = if fleet.is_up() {
-                check_fleet(&shared, &fleet, &path, &ctx, &client, cost, day).await
-            } else {
-                Err(Unavailable)
-            };
-            let passed = match decided {
-                Ok(Ok((passed, marker))) => {
-                    req.extensions_mut()
-                        .insert(FleetReserved { cost, day, marker });
-                    passed
-                }
-                Ok(Err(refusal)) => return Err(refusal),
-                Err(Unavailable) => {
-                    if cost > 0 && fleet.budgets_on_failure == OnFailure::Deny {
-                        // Refused before a local limit cell is taken for it.
-                        fleet.fell_back("budgets", OnFailure::Deny);
-                        return Err(GatewayError::StoreUnavailable(
-                            "the shared budget store is unavailable and fleet.on_store_failure.budgets is \"deny\"; requests that cost credits are refused until it is back; retry shortly".into(),
-                        ));
-                    }
-                    if cost > 0 && fleet.limits_on_failure == OnFailure::Deny {
-                        fleet.fell_back("limits", OnFailure::Deny);
-                        return Err(GatewayError::StoreUnavailable(
-                            "the shared rate-limit store is unavailable and fleet.on_store_failure.limits is \"deny\"; retry shortly".into(),
-                        ));
-                    }
-                    fleet.fell_back("limits", OnFailure::Local);
-                    // The per-client limit was already checked per replica (client_limit).
-                    check_local(&shared, &path, &ctx, &client)?
-                }
-            };
+            let mut req = req;
+            let passed = decide(&shared, &mut req, &ctx, &client, false).await?;
             forward(shared, inner, req, ctx.account_id, passed).await
         })
+    }
+}
+
+/// The admission decision, embedded or fleet (with the store's failure policy). `paced`: a
+/// limit or cooldown refusal is not counted (the caller will wait and ask again).
+async fn decide(
+    shared: &Shared,
+    req: &mut Request<Bytes>,
+    ctx: &RequestContext,
+    client: &ClientSettings,
+    paced: bool,
+) -> Result<Passed, GatewayError> {
+    let Some(fleet) = shared.process.fleet.clone() else {
+        return check_local(shared, req.uri().path(), ctx, client, paced);
+    };
+    let path = req.uri().path().to_owned();
+    let cost = shared.settings.costs.expected(&path, ctx.action.as_deref());
+    let day = utc_day(now_ms());
+    let decided = if fleet.is_up() {
+        check_fleet(shared, &fleet, &path, ctx, client, (cost, day), paced).await
+    } else {
+        Err(Unavailable)
+    };
+    match decided {
+        Ok(Ok((passed, marker))) => {
+            req.extensions_mut()
+                .insert(FleetReserved { cost, day, marker });
+            Ok(passed)
+        }
+        Ok(Err(refusal)) => Err(refusal),
+        Err(Unavailable) => {
+            if cost > 0 && fleet.budgets_on_failure == OnFailure::Deny {
+                // Refused before a local limit cell is taken for it.
+                fleet.fell_back("budgets", OnFailure::Deny);
+                return Err(GatewayError::StoreUnavailable(
+                    "the shared budget store is unavailable and fleet.on_store_failure.budgets is \"deny\"; requests that cost credits are refused until it is back; retry shortly".into(),
+                ));
+            }
+            if cost > 0 && fleet.limits_on_failure == OnFailure::Deny {
+                fleet.fell_back("limits", OnFailure::Deny);
+                return Err(GatewayError::StoreUnavailable(
+                    "the shared rate-limit store is unavailable and fleet.on_store_failure.limits is \"deny\"; retry shortly".into(),
+                ));
+            }
+            fleet.fell_back("limits", OnFailure::Local);
+            // The per-client limit was already checked per replica (client_limit).
+            check_local(shared, &path, ctx, client, paced)
+        }
+    }
+}
+
+/// An `on_limit = "delay"` rule's request: its limiter, account and longest wait.
+struct Pace {
+    limiter: Arc<Limiter>,
+    account: Arc<str>,
+    max_delay: Duration,
+}
+
+/// Wait for the slot, first come first served per account and rule: the head of the queue
+/// asks, and sleeps until its slot, while the rest wait their turn behind it. A request whose
+/// slot is beyond `max_delay` is refused at once (429, as without pacing); one whose caller
+/// hangs up leaves the queue (and takes no slot); while draining, one whose slot falls after
+/// `shutdown_grace` is answered 503. No credit is reserved while waiting (credits is below).
+async fn paced<S>(
+    shared: Arc<Shared>,
+    inner: S,
+    mut req: Request<Bytes>,
+    ctx: RequestContext,
+    client: Arc<ClientSettings>,
+    pace: Pace,
+) -> Result<Response<Bytes>, GatewayError>
+where
+    S: Service<Request<Bytes>, Response = Response<Bytes>, Error = GatewayError>,
+{
+    let m = &shared.process.metrics;
+    let queues = shared.limits.queues.clone();
+    let place = queues.join(&pace.limiter.name, &pace.account);
+    let _queued = QueuedGauge::new(&shared);
+    let start = tokio::time::Instant::now();
+    let refuse = |wait: Duration| {
+        count(&shared, &client, pace.limiter.name.clone(), false);
+        limit_refusal(
+            &pace.limiter,
+            limit_message(&pace.limiter, Some(&pace.account), &client, wait),
+            wait,
+        )
+    };
+    // The ones ahead each take one slot first.
+    let ahead = pace
+        .limiter
+        .emission()
+        .saturating_mul(u32::try_from(place.ahead).unwrap_or(u32::MAX));
+    if ahead > pace.max_delay {
+        return Err(refuse(ahead));
+    }
+    let turn = place.gate.turn.lock().await;
+    let passed = loop {
+        match decide(&shared, &mut req, &ctx, &client, true).await {
+            Ok(p) => break p,
+            Err(GatewayError::RateLimited { retry_after, .. }) => {
+                let waited = start.elapsed();
+                if waited + retry_after > pace.max_delay {
+                    return Err(refuse(retry_after));
+                }
+                let drain = shared.process.drain_started.notified();
+                tokio::pin!(drain);
+                drain.as_mut().enable();
+                if shared
+                    .process
+                    .draining
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                {
+                    if retry_after > shared.settings.server.shutdown_grace {
+                        return Err(draining(retry_after));
+                    }
+                    tokio::time::sleep(retry_after).await;
+                    continue;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(retry_after) => {}
+                    _ = &mut drain => {
+                        let left = retry_after.saturating_sub(start.elapsed() - waited);
+                        if left > shared.settings.server.shutdown_grace {
+                            return Err(draining(left));
+                        }
+                    }
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    drop(turn);
+    drop(place);
+    m.rate_limit_waited.inc_by(start.elapsed().as_secs_f64());
+    forward(shared, inner, req, ctx.account_id, passed).await
+}
+
+fn draining(wait: Duration) -> GatewayError {
+    GatewayError::Draining(format!(
+        "the gateway is shutting down and this request's slot is {} s away, after its shutdown grace; retry on another instance",
+        secs(wait)
+    ))
+}
+
+/// `linkup_gateway_rate_limit_queued`: one while a paced request waits.
+struct QueuedGauge(prometheus_client::metrics::gauge::Gauge);
+
+impl QueuedGauge {
+    fn new(shared: &Shared) -> QueuedGauge {
+        let g = shared.process.metrics.rate_limit_queued.clone();
+        g.inc();
+        QueuedGauge(g)
+    }
+}
+
+impl Drop for QueuedGauge {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -12,6 +12,7 @@ mod inbound_tls;
 mod ledger_disk;
 mod limits;
 mod operations;
+mod pacing;
 mod proxy;
 mod scopes;
 mod secrets;
