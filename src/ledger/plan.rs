@@ -14,6 +14,9 @@ pub(super) struct Dialect {
     sum_cast: &'static str,
     /// A derived table needs an alias in PostgreSQL.
     alias: &'static str,
+    /// Appended to each key where rows are ordered and compared with a cursor: byte order in
+    /// both backends (SQLite's default; PostgreSQL's default follows the database's locale).
+    collate: &'static str,
 }
 
 impl Dialect {
@@ -21,27 +24,46 @@ impl Dialect {
         placeholder: '?',
         sum_cast: "",
         alias: "",
+        collate: "",
     };
     pub(super) const POSTGRES: Dialect = Dialect {
         placeholder: '$',
         sum_cast: "::BIGINT",
         alias: " AS u",
+        collate: " COLLATE \"C\"",
     };
 }
 
-/// The SQL of a usage query and its bounds: the smallest aggregates that can answer it.
-/// Grouping by account needs the tables with the account, otherwise the roll-ups without it
+/// The SQL of one page of a usage query and its bounds: the smallest aggregates that can answer
+/// it. Grouping by account needs the tables with the account, otherwise the roll-ups without it
 /// serve; grouping by day needs a daily table, otherwise whole months come from a monthly
 /// table and the days before and after them from the daily one.
-pub(super) fn usage_sql(by: &[GroupBy], from: Date, to: Date, d: Dialect) -> (String, Vec<String>) {
+///
+/// Pages are read by keyset: with `after`, only keys after the cursor's (`by.len()` more
+/// parameters, bound after the returned bounds) are read, in every source table before they are
+/// grouped, and at most `limit + 1` groups come back (the one past `limit` tells that more
+/// follow). Never OFFSET, which would read and drop every row of the pages before.
+pub(super) fn usage_sql(
+    by: &[GroupBy],
+    from: Date,
+    to: Date,
+    d: Dialect,
+    after: bool,
+    limit: usize,
+) -> (String, Vec<String>) {
     // Column names come from the enum, never from the caller's text.
     let keys = by.iter().map(|g| column(*g)).collect::<Vec<_>>().join(", ");
+    let ordered = by
+        .iter()
+        .map(|g| format!("{}{}", column(*g), d.collate))
+        .collect::<Vec<_>>()
+        .join(", ");
     let (select, group) = if by.is_empty() {
         (String::new(), String::new())
     } else {
         (
             format!("{keys}, "),
-            format!(" GROUP BY {keys} ORDER BY {keys}"),
+            format!(" GROUP BY {keys} ORDER BY {ordered} LIMIT {}", limit + 1),
         )
     };
     let cast = d.sum_cast;
@@ -51,7 +73,7 @@ pub(super) fn usage_sql(by: &[GroupBy], from: Date, to: Date, d: Dialect) -> (St
              COALESCE(SUM(credits), 0){cast} FROM {source}{group}"
         )
     };
-    let p = |i: u8| format!("{}{i}", d.placeholder);
+    let p = |i: usize| format!("{}{i}", d.placeholder);
     let (daily, monthly) = if by.contains(&GroupBy::Account) {
         ("usage_daily", "usage_monthly")
     } else {
@@ -62,9 +84,25 @@ pub(super) fn usage_sql(by: &[GroupBy], from: Date, to: Date, d: Dialect) -> (St
     } else {
         whole_months(from, to)
     };
+    // `AND (keys) > (cursor)`, its parameters numbered after the `bounds` ones.
+    let keyset = |bounds: usize| {
+        if !after || by.is_empty() {
+            return String::new();
+        }
+        let params = (1..=by.len())
+            .map(|i| p(bounds + i))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(" AND ({ordered}) > ({params})")
+    };
     let Some((first, last)) = months else {
         return (
-            sql(&format!("{daily} WHERE day BETWEEN {} AND {}", p(1), p(2))),
+            sql(&format!(
+                "{daily} WHERE day BETWEEN {} AND {}{}",
+                p(1),
+                p(2),
+                keyset(2)
+            )),
             vec![day_key(from), day_key(to)],
         );
     };
@@ -78,11 +116,12 @@ pub(super) fn usage_sql(by: &[GroupBy], from: Date, to: Date, d: Dialect) -> (St
         Some(after) if last < to => [day_key(after), day_key(to)],
         _ => none(),
     };
+    let k = keyset(6);
     let source = format!(
-        "(SELECT {select}requests, credits FROM {daily} WHERE day BETWEEN {} AND {} \
-         UNION ALL SELECT {select}requests, credits FROM {daily} WHERE day BETWEEN {} AND {} \
+        "(SELECT {select}requests, credits FROM {daily} WHERE day BETWEEN {} AND {}{k} \
+         UNION ALL SELECT {select}requests, credits FROM {daily} WHERE day BETWEEN {} AND {}{k} \
          UNION ALL SELECT {select}requests, credits FROM {monthly} \
-             WHERE month BETWEEN {} AND {}){}",
+             WHERE month BETWEEN {} AND {}{k}){}",
         p(1),
         p(2),
         p(3),

@@ -35,7 +35,7 @@ use tokio::sync::oneshot;
 
 use super::journal::{self, Journal};
 use super::plan::{usage_row, usage_sql, Dialect};
-use super::{day_key, GroupBy, Ledger, LedgerError, Row, UsageQuery, UsageRow};
+use super::{day_key, GroupBy, Ledger, LedgerError, Row, UsagePage, UsageQuery};
 use crate::config::LedgerSync;
 use crate::layers::BoxFuture;
 
@@ -559,27 +559,54 @@ impl Ledger for SqliteLedger {
             .map_err(|e| self.query_error(e))
     }
 
-    fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, LedgerError> {
+    fn usage_page(
+        &self,
+        q: &UsageQuery,
+        after: Option<&[String]>,
+        limit: usize,
+    ) -> Result<UsagePage, LedgerError> {
+        let limit = limit.max(1);
         let mut by: Vec<GroupBy> = Vec::with_capacity(q.by.len());
         for key in &q.by {
             if !by.contains(key) {
                 by.push(*key);
             }
         }
-        let (sql, bounds) = usage_sql(&by, q.from_day, q.to_day, Dialect::SQLITE);
+        let after = match after {
+            // Keys of another shape cannot come from a page of this query.
+            Some(a) if a.len() != by.len() || by.is_empty() => {
+                return Ok(UsagePage {
+                    rows: Vec::new(),
+                    next: None,
+                })
+            }
+            other => other,
+        };
+        let (sql, mut params) = usage_sql(
+            &by,
+            q.from_day,
+            q.to_day,
+            Dialect::SQLITE,
+            after.is_some(),
+            limit,
+        );
+        params.extend(after.into_iter().flatten().cloned());
         self.fold_now();
+        // The reader is held for this one statement (at most `limit + 1` rows), on the caller's
+        // blocking thread; the writer has its own connection (WAL: readers never block it).
         let conn = self.reader();
         let mut stmt = conn.prepare_cached(&sql).map_err(|e| self.query_error(e))?;
         let rows = stmt
-            .query_map(rusqlite::params_from_iter(&bounds), |r| {
+            .query_map(rusqlite::params_from_iter(&params), |r| {
                 let keys = (0..by.len())
                     .map(|i| r.get::<_, String>(i))
                     .collect::<Result<Vec<_>, _>>()?;
                 Ok(usage_row(&by, keys, r.get(by.len())?, r.get(by.len() + 1)?))
             })
+            .map_err(|e| self.query_error(e))?
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.query_error(e))?;
-        rows.collect::<Result<_, _>>()
-            .map_err(|e| self.query_error(e))
+        Ok(UsagePage::from_rows(rows, &by, limit))
     }
 
     fn flush(&self) -> BoxFuture<Result<(), LedgerError>> {
