@@ -408,6 +408,96 @@ mod tests {
     }
 
     #[test]
+    fn limits_are_bounded() {
+        assert_eq!(parse_limit("1"), Ok(1));
+        assert_eq!(parse_limit("10000"), Ok(MAX_LIMIT));
+        for bad in ["0", "10001", "-1", "ten", "", "1e3"] {
+            assert!(
+                parse_limit(bad).unwrap_err().contains("1 to 10000"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn cursors_round_trip_and_belong_to_their_query() {
+        let q = query(
+            Some("2026-01-01"),
+            Some("2026-01-31"),
+            Some("client,account"),
+        )
+        .unwrap();
+        let after = vec!["crm".to_string(), "acc,\"ä\u{0}".to_string()];
+        let c = encode_cursor(&q, &after);
+        assert!(c.bytes().all(|b| b.is_ascii_hexdigit()), "{c}");
+        let d = decode_cursor(&c).unwrap();
+        assert_eq!((d.from_day, d.to_day), (q.from_day, q.to_day));
+        assert_eq!(
+            (d.by.clone(), d.after.clone()),
+            (q.by.clone(), after.clone())
+        );
+        // Alone, the cursor is the query; with the same parameters too.
+        for (from, to, by) in [
+            (None, None, None),
+            (
+                Some("2026-01-01"),
+                Some("2026-01-31"),
+                Some("client,account"),
+            ),
+        ] {
+            let p = paged_query(from, to, by, Some(&c)).unwrap();
+            assert_eq!(p.query.by, q.by);
+            assert_eq!((p.query.from_day, p.query.to_day), (q.from_day, q.to_day));
+            assert_eq!(p.after.as_deref(), Some(&after[..]));
+        }
+        // Another query's cursor is refused.
+        for (from, to, by) in [
+            (Some("2026-01-02"), None, None),
+            (None, Some("2026-02-01"), None),
+            (None, None, Some("account,client")),
+            (None, None, Some("client")),
+        ] {
+            let e = paged_query(from, to, by, Some(&c)).unwrap_err();
+            assert!(e.contains("another query"), "{e}");
+        }
+        // Garbled, truncated, foreign or hand-made: refused.
+        let mut flipped = c.clone().into_bytes();
+        flipped[3] = if flipped[3] == b'0' { b'1' } else { b'0' };
+        let hand = hex::encode(
+            br#"{"v":1,"from":"2026-01-01","to":"2026-01-31","by":["client"],"after":["a","b"]}"#,
+        );
+        for bad in [
+            "",
+            "zz",
+            "not a cursor",
+            &c[..c.len() - 2],
+            &String::from_utf8(flipped).unwrap(),
+            &hand,
+            &hex::encode(b"{}"),
+            &"ab".repeat(10_000),
+        ] {
+            let e = paged_query(None, None, None, Some(bad)).unwrap_err();
+            assert!(e.starts_with("cursor:"), "{bad}: {e}");
+        }
+        let p = paged_query(None, None, Some("day"), None).unwrap();
+        assert!(p.after.is_none());
+    }
+
+    #[test]
+    fn a_table_written_page_by_page_keeps_one_header_and_the_total() {
+        let by = [GroupBy::Client, GroupBy::Day];
+        let mut t = TableWriter::new(&by);
+        let mut out = t.page(&[row("crm", "2026-11-24", 3, 5)]);
+        out.push_str(&t.page(&[row("a-much-longer-name", "2026-11-25", 1, 1)]));
+        out.push_str(&t.finish("TOTAL"));
+        assert_eq!(out.matches("client").count(), 1, "{out}");
+        let last = out.lines().last().unwrap();
+        assert!(last.starts_with("TOTAL") && last.ends_with('6'), "{out}");
+        let empty = TableWriter::new(&by).finish("TOTAL");
+        assert!(empty.starts_with("client") && empty.lines().last().unwrap().ends_with('0'));
+    }
+
+    #[test]
     fn csv_and_table_render_with_totals() {
         let rows = vec![
             row("crm", "2026-11-24", 3, 5),

@@ -208,6 +208,47 @@ mod tests {
     use time::macros::date;
 
     #[test]
+    fn pages_are_read_by_keyset_in_every_source_never_by_offset() {
+        let by = [GroupBy::Client, GroupBy::Account];
+        // Days only: one source.
+        let (sql, bounds) = usage_sql(
+            &by,
+            date!(2026 - 01 - 02),
+            date!(2026 - 01 - 03),
+            Dialect::SQLITE,
+            true,
+            50,
+        );
+        assert_eq!(bounds.len(), 2);
+        assert!(sql.contains("AND (client, account) > (?3, ?4)"), "{sql}");
+        assert!(sql.ends_with("ORDER BY client, account LIMIT 51"), "{sql}");
+        assert!(!sql.to_uppercase().contains("OFFSET"));
+        // Whole months and days around them: the cursor bounds each of the three sources.
+        let (sql, bounds) = usage_sql(
+            &by,
+            date!(2026 - 01 - 20),
+            date!(2026 - 03 - 10),
+            Dialect::POSTGRES,
+            true,
+            10,
+        );
+        assert_eq!(bounds.len(), 6);
+        let keyset = r#"AND (client COLLATE "C", account COLLATE "C") > ($7, $8)"#;
+        assert_eq!(sql.matches(keyset).count(), 3, "{sql}");
+        assert!(sql.contains(r#"ORDER BY client COLLATE "C", account COLLATE "C" LIMIT 11"#));
+        // The first page: no cursor.
+        let (sql, _) = usage_sql(
+            &by,
+            date!(2026 - 01 - 02),
+            date!(2026 - 01 - 03),
+            Dialect::SQLITE,
+            false,
+            10,
+        );
+        assert!(!sql.contains(" > ("), "{sql}");
+    }
+
+    #[test]
     fn whole_months_are_found_inside_a_range() {
         assert_eq!(
             whole_months(date!(2026 - 01 - 20), date!(2026 - 05 - 10)),

@@ -1802,6 +1802,107 @@ mod tests {
         }
     }
 
+    /// Every page of a query, walked with `limit` rows at a time.
+    fn walk(ledger: &dyn Ledger, q: &UsageQuery, limit: usize) -> Vec<crate::ledger::UsageRow> {
+        let mut all = Vec::new();
+        let mut after: Option<Vec<String>> = None;
+        let mut pages = 0;
+        loop {
+            let page = ledger.usage_page(q, after.as_deref(), limit).unwrap();
+            assert!(page.rows.len() <= limit);
+            pages += 1;
+            match page.next {
+                Some(next) => {
+                    // A page with a cursor after it is full, and the cursor is its last row.
+                    assert_eq!(page.rows.len(), limit);
+                    assert_eq!(page.rows.last().unwrap().keys(&q.by), next);
+                    all.extend(page.rows);
+                    after = Some(next);
+                }
+                None => {
+                    all.extend(page.rows);
+                    break;
+                }
+            }
+            assert!(pages < 100_000, "the walk does not end");
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn usage_pages_by_keyset_give_every_row_once_in_key_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = SqliteLedger::open(&dir.path().join("l.sqlite3"), LedgerSync::Async).unwrap();
+        let memory = crate::ledger::MemoryLedger::default();
+        // Keys that sort in byte order differently from a locale's: case, non-ASCII, empty,
+        // commas and quotes; days across a month boundary (the roll-up tables answer part).
+        let accounts = ["", "Zeta", "a,b", "ämter", "acc\"q", "=1+2"];
+        let start = date!(2026 - 01 - 25);
+        for i in 0..3_000u64 {
+            let day = start + time::Duration::days(i64::try_from(i % 40).unwrap());
+            let account = format!(
+                "{}{:04}",
+                accounts[usize::try_from(i % 6).unwrap()],
+                i % 1_500
+            );
+            let client = ["crm", "Ops", "bi"][usize::try_from(i % 3).unwrap()];
+            let action =
+                [None, Some("invite"), Some("search")][usize::try_from(i % 5 % 3).unwrap()];
+            let r = with(
+                row(day, client, Some(&account), action),
+                i % 4,
+                Outcome::ALL[usize::try_from(i % 7 % 4).unwrap()],
+            );
+            memory.record(r.clone()).await.unwrap();
+            ledger.record(r).await.unwrap();
+        }
+        ledger.flush().await.unwrap();
+        for (from, to) in [
+            (date!(2026 - 01 - 20), date!(2026 - 03 - 10)),
+            (date!(2026 - 02 - 01), date!(2026 - 02 - 28)),
+            (date!(2026 - 02 - 03), date!(2026 - 02 - 03)),
+        ] {
+            for by in [
+                "account",
+                "client,account",
+                "account,day",
+                "outcome,action,client",
+                "day",
+                "action",
+            ] {
+                let q = UsageQuery {
+                    from_day: from,
+                    to_day: to,
+                    by: GroupBy::parse_list(by).unwrap(),
+                };
+                let want = memory.usage(&q).unwrap();
+                let keys: Vec<Vec<String>> = want.iter().map(|r| r.keys(&q.by)).collect();
+                assert!(keys.windows(2).all(|w| w[0] < w[1]), "memory order");
+                // Small pages only where they are few (each is a query of its own).
+                let small = if want.len() <= 100 { 1 } else { 97 };
+                for limit in [small, 1_000, 10_000] {
+                    let got = walk(&ledger, &q, limit);
+                    assert_eq!(got, want, "{from}..={to} by {by} limit {limit}");
+                    assert_eq!(walk(&memory, &q, limit), want);
+                }
+            }
+        }
+        // After the last key: nothing; a cursor of another shape: nothing.
+        let q = UsageQuery {
+            from_day: start,
+            to_day: date!(2026 - 03 - 10),
+            by: vec![GroupBy::Account],
+        };
+        let page = ledger
+            .usage_page(&q, Some(&["\u{10FFFF}".to_string()]), 10)
+            .unwrap();
+        assert!(page.rows.is_empty() && page.next.is_none());
+        let page = ledger
+            .usage_page(&q, Some(&["a".to_string(), "b".to_string()]), 10)
+            .unwrap();
+        assert!(page.rows.is_empty() && page.next.is_none());
+    }
+
     #[test]
     fn a_file_from_a_newer_release_is_refused() {
         let dir = tempfile::tempdir().unwrap();
