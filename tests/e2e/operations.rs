@@ -408,6 +408,26 @@ async fn usage_pages_walk_every_row_once_and_csv_streams_them_all() {
     assert!(csv.headers.get("x-next-cursor").is_none());
     assert!(csv.body.starts_with(b"client,account,requests,credits\n"));
     assert_eq!(csv_lines(&csv.body), neutral);
+    // Sent in parts as the ledger is read (10 000 rows a read), not built whole first.
+    let resp = h
+        .http
+        .request(
+            Request::get(h.admin_url(&format!("/usage?{range}&format=csv")))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let (mut parts, mut bytes) = (0, 0);
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        if let Some(d) = frame.unwrap().data_ref() {
+            parts += 1;
+            bytes += d.len();
+        }
+    }
+    assert_eq!(bytes, csv.body.len());
+    assert!(parts >= want.len().div_ceil(10_000), "{parts} parts");
 
     // CSV with limit: that page, the next cursor in a header; the rest streamed after it.
     let page = h
