@@ -1,13 +1,16 @@
 //! The admin listener: health, readiness, metrics and the running config (redacted).
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body::Frame;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -18,6 +21,7 @@ use tokio::sync::watch;
 
 use crate::config::{AccountScope, Settings};
 use crate::layers::status_cache::StatusStore;
+use crate::ledger::{Ledger, LedgerError, UsagePage, UsageQuery, USAGE_READ_PAGE};
 use crate::server::Generation;
 use crate::shared::Process;
 
@@ -39,19 +43,21 @@ pub async fn serve(
                     let (process, current) = (process.clone(), current.clone());
                     async move {
                         if let Some(resp) = refuse_without_token(&req, &current) {
-                            return Ok::<_, Infallible>(resp);
+                            return Ok::<_, Infallible>(boxed(resp));
                         }
                         if let Some(resp) = purge_cache(&req, &current).await {
-                            return Ok::<_, Infallible>(resp);
+                            return Ok::<_, Infallible>(boxed(resp));
                         }
                         if req.method() == Method::GET {
                             match req.uri().path() {
                                 "/usage" => return Ok(usage(req.uri().query(), &process).await),
-                                "/dashboard" => return Ok(dashboard(&process, &current).await),
+                                "/dashboard" => {
+                                    return Ok(boxed(dashboard(&process, &current).await))
+                                }
                                 _ => {}
                             }
                         }
-                        Ok::<_, Infallible>(route(&req, &process, &current))
+                        Ok::<_, Infallible>(boxed(route(&req, &process, &current)))
                     }
                 });
                 let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc).into_owned());
@@ -61,6 +67,15 @@ pub async fn serve(
         }
     }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), graceful.shutdown()).await;
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An admin answer's body: whole (most) or streamed (`/usage` CSV).
+type Body = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+fn boxed(r: Response<Full<Bytes>>) -> Response<Body> {
+    r.map(|b| b.map_err(|never| match never {}).boxed())
 }
 
 fn text(status: StatusCode, ct: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -139,21 +154,38 @@ fn refuse_without_token(
     Some(r)
 }
 
-/// Run a ledger read off the async threads.
+/// Run a ledger read off the async threads (a blocking thread holds the SQLite reader for the
+/// one statement, never across an `.await`).
 async fn read_ledger<T: Send + 'static>(
-    process: &Process,
-    f: impl FnOnce(&dyn crate::ledger::Ledger) -> Result<T, crate::ledger::LedgerError> + Send + 'static,
+    ledger: Arc<dyn Ledger>,
+    f: impl FnOnce(&dyn Ledger) -> Result<T, LedgerError> + Send + 'static,
 ) -> Result<T, String> {
-    let ledger = process.ledger.clone();
     match tokio::task::spawn_blocking(move || f(ledger.as_ref())).await {
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
     }
 }
 
-/// `GET /usage?from=&to=&by=&format=json|csv`: ledger aggregates; default range today (UTC).
-async fn usage(query: Option<&str>, process: &Process) -> Response<Full<Bytes>> {
+/// One page of a usage query, off the async threads.
+async fn read_page(
+    ledger: Arc<dyn Ledger>,
+    q: UsageQuery,
+    after: Option<Vec<String>>,
+    limit: usize,
+) -> Result<UsagePage, String> {
+    read_ledger(ledger, move |l| l.usage_page(&q, after.as_deref(), limit)).await
+}
+
+/// `GET /usage?from=&to=&by=&format=json|csv&limit=&cursor=`: ledger aggregates, one page at a
+/// time, in key order; default range today (UTC).
+///
+/// JSON: `{"rows": [...], "next_cursor": "..." | null}`, at most `limit` rows (default
+/// [`crate::usage::DEFAULT_LIMIT`], at most [`crate::usage::MAX_LIMIT`]). CSV with `limit`: the
+/// same page, its cursor in `X-Next-Cursor`; CSV without: every row of the range (after
+/// `cursor` if given), streamed as the ledger is read page by page.
+async fn usage(query: Option<&str>, process: &Process) -> Response<Body> {
     const PLAIN: &str = "text/plain; charset=utf-8";
+    let bad = |e: String| boxed(text(StatusCode::BAD_REQUEST, PLAIN, format!("{e}\n")));
     let params: Vec<(String, String)> = form_urlencoded::parse(query.unwrap_or("").as_bytes())
         .into_owned()
         .collect();
@@ -161,33 +193,147 @@ async fn usage(query: Option<&str>, process: &Process) -> Response<Full<Bytes>> 
     let format = match get("format").map(crate::usage::Format::parse).transpose() {
         Ok(Some(crate::usage::Format::Table)) => crate::usage::Format::Csv,
         Ok(f) => f.unwrap_or(crate::usage::Format::Json),
-        Err(e) => return text(StatusCode::BAD_REQUEST, PLAIN, format!("{e}\n")),
+        Err(e) => return bad(e),
     };
-    let q = match crate::usage::query(get("from"), get("to"), get("by")) {
-        Ok(q) => q,
-        Err(e) => return text(StatusCode::BAD_REQUEST, PLAIN, format!("{e}\n")),
+    let limit = match get("limit").map(crate::usage::parse_limit).transpose() {
+        Ok(l) => l,
+        Err(e) => return bad(e),
     };
-    let by = q.by.clone();
-    match read_ledger(process, move |l| l.usage(&q)).await {
-        Ok(rows) => match format {
-            crate::usage::Format::Csv => text(
-                StatusCode::OK,
-                "text/csv; charset=utf-8",
-                crate::usage::csv(&rows, &by),
-            ),
-            _ => text(
-                StatusCode::OK,
-                "application/json",
-                crate::usage::json(&rows),
-            ),
-        },
-        Err(e) => text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, format!("{e}\n")),
+    let paged = match crate::usage::paged_query(get("from"), get("to"), get("by"), get("cursor")) {
+        Ok(p) => p,
+        Err(e) => return bad(e),
+    };
+    let (q, after) = (paged.query, paged.after);
+    let csv = format == crate::usage::Format::Csv;
+    let size = match limit {
+        Some(n) => n,
+        None if csv => USAGE_READ_PAGE,
+        None => crate::usage::DEFAULT_LIMIT,
+    };
+    // The first page before any header: a ledger that cannot be read is a 503, not a cut stream.
+    let page = match read_page(process.ledger.clone(), q.clone(), after, size).await {
+        Ok(page) => page,
+        Err(e) => {
+            return boxed(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                PLAIN,
+                format!("{e}\n"),
+            ))
+        }
+    };
+    if csv && limit.is_none() {
+        return csv_stream(process.ledger.clone(), q, page);
     }
+    let next = page
+        .next
+        .as_ref()
+        .map(|keys| crate::usage::encode_cursor(&q, keys));
+    if csv {
+        let mut body = crate::usage::csv_header(&q.by);
+        body.extend(crate::usage::csv_rows(&page.rows, &q.by));
+        let mut r = text(StatusCode::OK, "text/csv; charset=utf-8", body);
+        if let Some(v) = next.and_then(|n| HeaderValue::from_str(&n).ok()) {
+            r.headers_mut().insert("x-next-cursor", v);
+        }
+        return boxed(r);
+    }
+    boxed(text(
+        StatusCode::OK,
+        "application/json",
+        crate::usage::json_page(&page.rows, next.as_deref()),
+    ))
+}
+
+/// What the CSV producer hands the body.
+enum Chunk {
+    Data(Bytes),
+    /// The ledger failed after the answer began: the body ends in an error (the connection is
+    /// cut before the last chunk, so the caller sees a broken transfer, never a short file).
+    Failed(String),
+    Done,
+}
+
+/// A body fed by a channel of at most one chunk: the producer reads the next page only once
+/// the previous one is on its way, so memory stays at a page or two however many rows.
+struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Chunk>,
+    done: bool,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Chunk::Data(b))) => Poll::Ready(Some(Ok(Frame::data(b)))),
+            Poll::Ready(Some(Chunk::Done)) => {
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Chunk::Failed(e))) => {
+                self.done = true;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                self.done = true;
+                Poll::Ready(Some(Err("the usage export stopped before its end".into())))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+/// Every row of the range as CSV, `first` and then the pages after it, read one at a time.
+fn csv_stream(ledger: Arc<dyn Ledger>, q: UsageQuery, first: UsagePage) -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(1);
+    let mut head = crate::usage::csv_header(&q.by);
+    head.extend(crate::usage::csv_rows(&first.rows, &q.by));
+    let mut next = first.next;
+    tokio::spawn(async move {
+        if tx.send(Chunk::Data(head.into())).await.is_err() {
+            return;
+        }
+        while let Some(after) = next.take() {
+            let page =
+                match read_page(ledger.clone(), q.clone(), Some(after), USAGE_READ_PAGE).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the /usage CSV export failed part way");
+                        let _ = tx.send(Chunk::Failed(e)).await;
+                        return;
+                    }
+                };
+            let chunk = crate::usage::csv_rows(&page.rows, &q.by);
+            next = page.next;
+            // An error: the caller went away; stop reading.
+            if tx.send(Chunk::Data(chunk.into())).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(Chunk::Done).await;
+    });
+    let mut r = Response::new(ChannelBody { rx, done: false }.boxed());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/csv; charset=utf-8"),
+    );
+    r
 }
 
 /// `GET /dashboard`: the last 30 days of credits, and today's budgets.
 async fn dashboard(process: &Process, current: &ArcSwap<Generation>) -> Response<Full<Bytes>> {
-    use crate::ledger::{GroupBy, UsageQuery};
+    use crate::ledger::GroupBy;
     let to_day = crate::usage::today();
     let from_day = to_day.saturating_sub(time::Duration::days(29));
     let days: Vec<String> = (0..30)
@@ -203,8 +349,20 @@ async fn dashboard(process: &Process, current: &ArcSwap<Generation>) -> Response
         q(vec![GroupBy::Action, GroupBy::Day]),
         q(vec![GroupBy::Outcome]),
     );
-    let result = read_ledger(process, move |l| {
-        Ok((l.usage(&a)?, l.usage(&b)?, l.usage(&c)?))
+    // One page each (a few rows per client, action and day): past that, the charts draw the
+    // first series and say so in the log.
+    let result = read_ledger(process.ledger.clone(), move |l| {
+        let page = |q: &UsageQuery| {
+            let page = l.usage_page(q, None, crate::usage::MAX_LIMIT)?;
+            if page.next.is_some() {
+                tracing::warn!(
+                    rows = crate::usage::MAX_LIMIT,
+                    "the dashboard draws only the first rows of a grouping"
+                );
+            }
+            Ok::<_, LedgerError>(page.rows)
+        };
+        Ok((page(&a)?, page(&b)?, page(&c)?))
     })
     .await;
     let (by_client, by_action, by_outcome) = match result {

@@ -71,11 +71,20 @@ enum Command {
         /// Last day, inclusive (default: today).
         #[arg(long)]
         to: Option<String>,
-        /// Grouping keys: any of client,account,action,day,outcome.
-        #[arg(long, default_value = "client")]
-        by: String,
+        /// Grouping keys: any of client,account,action,day,outcome (default: client, or the
+        /// cursor's).
+        #[arg(long)]
+        by: Option<String>,
         #[arg(long, value_enum, default_value = "table")]
         format: UsageFormat,
+        /// Print one page of at most this many rows (1 to 10000) and, on stderr, the cursor of
+        /// the next one. Without it every row is printed, read from the ledger page by page.
+        #[arg(long, value_parser = linkup_gateway::usage::parse_limit)]
+        limit: Option<usize>,
+        /// Start after the row this cursor (printed by an earlier `--limit` run, or a /usage
+        /// `next_cursor`) names; --from, --to and --by default to the cursor's.
+        #[arg(long)]
+        cursor: Option<String>,
     },
     /// Run a local LinkupAPI v2 emulator (costs nothing; for development, demos and tests).
     Emulator {
@@ -165,15 +174,92 @@ fn load_or_report(path: &Path) -> Option<config::Settings> {
     }
 }
 
+/// Why `usage` stopped.
+enum ReportError {
+    Ledger(linkup_gateway::ledger::LedgerError),
+    Output(std::io::Error),
+}
+
+impl From<std::io::Error> for ReportError {
+    fn from(e: std::io::Error) -> ReportError {
+        ReportError::Output(e)
+    }
+}
+
+impl From<linkup_gateway::ledger::LedgerError> for ReportError {
+    fn from(e: linkup_gateway::ledger::LedgerError) -> ReportError {
+        ReportError::Ledger(e)
+    }
+}
+
+/// Write a report page by page (one page in memory at a time): with `limit`, the one page and
+/// the cursor of the next (returned); otherwise every row.
+fn write_report(
+    ledger: &dyn linkup_gateway::ledger::Ledger,
+    paged: linkup_gateway::usage::PagedQuery,
+    format: UsageFormat,
+    limit: Option<usize>,
+    out: &mut impl std::io::Write,
+) -> Result<Option<String>, ReportError> {
+    use linkup_gateway::usage;
+    let q = paged.query;
+    let mut after = paged.after;
+    let by = q.by.clone();
+    let size = limit.unwrap_or(linkup_gateway::ledger::USAGE_READ_PAGE);
+    let mut table = usage::TableWriter::new(&by);
+    let mut first_row = true;
+    match format {
+        UsageFormat::Csv => out.write_all(&usage::csv_header(&by))?,
+        UsageFormat::Json => out.write_all(b"{\"rows\":[")?,
+        UsageFormat::Table => {}
+    }
+    loop {
+        let page = ledger.usage_page(&q, after.as_deref(), size)?;
+        match format {
+            UsageFormat::Table => out.write_all(table.page(&page.rows).as_bytes())?,
+            UsageFormat::Csv => out.write_all(&usage::csv_rows(&page.rows, &by))?,
+            UsageFormat::Json => {
+                for row in &page.rows {
+                    out.write_all(if first_row { b"\n" } else { b",\n" })?;
+                    serde_json::to_writer(&mut *out, row).map_err(std::io::Error::from)?;
+                    first_row = false;
+                }
+            }
+        }
+        after = page.next;
+        if limit.is_some() || after.is_none() {
+            break;
+        }
+    }
+    let next = after.map(|keys| usage::encode_cursor(&q, &keys));
+    match format {
+        UsageFormat::Table => {
+            let label = if next.is_some() {
+                "PAGE TOTAL"
+            } else {
+                "TOTAL"
+            };
+            out.write_all(table.finish(label).as_bytes())?;
+        }
+        UsageFormat::Csv => {}
+        UsageFormat::Json => {
+            let cursor = serde_json::to_string(&next).map_err(std::io::Error::from)?;
+            let gap = if first_row { "" } else { "\n" };
+            out.write_all(format!("{gap}],\"next_cursor\":{cursor}}}\n").as_bytes())?;
+        }
+    }
+    out.flush()?;
+    Ok(next)
+}
+
 fn usage(
     config: &Path,
-    from: Option<&str>,
-    to: Option<&str>,
-    by: &str,
+    paged: Result<linkup_gateway::usage::PagedQuery, String>,
     format: UsageFormat,
+    limit: Option<usize>,
 ) -> ExitCode {
-    let q = match linkup_gateway::usage::query(from, to, Some(by)) {
-        Ok(q) => q,
+    let paged = match paged {
+        Ok(p) => p,
         Err(e) => {
             eprintln!("usage: {e}");
             return ExitCode::from(2);
@@ -197,18 +283,30 @@ fn usage(
         return ExitCode::from(1);
     }
     // The fleet's ledger when `ledger.postgres_url` is set: every replica's rows.
-    let rows = linkup_gateway::ledger::open_for_report(&settings).and_then(|l| l.usage(&q));
-    match rows {
-        Ok(rows) => {
-            let out = match format {
-                UsageFormat::Table => linkup_gateway::usage::table(&rows, &q.by),
-                UsageFormat::Csv => linkup_gateway::usage::csv(&rows, &q.by),
-                UsageFormat::Json => linkup_gateway::usage::json(&rows) + "\n",
-            };
-            print!("{out}");
+    let ledger = match linkup_gateway::ledger::open_for_report(&settings) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("usage: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    match write_report(ledger.as_ref(), paged, format, limit, &mut out) {
+        Ok(next) => {
+            if let Some(next) = next {
+                eprintln!("usage: more rows follow; the next page: --cursor {next}");
+            }
             ExitCode::SUCCESS
         }
-        Err(e) => {
+        // `usage | head`: the reader has what it wanted.
+        Err(ReportError::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::SUCCESS
+        }
+        Err(ReportError::Output(e)) => {
+            eprintln!("usage: writing the report failed: {e}");
+            ExitCode::from(1)
+        }
+        Err(ReportError::Ledger(e)) => {
             eprintln!("usage: {e}");
             ExitCode::from(1)
         }
@@ -263,7 +361,19 @@ fn main() -> ExitCode {
             to,
             by,
             format,
-        } => usage(&config, from.as_deref(), to.as_deref(), &by, format),
+            limit,
+            cursor,
+        } => usage(
+            &config,
+            linkup_gateway::usage::paged_query(
+                from.as_deref(),
+                to.as_deref(),
+                by.as_deref(),
+                cursor.as_deref(),
+            ),
+            format,
+            limit,
+        ),
         Command::Serve { config } => {
             let _logs = init_logging(cli.log_format, cli.log_level.as_deref());
             let Some(settings) = load_or_report(&config) else {

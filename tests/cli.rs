@@ -450,6 +450,134 @@ async fn usage_reports_the_ledger_as_table_csv_and_json() {
     );
 }
 
+#[tokio::test]
+async fn usage_pages_with_limit_and_cursor_and_streams_every_row_without() {
+    use linkup_gateway::ledger::{Ledger, Outcome, Row, SqliteLedger};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write(
+        dir.path(),
+        "g.toml",
+        "[upstream]\nurl = \"https://api.linkupapi.com\"\napi_key_env = \"NOT_SET_ANYWHERE\"\n[ledger]\npath = \"l.sqlite3\"\n",
+    );
+    // More than one ledger read (10 000 rows each) for the unlimited report.
+    const ACCOUNTS: usize = 12_000;
+    {
+        let ledger = SqliteLedger::open(
+            &dir.path().join("l.sqlite3"),
+            linkup_gateway::config::LedgerSync::Async,
+        )
+        .unwrap();
+        let now = linkup_gateway::budgets::now_ms();
+        for i in 0..ACCOUNTS {
+            ledger
+                .record(Row {
+                    at_ms: now,
+                    request_id: format!("r{i}"),
+                    client: Arc::from("crm"),
+                    account_id: Some(Arc::from(format!("acc_{:05}", i * 7 % ACCOUNTS))),
+                    path: "/v2/profiles".into(),
+                    action: Some(Arc::from("get")),
+                    status: 200,
+                    credits: 1,
+                    credits_known: true,
+                    outcome: Outcome::Settled,
+                })
+                .await
+                .unwrap();
+        }
+        ledger.flush().await.unwrap();
+    }
+    let want: Vec<String> = (0..ACCOUNTS).map(|i| format!("acc_{i:05}")).collect();
+    let accounts = |v: &serde_json::Value| -> Vec<String> {
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["account"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // Without --limit: every row, in every format, read page by page.
+    let (code, out, err) = run(&[
+        "usage", "--config", &cfg, "--by", "account", "--format", "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(accounts(&v), want);
+    assert!(v["next_cursor"].is_null());
+    assert!(err.is_empty(), "{err}");
+    let (code, out, _) = run(&[
+        "usage", "--config", &cfg, "--by", "account", "--format", "csv",
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), ACCOUNTS + 1);
+    let (code, out, _) = run(&["usage", "--config", &cfg, "--by", "account"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.lines().filter(|l| l.starts_with("acc_")).count(),
+        ACCOUNTS
+    );
+    assert!(out.lines().last().unwrap().starts_with("TOTAL"), "{out}");
+
+    // --limit: one page, the next cursor on stderr (and in the JSON); --cursor continues.
+    let mut got = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut args = vec![
+            "usage", "--config", &cfg, "--format", "json", "--limit", "1000",
+        ];
+        match &cursor {
+            Some(c) => args.extend(["--cursor", c.as_str()]),
+            None => args.extend(["--by", "account"]),
+        }
+        let (code, out, err) = run(&args);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let page = accounts(&v);
+        assert!(page.len() <= 5000);
+        got.extend(page);
+        match v["next_cursor"].as_str() {
+            Some(c) => {
+                assert!(err.contains(&format!("--cursor {c}")), "{err}");
+                cursor = Some(c.to_string());
+            }
+            None => {
+                assert!(err.is_empty(), "{err}");
+                break;
+            }
+        }
+    }
+    assert_eq!(got, want);
+
+    // A limited table totals its page and says so.
+    let (code, out, err) = run(&[
+        "usage", "--config", &cfg, "--by", "account", "--limit", "10",
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().filter(|l| l.starts_with("acc_")).count(), 10);
+    assert!(
+        out.lines().last().unwrap().starts_with("PAGE TOTAL"),
+        "{out}"
+    );
+    assert!(err.contains("--cursor "), "{err}");
+
+    // Bad limits and cursors are usage errors (exit 2), said plainly.
+    for bad in ["0", "10001", "many"] {
+        let (code, _, err) = run(&["usage", "--config", &cfg, "--limit", bad]);
+        assert_eq!(code, 2, "{bad}");
+        assert!(err.contains("1 to 10000"), "{err}");
+    }
+    let (code, _, err) = run(&["usage", "--config", &cfg, "--cursor", "garbage"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not a cursor"), "{err}");
+    let c = cursor.unwrap_or_default();
+    let (code, _, err) = run(&["usage", "--config", &cfg, "--by", "client", "--cursor", &c]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("another query"), "{err}");
+}
+
 /// SIGKILL during a run of requests, then restart on the same ledger: every credit a caller saw
 /// charged is in the ledger, and nothing is counted twice (the default `crash_safe`).
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use time::Date;
 
-use super::{day_key, day_of, GroupBy, Ledger, LedgerError, Row, UsageQuery, UsageRow};
+use super::{day_key, day_of, GroupBy, Ledger, LedgerError, Row, UsagePage, UsageQuery, UsageRow};
 use crate::layers::BoxFuture;
 
 #[derive(Debug, Default)]
@@ -40,7 +40,13 @@ impl Ledger for MemoryLedger {
         Ok(out)
     }
 
-    fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, LedgerError> {
+    fn usage_page(
+        &self,
+        q: &UsageQuery,
+        after: Option<&[String]>,
+        limit: usize,
+    ) -> Result<UsagePage, LedgerError> {
+        let limit = limit.max(1);
         let mut groups: BTreeMap<Vec<String>, (u64, u64)> = BTreeMap::new();
         for r in self.rows() {
             let day = day_of(r.at_ms);
@@ -61,9 +67,14 @@ impl Ledger for MemoryLedger {
             e.0 += 1;
             e.1 += r.credits;
         }
-        Ok(groups
-            .into_iter()
-            .map(|(key, (requests, credits))| {
+        let start = match after {
+            Some(after) => std::ops::Bound::Excluded(after.to_vec()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let rows = groups
+            .range((start, std::ops::Bound::Unbounded))
+            .take(limit + 1)
+            .map(|(key, &(requests, credits))| {
                 let mut row = UsageRow {
                     client: None,
                     account: None,
@@ -81,11 +92,12 @@ impl Ledger for MemoryLedger {
                         GroupBy::Day => &mut row.day,
                         GroupBy::Outcome => &mut row.outcome,
                     };
-                    *slot = Some(v);
+                    *slot = Some(v.clone());
                 }
                 row
             })
-            .collect())
+            .collect();
+        Ok(UsagePage::from_rows(rows, &q.by, limit))
     }
 
     fn flush(&self) -> BoxFuture<Result<(), LedgerError>> {

@@ -210,6 +210,48 @@ pub struct UsageRow {
     pub credits: u64,
 }
 
+/// Rows per ledger read when a caller wants them all ([`Ledger::usage`], streamed CSV).
+pub const USAGE_READ_PAGE: usize = 10_000;
+
+/// One page of [`Ledger::usage_page`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsagePage {
+    pub rows: Vec<UsageRow>,
+    /// The keys of the last row when more rows follow it; `None` on the last page.
+    pub next: Option<Vec<String>>,
+}
+
+impl UsagePage {
+    /// From up to `limit + 1` rows read in key order: the first `limit`, and whether more follow.
+    pub(crate) fn from_rows(mut rows: Vec<UsageRow>, by: &[GroupBy], limit: usize) -> UsagePage {
+        if rows.len() <= limit {
+            return UsagePage { rows, next: None };
+        }
+        rows.truncate(limit);
+        let next = rows.last().map(|r| r.keys(by));
+        UsagePage { rows, next }
+    }
+}
+
+impl UsageRow {
+    /// The row's grouping keys in `by`'s order (`""` for a key it lacks).
+    pub fn keys(&self, by: &[GroupBy]) -> Vec<String> {
+        by.iter()
+            .map(|g| {
+                match g {
+                    GroupBy::Client => &self.client,
+                    GroupBy::Account => &self.account,
+                    GroupBy::Action => &self.action,
+                    GroupBy::Day => &self.day,
+                    GroupBy::Outcome => &self.outcome,
+                }
+                .clone()
+                .unwrap_or_default()
+            })
+            .collect()
+    }
+}
+
 /// `Clone` so one failed group commit can answer every caller waiting on it.
 #[derive(Debug, thiserror::Error, Clone)]
 pub enum LedgerError {
@@ -251,8 +293,32 @@ pub trait Ledger: Send + Sync + 'static {
     /// cost): used at startup to restore today's budgets.
     fn spent_on(&self, day: Date) -> Result<HashMap<String, u64>, LedgerError>;
 
-    /// Aggregates for /usage, the CLI and the dashboard; rows sorted by their keys.
-    fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, LedgerError>;
+    /// One page of the aggregates for /usage, the CLI and the dashboard: at most `limit` rows
+    /// (at least one is asked for), sorted by their keys (byte order), the first ones after
+    /// `after` (the keys of the last row of the previous page, in `q.by`'s order). Read by
+    /// keyset (`WHERE (keys) > (after) ORDER BY keys LIMIT limit + 1`): a page costs the same
+    /// wherever it is, and no more than `limit + 1` rows are ever held.
+    fn usage_page(
+        &self,
+        q: &UsageQuery,
+        after: Option<&[String]>,
+        limit: usize,
+    ) -> Result<UsagePage, LedgerError>;
+
+    /// Every aggregate row of a query, read page by page. Holds them all: for small groupings
+    /// (tests, benches); answers to callers go through [`Ledger::usage_page`].
+    fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, LedgerError> {
+        let mut rows = Vec::new();
+        let mut after: Option<Vec<String>> = None;
+        loop {
+            let page = self.usage_page(q, after.as_deref(), USAGE_READ_PAGE)?;
+            rows.extend(page.rows);
+            match page.next {
+                Some(next) => after = Some(next),
+                None => return Ok(rows),
+            }
+        }
+    }
 
     /// Wait until every row recorded so far is durable (SIGTERM, async mode).
     fn flush(&self) -> BoxFuture<Result<(), LedgerError>>;

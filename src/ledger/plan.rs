@@ -29,11 +29,23 @@ impl Dialect {
     };
 }
 
-/// The SQL of a usage query and its bounds: the smallest aggregates that can answer it.
-/// Grouping by account needs the tables with the account, otherwise the roll-ups without it
+/// The SQL of one page of a usage query and its bounds: the smallest aggregates that can answer
+/// it. Grouping by account needs the tables with the account, otherwise the roll-ups without it
 /// serve; grouping by day needs a daily table, otherwise whole months come from a monthly
 /// table and the days before and after them from the daily one.
-pub(super) fn usage_sql(by: &[GroupBy], from: Date, to: Date, d: Dialect) -> (String, Vec<String>) {
+///
+/// Pages are read by keyset: with `after`, only keys after the cursor's (`by.len()` more
+/// parameters, bound after the returned bounds) are read, in every source table before they are
+/// grouped, and at most `limit + 1` groups come back (the one past `limit` tells that more
+/// follow). Never OFFSET, which would read and drop every row of the pages before.
+pub(super) fn usage_sql(
+    by: &[GroupBy],
+    from: Date,
+    to: Date,
+    d: Dialect,
+    after: bool,
+    limit: usize,
+) -> (String, Vec<String>) {
     // Column names come from the enum, never from the caller's text.
     let keys = by.iter().map(|g| column(*g)).collect::<Vec<_>>().join(", ");
     let (select, group) = if by.is_empty() {
@@ -41,7 +53,9 @@ pub(super) fn usage_sql(by: &[GroupBy], from: Date, to: Date, d: Dialect) -> (St
     } else {
         (
             format!("{keys}, "),
-            format!(" GROUP BY {keys} ORDER BY {keys}"),
+            // Byte order in both backends (SQLite's default; PostgreSQL's key columns are
+            // `COLLATE "C"`), and the cursor below compares in that same order.
+            format!(" GROUP BY {keys} ORDER BY {keys} LIMIT {}", limit + 1),
         )
     };
     let cast = d.sum_cast;
@@ -51,7 +65,7 @@ pub(super) fn usage_sql(by: &[GroupBy], from: Date, to: Date, d: Dialect) -> (St
              COALESCE(SUM(credits), 0){cast} FROM {source}{group}"
         )
     };
-    let p = |i: u8| format!("{}{i}", d.placeholder);
+    let p = |i: usize| format!("{}{i}", d.placeholder);
     let (daily, monthly) = if by.contains(&GroupBy::Account) {
         ("usage_daily", "usage_monthly")
     } else {
@@ -62,9 +76,25 @@ pub(super) fn usage_sql(by: &[GroupBy], from: Date, to: Date, d: Dialect) -> (St
     } else {
         whole_months(from, to)
     };
+    // `AND (keys) > (cursor)`, its parameters numbered after the `bounds` ones.
+    let keyset = |bounds: usize| {
+        if !after || by.is_empty() {
+            return String::new();
+        }
+        let params = (1..=by.len())
+            .map(|i| p(bounds + i))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(" AND ({keys}) > ({params})")
+    };
     let Some((first, last)) = months else {
         return (
-            sql(&format!("{daily} WHERE day BETWEEN {} AND {}", p(1), p(2))),
+            sql(&format!(
+                "{daily} WHERE day BETWEEN {} AND {}{}",
+                p(1),
+                p(2),
+                keyset(2)
+            )),
             vec![day_key(from), day_key(to)],
         );
     };
@@ -78,11 +108,12 @@ pub(super) fn usage_sql(by: &[GroupBy], from: Date, to: Date, d: Dialect) -> (St
         Some(after) if last < to => [day_key(after), day_key(to)],
         _ => none(),
     };
+    let k = keyset(6);
     let source = format!(
-        "(SELECT {select}requests, credits FROM {daily} WHERE day BETWEEN {} AND {} \
-         UNION ALL SELECT {select}requests, credits FROM {daily} WHERE day BETWEEN {} AND {} \
+        "(SELECT {select}requests, credits FROM {daily} WHERE day BETWEEN {} AND {}{k} \
+         UNION ALL SELECT {select}requests, credits FROM {daily} WHERE day BETWEEN {} AND {}{k} \
          UNION ALL SELECT {select}requests, credits FROM {monthly} \
-             WHERE month BETWEEN {} AND {}){}",
+             WHERE month BETWEEN {} AND {}{k}){}",
         p(1),
         p(2),
         p(3),
@@ -167,6 +198,47 @@ fn column(g: GroupBy) -> &'static str {
 mod tests {
     use super::*;
     use time::macros::date;
+
+    #[test]
+    fn pages_are_read_by_keyset_in_every_source_never_by_offset() {
+        let by = [GroupBy::Client, GroupBy::Account];
+        // Days only: one source.
+        let (sql, bounds) = usage_sql(
+            &by,
+            date!(2026 - 01 - 02),
+            date!(2026 - 01 - 03),
+            Dialect::SQLITE,
+            true,
+            50,
+        );
+        assert_eq!(bounds.len(), 2);
+        assert!(sql.contains("AND (client, account) > (?3, ?4)"), "{sql}");
+        assert!(sql.ends_with("ORDER BY client, account LIMIT 51"), "{sql}");
+        assert!(!sql.to_uppercase().contains("OFFSET"));
+        // Whole months and days around them: the cursor bounds each of the three sources.
+        let (sql, bounds) = usage_sql(
+            &by,
+            date!(2026 - 01 - 20),
+            date!(2026 - 03 - 10),
+            Dialect::POSTGRES,
+            true,
+            10,
+        );
+        assert_eq!(bounds.len(), 6);
+        let keyset = "AND (client, account) > ($7, $8)";
+        assert_eq!(sql.matches(keyset).count(), 3, "{sql}");
+        assert!(sql.ends_with("ORDER BY client, account LIMIT 11"), "{sql}");
+        // The first page: no cursor.
+        let (sql, _) = usage_sql(
+            &by,
+            date!(2026 - 01 - 02),
+            date!(2026 - 01 - 03),
+            Dialect::SQLITE,
+            false,
+            10,
+        );
+        assert!(!sql.contains(" > ("), "{sql}");
+    }
 
     #[test]
     fn whole_months_are_found_inside_a_range() {

@@ -74,7 +74,7 @@ use tokio::sync::oneshot;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::plan::{month_key, usage_row, usage_sql, Dialect};
-use super::{day_key, day_of, GroupBy, Ledger, LedgerError, Row, UsageQuery, UsageRow};
+use super::{day_key, day_of, GroupBy, Ledger, LedgerError, Row, UsagePage, UsageQuery, UsageRow};
 use crate::config::LedgerSync;
 use crate::layers::BoxFuture;
 
@@ -254,10 +254,12 @@ enum Read {
         Date,
         mpsc::SyncSender<Result<HashMap<String, u64>, LedgerError>>,
     ),
-    Usage(
-        UsageQuery,
-        mpsc::SyncSender<Result<Vec<UsageRow>, LedgerError>>,
-    ),
+    Usage {
+        q: UsageQuery,
+        after: Option<Vec<String>>,
+        limit: usize,
+        reply: mpsc::SyncSender<Result<UsagePage, LedgerError>>,
+    },
     Totals(mpsc::SyncSender<Result<(u64, u64), LedgerError>>),
 }
 
@@ -468,8 +470,18 @@ impl Ledger for PostgresLedger {
         self.read(|tx| Read::SpentOn(day, tx))
     }
 
-    fn usage(&self, q: &UsageQuery) -> Result<Vec<UsageRow>, LedgerError> {
-        self.read(|tx| Read::Usage(q.clone(), tx))
+    fn usage_page(
+        &self,
+        q: &UsageQuery,
+        after: Option<&[String]>,
+        limit: usize,
+    ) -> Result<UsagePage, LedgerError> {
+        self.read(|reply| Read::Usage {
+            q: q.clone(),
+            after: after.map(<[String]>::to_vec),
+            limit,
+            reply,
+        })
     }
 
     fn flush(&self) -> BoxFuture<Result<(), LedgerError>> {
@@ -1068,8 +1080,13 @@ impl ReadConn {
                 Read::SpentOn(day, reply) => {
                     let _ = reply.send(self.query(|c| spent_on(c, day)));
                 }
-                Read::Usage(q, reply) => {
-                    let _ = reply.send(self.query(|c| usage(c, &q)));
+                Read::Usage {
+                    q,
+                    after,
+                    limit,
+                    reply,
+                } => {
+                    let _ = reply.send(self.query(|c| usage(c, &q, after.as_deref(), limit)));
                 }
                 Read::Totals(reply) => {
                     let _ = reply.send(self.query(totals));
@@ -1129,18 +1146,46 @@ fn totals(client: &mut Client) -> Result<(u64, u64), postgres::Error> {
     Ok((to_u64(r.try_get(0)?), to_u64(r.try_get(1)?)))
 }
 
-fn usage(client: &mut Client, q: &UsageQuery) -> Result<Vec<UsageRow>, postgres::Error> {
+fn usage(
+    client: &mut Client,
+    q: &UsageQuery,
+    after: Option<&[String]>,
+    limit: usize,
+) -> Result<UsagePage, postgres::Error> {
+    let limit = limit.max(1);
     let mut by: Vec<GroupBy> = Vec::with_capacity(q.by.len());
     for key in &q.by {
         if !by.contains(key) {
             by.push(*key);
         }
     }
-    let (sql, bounds) = usage_sql(&by, q.from_day, q.to_day, Dialect::POSTGRES);
-    let params: Vec<&(dyn ToSql + Sync)> =
-        bounds.iter().map(|b| b as &(dyn ToSql + Sync)).collect();
+    let after = match after {
+        // Keys of another shape cannot come from a page of this query.
+        Some(a) if a.len() != by.len() || by.is_empty() => {
+            return Ok(UsagePage {
+                rows: Vec::new(),
+                next: None,
+            })
+        }
+        other => other,
+    };
+    let (sql, bounds) = usage_sql(
+        &by,
+        q.from_day,
+        q.to_day,
+        Dialect::POSTGRES,
+        after.is_some(),
+        limit,
+    );
+    let params: Vec<&(dyn ToSql + Sync)> = bounds
+        .iter()
+        .chain(after.into_iter().flatten())
+        .map(|b| b as &(dyn ToSql + Sync))
+        .collect();
+    // At most `limit + 1` rows (the SQL's LIMIT).
     let rows = client.query(&sql, &params)?;
-    rows.iter()
+    let rows = rows
+        .iter()
         .map(|r| {
             let keys = (0..by.len())
                 .map(|i| r.try_get::<_, String>(i))
@@ -1152,7 +1197,8 @@ fn usage(client: &mut Client, q: &UsageQuery) -> Result<Vec<UsageRow>, postgres:
                 r.try_get(by.len() + 1)?,
             ))
         })
-        .collect()
+        .collect::<Result<Vec<UsageRow>, postgres::Error>>()?;
+    Ok(UsagePage::from_rows(rows, &by, limit))
 }
 
 fn to_u64(v: i64) -> u64 {

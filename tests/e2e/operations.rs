@@ -252,3 +252,192 @@ async fn a_second_gateway_on_the_same_port_is_refused_and_every_worker_serves() 
         Ok(_) => panic!("a second gateway bound the same port"),
     }
 }
+
+/// `/usage` over a real SQLite ledger of 25 000 accounts in a day: JSON pages of `limit` rows
+/// walked by `next_cursor` give every row exactly once, in key order; a limit above the
+/// maximum, a garbled cursor and another query's cursor are 400; CSV streams every row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_pages_walk_every_row_once_and_csv_streams_them_all() {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use linkup_gateway::config::LedgerSync;
+    use linkup_gateway::ledger::{day_key, day_of, Ledger, Outcome, Row, SqliteLedger};
+
+    const ACCOUNTS: u64 = 25_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("usage.sqlite3");
+    let now = linkup_gateway::budgets::now_ms();
+    let day = day_key(day_of(now));
+    let mut want: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    {
+        // Straight through the ledger API (async: queued, then one flush): quick.
+        let ledger = SqliteLedger::open(&path, LedgerSync::Async).unwrap();
+        let odd = ["=HYPERLINK(1)", "a,b", "", "Zeta", "ämter"];
+        let accounts = (0..ACCOUNTS)
+            .map(|i| format!("acc_{:05}", i * 7_919 % ACCOUNTS))
+            .chain(odd.iter().map(|a| a.to_string()));
+        for (i, account) in accounts.enumerate() {
+            let client = if i % 5 == 0 { "beta" } else { "alpha" };
+            for n in 0..(1 + u64::from(i % 10 == 0)) {
+                let credits = (i as u64 + n) % 3;
+                ledger
+                    .record(Row {
+                        at_ms: now,
+                        request_id: format!("r{i}-{n}"),
+                        client: Arc::from(client),
+                        account_id: (!account.is_empty()).then(|| Arc::from(account.as_str())),
+                        path: "/v2/profiles".into(),
+                        action: Some(Arc::from("get")),
+                        status: 200,
+                        credits,
+                        credits_known: true,
+                        outcome: Outcome::Settled,
+                    })
+                    .await
+                    .unwrap();
+                let e = want
+                    .entry((client.to_string(), account.clone()))
+                    .or_default();
+                e.0 += 1;
+                e.1 += credits;
+            }
+        }
+        ledger.flush().await.unwrap();
+    }
+    let want: Vec<(String, String, u64, u64)> = want
+        .into_iter()
+        .map(|((c, a), (r, cr))| (c, a, r, cr))
+        .collect();
+    let h = Harness::start_with("", &format!("[ledger]\npath = \"{}\"\n", path.display())).await;
+    let range = format!("from={day}&to={day}&by=client,account");
+    let row_of = |r: &serde_json::Value| {
+        (
+            r["client"].as_str().unwrap().to_string(),
+            r["account"].as_str().unwrap().to_string(),
+            r["requests"].as_u64().unwrap(),
+            r["credits"].as_u64().unwrap(),
+        )
+    };
+
+    // Without limit: the first page of the default size, and a cursor.
+    let first = h.admin(&format!("/usage?{range}")).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let v = first.json();
+    assert_eq!(v["rows"].as_array().unwrap().len(), 1_000);
+    assert!(v["next_cursor"].is_string());
+    let first_rows: Vec<_> = v["rows"].as_array().unwrap().iter().map(row_of).collect();
+    assert_eq!(first_rows[..], want[..1_000]);
+
+    // Walked 997 at a time; every other page asks with the cursor alone.
+    let mut got = Vec::new();
+    let mut next: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let url = match (&next, pages % 2) {
+            (None, _) => format!("/usage?{range}&limit=997"),
+            (Some(c), 0) => format!("/usage?{range}&limit=997&cursor={c}"),
+            (Some(c), _) => format!("/usage?cursor={c}&limit=997"),
+        };
+        let a = h.admin(&url).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        let v = a.json();
+        let rows = v["rows"].as_array().unwrap();
+        assert!(rows.len() <= 997);
+        got.extend(rows.iter().map(row_of));
+        pages += 1;
+        match v["next_cursor"].as_str() {
+            Some(c) => next = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(pages, want.len().div_ceil(997));
+    assert_eq!(got.len(), want.len());
+    assert_eq!(got, want, "every row once, in key order");
+
+    // Limits beyond the bounds, garbled and foreign cursors: 400, saying why.
+    for bad in ["limit=10001", "limit=0", "limit=lots"] {
+        let a = h.admin(&format!("/usage?{range}&{bad}")).await;
+        assert_eq!(a.status, 400, "{bad}");
+        assert!(a.text().contains("1 to 10000"), "{bad}: {}", a.text());
+    }
+    let cursor = first.json()["next_cursor"].as_str().unwrap().to_string();
+    for garbled in ["zz", "7b7d", &cursor[..cursor.len() - 4]] {
+        let a = h.admin(&format!("/usage?{range}&cursor={garbled}")).await;
+        assert_eq!(a.status, 400, "{garbled}");
+        assert!(a.text().starts_with("cursor: not a cursor"), "{}", a.text());
+    }
+    for foreign in [
+        format!("by=account&cursor={cursor}"),
+        format!("from=2020-01-01&cursor={cursor}"),
+    ] {
+        let a = h.admin(&format!("/usage?{foreign}")).await;
+        assert_eq!(a.status, 400, "{foreign}");
+        assert!(a.text().contains("another query"), "{}", a.text());
+    }
+
+    // CSV without limit: every row, streamed (chunked, no length known up front).
+    let csv_lines = |body: &[u8]| -> Vec<(String, String, u64, u64)> {
+        let mut r = csv::Reader::from_reader(body);
+        r.records()
+            .map(|rec| {
+                let rec = rec.unwrap();
+                (
+                    rec[0].to_string(),
+                    rec[1].to_string(),
+                    rec[2].parse().unwrap(),
+                    rec[3].parse().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let neutral: Vec<_> = want
+        .iter()
+        .map(|(c, a, r, cr)| {
+            let a = if a.starts_with('=') {
+                format!("'{a}")
+            } else {
+                a.clone()
+            };
+            (c.clone(), a, *r, *cr)
+        })
+        .collect();
+    let csv = h.admin(&format!("/usage?{range}&format=csv")).await;
+    assert_eq!(csv.status, 200);
+    assert!(csv.headers.get("content-length").is_none());
+    assert!(csv.headers.get("x-next-cursor").is_none());
+    assert!(csv.body.starts_with(b"client,account,requests,credits\n"));
+    assert_eq!(csv_lines(&csv.body), neutral);
+    // Sent in parts as the ledger is read (10 000 rows a read), not built whole first.
+    let resp = h
+        .http
+        .request(
+            Request::get(h.admin_url(&format!("/usage?{range}&format=csv")))
+                .body(Full::new(Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let mut body = resp.into_body();
+    let (mut parts, mut bytes) = (0, 0);
+    while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
+        if let Some(d) = frame.unwrap().data_ref() {
+            parts += 1;
+            bytes += d.len();
+        }
+    }
+    assert_eq!(bytes, csv.body.len());
+    assert!(parts >= want.len().div_ceil(10_000), "{parts} parts");
+
+    // CSV with limit: that page, the next cursor in a header; the rest streamed after it.
+    let page = h
+        .admin(&format!("/usage?{range}&format=csv&limit=500"))
+        .await;
+    assert_eq!(page.status, 200);
+    let next = page.headers["x-next-cursor"].to_str().unwrap().to_string();
+    let head = csv_lines(&page.body);
+    assert_eq!(head[..], neutral[..500]);
+    let rest = h.admin(&format!("/usage?cursor={next}&format=csv")).await;
+    assert_eq!(rest.status, 200);
+    assert_eq!(csv_lines(&rest.body)[..], neutral[500..]);
+}

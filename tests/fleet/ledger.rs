@@ -740,3 +740,89 @@ async fn rows_queued_before_a_drop_are_written() {
         "500"
     );
 }
+
+/// `/usage` pages from PostgreSQL, read by keyset, are the SQLite ledger's page for page (rows
+/// and cursors), in byte order even in a database whose collation is not (ICU `en-US` sorts
+/// `acc` before `Zeta`, byte order after; the key columns are `COLLATE "C"`): a cursor
+/// compares keys in the order the pages were sorted in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn usage_pages_match_sqlite_page_for_page_whatever_the_collation() {
+    let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
+    pg.psql(
+        "CREATE DATABASE icu_en ENCODING 'UTF8' LOCALE_PROVIDER icu ICU_LOCALE 'en-US' \
+         LOCALE 'C.UTF-8' TEMPLATE template0",
+    );
+    let url = format!("postgres://postgres@127.0.0.1:{}/icu_en", pg.port);
+    let ledger = open(&url, LedgerSync::Async, 100_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteLedger::open(&dir.path().join("l.sqlite3"), LedgerSync::Async).unwrap();
+    let prefixes = ["Zeta", "acc", "ämter", "a,b", "", "_x"];
+    let start = date!(2026 - 01 - 25);
+    for i in 0..3_000u64 {
+        let day = start + time::Duration::days((i % 40) as i64);
+        let r = Row {
+            at_ms: at(day, (i % 86_400) as i64),
+            request_id: format!("p-{i}"),
+            client: ["crm", "Ops", "bi"][(i % 3) as usize].into(),
+            account_id: Some(format!("{}{}", prefixes[(i % 6) as usize], i % 1_000).into()),
+            path: "/v2/checkpoint".into(),
+            action: [None, Some("search"), Some("Fetch")][(i / 3 % 3) as usize].map(Into::into),
+            status: 200,
+            credits: i % 4,
+            credits_known: true,
+            outcome: Outcome::ALL[(i / 2 % 4) as usize],
+        };
+        sqlite.record(r.clone()).await.unwrap();
+        ledger.record(r).await.unwrap();
+    }
+    sqlite.flush().await.unwrap();
+    flushed(ledger.as_ref()).await;
+    // The database's own order is not byte order.
+    let icu_first = {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            c.query_one("SELECT 'acc' < 'Zeta'", &[])
+                .unwrap()
+                .get::<_, bool>(0)
+        })
+        .await
+        .unwrap()
+    };
+    assert!(
+        icu_first,
+        "the database sorts in byte order: the test proves nothing"
+    );
+
+    let mut pages = 0;
+    for (from, to) in [
+        (date!(2026 - 01 - 20), date!(2026 - 03 - 10)),
+        (date!(2026 - 02 - 03), date!(2026 - 02 - 03)),
+    ] {
+        for by in ["client,account", "account,day", "action,client", "outcome"] {
+            let q = UsageQuery {
+                from_day: from,
+                to_day: to,
+                by: GroupBy::parse_list(by).unwrap(),
+            };
+            let want = sqlite.usage(&q).unwrap();
+            for limit in [97, 10_000] {
+                let mut all = Vec::new();
+                let mut after: Option<Vec<String>> = None;
+                loop {
+                    let got = ledger.usage_page(&q, after.as_deref(), limit).unwrap();
+                    let expected = sqlite.usage_page(&q, after.as_deref(), limit).unwrap();
+                    assert_eq!(got, expected, "{from}..={to} by {by} limit {limit}");
+                    pages += 1;
+                    all.extend(got.rows);
+                    match got.next {
+                        Some(next) => after = Some(next),
+                        None => break,
+                    }
+                }
+                assert_eq!(all, want, "{from}..={to} by {by} limit {limit}");
+            }
+        }
+    }
+    assert!(pages > 60, "{pages} pages compared");
+}
