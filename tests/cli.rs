@@ -408,6 +408,7 @@ async fn usage_reports_the_ledger_as_table_csv_and_json() {
                     status: 200,
                     credits,
                     credits_known: true,
+                    credits_raw: None,
                     outcome,
                 })
                 .await

@@ -122,6 +122,11 @@ pub struct Faults {
     pub account_id: Option<String>,
     /// The wait of `slow_headers`.
     pub slow_ms: u64,
+    /// Answer successful (matching) requests with this as `metadata.credits_consumed` instead
+    /// of the price (a fraction, a string, a huge number...): what a broken upstream might
+    /// send. Independent of `mode` and `count`; stays until changed. The balance is still
+    /// charged the price.
+    pub credits_consumed: Option<Value>,
 }
 
 /// One `/v2` request as the emulator received it.
@@ -402,10 +407,16 @@ async fn v2(shared: &Shared, parts: Parts, body: Bytes) -> Result<Resp, Reset> {
     let json: Option<Value> = serde_json::from_slice(&body).ok();
     let named = route.named_account(json.as_ref(), query);
     let record = record_of(&parts, &body);
-    let (latency_ms, fault, slow_ms) = {
+    let (latency_ms, fault, slow_ms, credits_override) = {
         let mut st = shared.lock();
         st.record(record, path, &route, json.as_ref());
-        st.take_fault(named.as_deref())
+        let (latency_ms, fault, slow_ms) = st.take_fault(named.as_deref());
+        (
+            latency_ms,
+            fault,
+            slow_ms,
+            st.credits_override(named.as_deref()),
+        )
     };
     if latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(latency_ms)).await;
@@ -457,15 +468,21 @@ async fn v2(shared: &Shared, parts: Parts, body: Bytes) -> Result<Resp, Reset> {
         .lock()
         .dispatch(&shared.cfg.checkpoint_code, &route, json.as_ref(), query);
     let mut resp = match answer {
-        Ok((data, credits)) => json_response(
-            StatusCode::OK,
-            &Envelope {
-                success: true,
-                data: Some(&data),
-                error: None,
-                metadata: Metadata::new(&action, credits),
-            },
-        ),
+        Ok((data, credits)) => {
+            let mut metadata = Metadata::new(&action, credits);
+            if let Some(v) = credits_override {
+                metadata.credits_consumed = v;
+            }
+            json_response(
+                StatusCode::OK,
+                &Envelope {
+                    success: true,
+                    data: Some(&data),
+                    error: None,
+                    metadata,
+                },
+            )
+        }
         Err(ApiErr {
             status,
             code,
@@ -527,7 +544,7 @@ struct EnvelopeError<'a> {
 #[derive(serde::Serialize)]
 struct Metadata<'a> {
     action: &'a str,
-    credits_consumed: i64,
+    credits_consumed: Value,
     timestamp: String,
 }
 
@@ -535,7 +552,7 @@ impl<'a> Metadata<'a> {
     fn new(action: &'a str, credits_consumed: i64) -> Self {
         Metadata {
             action,
-            credits_consumed,
+            credits_consumed: Value::from(credits_consumed),
             timestamp: now_ts(),
         }
     }

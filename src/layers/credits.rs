@@ -327,7 +327,7 @@ where
         Ok(r) => r,
         Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
     };
-    let (status, charged, known, meta_action, outcome) = match &result {
+    let (status, charged, known, raw, meta_action, outcome) = match &result {
         Ok(resp) => {
             let charge = Charge::of(resp.body());
             if let Some(raw) = &charge.credits_raw {
@@ -350,6 +350,7 @@ where
                 resp.status().as_u16(),
                 charge.credits.unwrap_or(0),
                 charge.credits.is_some(),
+                charge.credits_raw,
                 charge.action,
                 Outcome::Settled,
             )
@@ -364,7 +365,7 @@ where
                 .err()
                 .map(|e| e.status().as_u16())
                 .unwrap_or(502);
-            (status, p.cost, true, None, Outcome::Ambiguous)
+            (status, p.cost, true, None, None, Outcome::Ambiguous)
         }
         // Never sent: nothing charged, no row.
         Err(_) => {
@@ -414,6 +415,7 @@ where
         status,
         credits: charged,
         credits_known: known,
+        credits_raw: raw,
         outcome,
     };
     record(process, row).await;
@@ -575,6 +577,7 @@ where
                     status: resp.status().as_u16(),
                     credits: 0,
                     credits_known: true,
+                    credits_raw: None,
                     outcome,
                 };
                 record(&process, row).await;

@@ -113,7 +113,23 @@ pub struct Row {
     pub credits: u64,
     /// False when `metadata.credits_consumed` was absent or not a number.
     pub credits_known: bool,
+    /// `metadata.credits_consumed` as the upstream sent it (JSON text) when it was present but
+    /// not a whole number from 0 to `MAX_CREDITS_PER_CALL`: the row is `unknown` and this keeps
+    /// what was sent. Stored at most [`CREDITS_RAW_MAX`] bytes.
+    pub credits_raw: Option<String>,
     pub outcome: Outcome,
+}
+
+/// The most bytes of a raw `credits_consumed` a row keeps.
+pub const CREDITS_RAW_MAX: usize = 64;
+
+/// `raw` cut to at most [`CREDITS_RAW_MAX`] bytes, on a character boundary.
+pub(crate) fn bounded_raw(raw: &str) -> &str {
+    let mut cut = raw.len().min(CREDITS_RAW_MAX);
+    while !raw.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &raw[..cut]
 }
 
 /// A grouping key of `/usage?by=`.

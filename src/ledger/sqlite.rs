@@ -132,13 +132,17 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO ledger_meta (key, value)
     SELECT 'aggregated_through', COALESCE(MAX(id), 0) FROM ledger_rows;
     INSERT INTO ledger_meta (key, value) VALUES ('journal_through', 0);",
+    // 5: `metadata.credits_consumed` as the upstream sent it, on the rows where it was not a
+    // whole number (the row is unknown): at most 64 bytes, NULL otherwise and on older rows.
+    "ALTER TABLE ledger_rows ADD COLUMN credits_raw TEXT;",
 ];
 
 mod group;
 
 const INSERT_ROW: &str = "INSERT INTO ledger_rows
-    (at_ms, request_id, client, account_id, path, action, status, credits, credits_known, outcome)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+    (at_ms, request_id, client, account_id, path, action, status, credits, credits_known, outcome,
+     credits_raw)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 
 /// Fold rows `(?1, ?2]` into the aggregates: group them once into a temporary table, then one
 /// upsert per aggregate table and key, and move the watermark, in one transaction.
@@ -1108,6 +1112,7 @@ fn write_rows(conn: &Connection, rows: &[Row], through: Option<u64>) -> rusqlite
                 to_i64(r.credits),
                 r.credits_known,
                 r.outcome.as_str(),
+                r.credits_raw.as_deref().map(super::bounded_raw),
             ])?;
         }
     }
@@ -1276,6 +1281,7 @@ mod tests {
             status: 200,
             credits: 1,
             credits_known: true,
+            credits_raw: None,
             outcome: Outcome::Settled,
         }
     }
@@ -1296,6 +1302,12 @@ mod tests {
             )
             .unwrap()
     }
+
+    /// The row insert of schema versions 1 to 4 (before `credits_raw`).
+    const INSERT_ROW_V1: &str = "INSERT INTO ledger_rows
+        (at_ms, request_id, client, account_id, path, action, status, credits, credits_known,
+         outcome)
+        VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
     const DAY1: Date = date!(2026 - 11 - 24);
     const DAY2: Date = date!(2026 - 11 - 25);
@@ -1579,7 +1591,7 @@ mod tests {
                     .enumerate()
             {
                 conn.execute(
-                    INSERT_ROW,
+                    INSERT_ROW_V1,
                     params![
                         at(DAY2, i64::try_from(i).unwrap()),
                         "r",
@@ -1666,6 +1678,65 @@ mod tests {
                 r#"{"account":"a2","requests":1,"credits":1}"#,
             ]
         );
+    }
+
+    /// A ledger written by the release before `credits_raw` (schema version 4, its rows and
+    /// journal lines without the column) opens, keeps its rows, and stores the raw value of
+    /// new unknown rows; rows with a known value keep NULL.
+    #[tokio::test]
+    async fn a_version_4_file_gets_the_raw_credits_column_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v4.sqlite3");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+            for step in &MIGRATIONS[..4] {
+                conn.execute_batch(step).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 4).unwrap();
+            conn.execute(
+                INSERT_ROW_V1,
+                params![
+                    at(DAY2, 1),
+                    "old",
+                    "crm",
+                    "a1",
+                    "/v2/x",
+                    "get",
+                    200,
+                    3,
+                    true,
+                    "settled"
+                ],
+            )
+            .unwrap();
+        }
+        let ledger = SqliteLedger::open(&path, LedgerSync::CrashSafe).unwrap();
+        assert_eq!(ledger.totals().unwrap(), (1, 3));
+        let mut unknown = with(row(DAY2, "crm", None, None), 0, Outcome::Settled);
+        unknown.request_id = "odd".into();
+        unknown.credits_known = false;
+        unknown.credits_raw = Some(format!("\"{}\"", "é".repeat(100)));
+        ledger.record(unknown).await.unwrap();
+        ledger.flush().await.unwrap();
+        drop(ledger);
+        let conn = Connection::open(&path).unwrap();
+        let raws: Vec<(String, Option<String>)> = conn
+            .prepare("SELECT request_id, credits_raw FROM ledger_rows ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(raws[0], ("old".to_string(), None));
+        assert_eq!(raws[1].0, "odd");
+        let raw = raws[1].1.as_deref().unwrap();
+        assert!(raw.len() <= crate::ledger::CREDITS_RAW_MAX, "{raw}");
+        assert!(raw.starts_with("\"éé"), "{raw}");
+        let version: usize = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len());
     }
 
     /// Every way of reading the aggregates (daily and monthly, with and without the account,

@@ -31,6 +31,7 @@ fn row(request_id: String, day: Date, client: &str, credits: u64) -> Row {
         status: 200,
         credits,
         credits_known: true,
+        credits_raw: None,
         outcome: Outcome::Settled,
     }
 }
@@ -93,6 +94,7 @@ fn generated_rows() -> Vec<Row> {
                 status: 200,
                 credits: i % 5,
                 credits_known: i % 11 != 0,
+                credits_raw: None,
                 outcome: Outcome::ALL[(i / 2 % 4) as usize],
             }
         })
