@@ -213,7 +213,9 @@ where
         let fleet_reserved = req.extensions().get::<FleetReserved>().cloned();
 
         if cost > 0 {
-            let refusal = if process.credit_state.ledger_failing.load(Ordering::Acquire) {
+            let refusal = if process.credit_state.ledger_failing.load(Ordering::Acquire)
+                || process.ledger.file_lost()
+            {
                 Some(GatewayError::LedgerUnavailable)
             } else if process
                 .credit_state

@@ -237,6 +237,20 @@ pub enum LedgerError {
          write it (its lock: {path}.lock)"
     )]
     Locked { path: String, holder: String },
+    /// The embedded ledger's file is no longer the one the gateway opened (deleted, replaced)
+    /// or lost what was written to it (truncated, overwritten). Sticky until a restart.
+    #[error(
+        "the ledger file at {path} {what} under the running gateway ({detail}); rows are kept, \
+         not written, until an operator restores the file or restarts the gateway"
+    )]
+    FileLost {
+        path: String,
+        /// `deleted`, `replaced`, `truncated` or `overwritten`: the metric's label.
+        reason: &'static str,
+        /// `was deleted`, ...: for the message.
+        what: &'static str,
+        detail: String,
+    },
     #[error("the ledger writer has stopped; rows cannot be recorded")]
     WriterGone,
     #[error("reading the ledger at {path} failed: {detail}")]
@@ -275,6 +289,13 @@ pub trait Ledger: Send + Sync + 'static {
     /// (for `/readyz` and logs).
     fn write_error(&self) -> Option<LedgerError> {
         None
+    }
+
+    /// The ledger's file was found deleted, replaced, truncated or overwritten under the
+    /// running gateway ([`LedgerError::FileLost`]): one atomic load, read by the credits
+    /// layer before it forwards a costly request. Sticky until a restart.
+    fn file_lost(&self) -> bool {
+        false
     }
 }
 

@@ -8,6 +8,7 @@ mod credits;
 mod hostile;
 mod inbound_tls;
 mod ledger_disk;
+mod ledger_watch;
 mod limits;
 mod operations;
 mod proxy;
