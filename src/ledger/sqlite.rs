@@ -504,12 +504,14 @@ impl SqliteLedger {
 impl Ledger for SqliteLedger {
     fn record(&self, row: Row) -> BoxFuture<Result<(), LedgerError>> {
         // On a data-plane worker: joins the rows of this turn of its loop, one write for all.
-        let row = match &self.group {
-            Some(group) => match group::append(group, row) {
-                Ok(appended) => return Box::pin(appended),
-                Err(row) => row,
-            },
-            None => row,
+        let mut slot = Some(row);
+        if let Some(group) = &self.group {
+            if let Some(appended) = group::append(group, &mut slot) {
+                return Box::pin(appended);
+            }
+        }
+        let Some(row) = slot else {
+            return Box::pin(std::future::ready(Err(LedgerError::WriterGone)));
         };
         if let Some(journal) = &self.journal {
             // crash_safe: the caller appends its own row to the journal (in the OS's hands
