@@ -19,6 +19,13 @@
 //! the rows (the upstream may have charged for them) and retries them, on a fresh connection,
 //! with the next batch or after [`RETRY_EVERY`]. Reads use their own connection: WAL lets
 //! them run beside the writer.
+//!
+//! The file deleted, replaced, truncated or overwritten under the running gateway (SQLite
+//! would go on committing into a WAL nobody reads again) is noticed by the writer within
+//! about a second (`watch`): from then on nothing more is written or checkpointed into it,
+//! the rows are kept (journal; without one, a journal file written at close), and the ledger
+//! reports [`LedgerError::FileLost`] until a restart. A truncated or overwritten file is
+//! refused at open, saying what to do.
 
 use std::collections::HashMap;
 use std::fs::File;
