@@ -32,7 +32,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -289,6 +289,10 @@ struct WriterState {
     /// The file was deleted, replaced, truncated or overwritten (sticky): no connection may
     /// checkpoint into it any more, not even when it closes.
     file_lost: AtomicBool,
+    /// Held while a checkpoint runs (the checkpointer's, the writer's rewind): a checkpoint
+    /// writes page 1, with the new page count, before the pages that extend the file, so
+    /// the file's size is compared with its header only under this lock.
+    checkpoint_lock: Mutex<()>,
     /// Tests: the fault the writer's next connection has, and a generation that tells the
     /// writer to drop its current one.
     #[cfg(test)]
@@ -298,6 +302,12 @@ struct WriterState {
 impl WriterState {
     fn error(&self) -> MutexGuard<'_, Option<LedgerError>> {
         self.error.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn checkpoint_lock(&self) -> MutexGuard<'_, ()> {
+        self.checkpoint_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -316,7 +326,7 @@ impl SqliteLedger {
         let lock = lock(path)?;
         // A file truncated or overwritten while no gateway ran is refused here, clearly,
         // rather than by SQLite later ("file is not a database", "malformed").
-        watch::check_before_open(path).map_err(&fail)?;
+        let suspect = watch::check_before_open(path).map_err(&fail)?;
         let mut conn = open_writer(path, sync).map_err(|e| fail(e.to_string()))?;
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
@@ -325,6 +335,22 @@ impl SqliteLedger {
             return Err(fail(format!(
                 "WAL mode is unavailable here (journal_mode stays `{mode}`)"
             )));
+        }
+        if let Some(detail) = suspect {
+            // Shorter than its header says, with a WAL beside it: a crash during a
+            // checkpoint leaves it so (the WAL completes it), and so does a truncation. SQLite
+            // tells them apart now that it has read the WAL.
+            let verdict = conn
+                .query_row("PRAGMA quick_check(1)", [], |r| r.get::<_, String>(0))
+                .unwrap_or_else(|e| e.to_string());
+            if verdict != "ok" {
+                return Err(fail(watch::refusal(
+                    path,
+                    watch::Problem::Truncated,
+                    &format!("{detail}; SQLite's quick_check: {verdict}"),
+                )));
+            }
+            tracing::warn!(path = %path.display(), detail = %detail, "the ledger file is shorter than its header says, but its WAL completes it (a crash during a checkpoint) and SQLite's quick_check passes");
         }
         migrate(&mut conn).map_err(fail)?;
         // Rows a crash left in the journal go into SQLite, made durable, before the journal
@@ -759,14 +785,24 @@ fn checkpoint_until_closed(
     watch: &watch::FileWatch,
 ) {
     while wake.recv().is_ok() {
-        // Never copy the WAL into a file that is not the one opened, or not whole any more
-        // (it would look whole and be malformed); the writer's own check says why.
-        if state.file_lost.load(Ordering::Acquire) || watch.check().is_some() {
+        let checkpointed = {
+            // A checkpoint writes page 1 (the page count) before the pages that extend the
+            // file: the writer's check must not look at the size meanwhile.
+            let _checkpointing = state.checkpoint_lock();
+            // Never copy the WAL into a file that is not the one opened, or not whole any
+            // more (it would look whole and be malformed); the writer's own check says why.
+            if state.file_lost.load(Ordering::Acquire) || watch.check(true).is_some() {
+                None
+            } else {
+                // (busy, frames in the WAL, frames copied)
+                Some(conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)))
+            }
+        };
+        let Some(checkpointed) = checkpointed else {
             no_checkpoint_on_close(conn);
             continue;
-        }
-        // (busy, frames in the WAL, frames copied)
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+        };
+        match checkpointed {
             // Everything but the last frames is copied by now: the writer rewinds the WAL
             // between two commits (see WAL_REWIND_FRAMES).
             Ok(frames) if frames >= WAL_REWIND_FRAMES => {
@@ -1072,7 +1108,17 @@ impl Writer {
     /// the frames the checkpointer has not, so the next commit starts the WAL afresh. Busy
     /// (the checkpointer is mid-way) is fine: it asks again next time.
     fn rewind_wal(&mut self) {
-        self.check_file();
+        let state = self.state.clone();
+        let _checkpointing = match state.checkpoint_lock.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            // The checkpointer is at it: ask again after the next commit.
+            Err(TryLockError::WouldBlock) => {
+                self.state.wal_long.store(true, Ordering::Release);
+                return;
+            }
+        };
+        self.check_file_while(true);
         if self.lost.is_some() {
             return;
         }
@@ -1143,8 +1189,25 @@ impl Writer {
         if self.lost.is_some() {
             return;
         }
+        // The size is only compared with the header's page count when no checkpoint runs
+        // (see `checkpoint_lock`); never waited for.
+        let state = self.state.clone();
+        let checkpoint = match state.checkpoint_lock.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        self.check_file_while(checkpoint.is_some());
+    }
+
+    /// [`Writer::check_file`], comparing the size with the header only if `no_checkpoint`
+    /// (the caller holds `checkpoint_lock`).
+    fn check_file_while(&mut self, no_checkpoint: bool) {
+        if self.lost.is_some() {
+            return;
+        }
         self.checked_at = Instant::now();
-        match self.watch.check() {
+        match self.watch.check(no_checkpoint) {
             None => self.unverified.clear(),
             Some((problem, detail)) => self.lose(problem, detail),
         }
@@ -2364,6 +2427,39 @@ mod tests {
         assert!(ids.contains(&"after".to_string()), "{ids:?}");
         assert!(reopened.write_error().is_none());
         assert!(journal::files(&path).is_empty());
+    }
+
+    /// The file grows under checkpoints while the writer and the checkpointer check it: a
+    /// busy ledger is never taken for a lost one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_growing_ledger_is_never_taken_for_a_lost_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite3");
+        let ledger = Arc::new(SqliteLedger::open(&path, LedgerSync::CrashSafe).unwrap());
+        let until = Instant::now() + WATCH_EVERY * 3;
+        let mut tasks = JoinSet::new();
+        for t in 0..4 {
+            let ledger = ledger.clone();
+            tasks.spawn(async move {
+                let mut i = 0u64;
+                while Instant::now() < until {
+                    let mut r = row(DAY2, "crm", None, None);
+                    r.request_id = format!("{t}-{i:0200}");
+                    ledger.record(r).await.unwrap();
+                    i += 1;
+                    if i % 64 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        ledger.flush().await.unwrap();
+        assert!(ledger.write_error().is_none(), "{:?}", ledger.write_error());
+        assert!(!ledger.file_lost());
+        assert!(std::fs::metadata(&path).unwrap().len() > 64 * 1024);
     }
 
     #[tokio::test]

@@ -53,7 +53,9 @@ const HEADER: usize = 100;
 /// What the header and size of a ledger file say is wrong with it, if anything. `header` is
 /// what could be read of the first 100 bytes, read before `size` was taken (the file only
 /// grows: SQLite extends it before it writes a page count that needs the room).
-fn inspect(header: &[u8], size: u64) -> Option<(Problem, String)> {
+/// `pages`: whether to compare the size with the header's page count (not while a
+/// checkpoint may be writing: it writes page 1 before the pages that extend the file).
+fn inspect(header: &[u8], size: u64, pages: bool) -> Option<(Problem, String)> {
     if size < HEADER as u64 || header.len() < HEADER {
         return Some((
             Problem::Truncated,
@@ -75,13 +77,13 @@ fn inspect(header: &[u8], size: u64) -> Option<(Problem, String)> {
     };
     // The page count in the header is valid when the change counter matches the version it
     // was written for (SQLite 3.7.0 and later always keep them so).
-    let pages = u64::from(be32(28));
-    if be32(24) == be32(92) && pages.saturating_mul(page_size) > size {
+    let count = u64::from(be32(28));
+    if pages && be32(24) == be32(92) && count.saturating_mul(page_size) > size {
         return Some((
             Problem::Truncated,
             format!(
-                "{size} bytes left, its header says {pages} pages of {page_size} bytes ({} bytes)",
-                pages.saturating_mul(page_size)
+                "{size} bytes left, its header says {count} pages of {page_size} bytes ({} bytes)",
+                count.saturating_mul(page_size)
             ),
         ));
     }
@@ -126,8 +128,9 @@ impl FileWatch {
         })
     }
 
-    /// Is the file at the path still the one opened, with what was written to it?
-    pub(super) fn check(&self) -> Option<(Problem, String)> {
+    /// Is the file at the path still the one opened, with what was written to it? `pages`:
+    /// compare its size with its header's page count too (no checkpoint is running).
+    pub(super) fn check(&self, pages: bool) -> Option<(Problem, String)> {
         match std::fs::metadata(&self.path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Some((Problem::Deleted, "no file at that path any more".into()));
@@ -150,7 +153,7 @@ impl FileWatch {
             Ok(_) => {}
         }
         match header_and_size(&self.file) {
-            Ok((header, size)) => inspect(&header, size),
+            Ok((header, size)) => inspect(&header, size, pages),
             Err(_) => None,
         }
     }
@@ -159,47 +162,52 @@ impl FileWatch {
 /// Before the open: a file that exists but was truncated or overwritten is refused, with what
 /// is wrong and what to do. A missing file is a new ledger; so is an empty one, unless a WAL
 /// beside it shows it had content (truncated to 0 bytes: SQLite would drop that WAL and start
-/// an empty ledger).
-pub(super) fn check_before_open(path: &Path) -> Result<(), String> {
+/// an empty ledger). `Ok(Some(detail))`: shorter than its header says, but a WAL with content
+/// is beside it, as a crash in the middle of a checkpoint leaves it (page 1 is written before
+/// the pages that extend the file): the caller asks SQLite (`PRAGMA quick_check`) once the WAL
+/// is read.
+pub(super) fn check_before_open(path: &Path) -> Result<Option<String>, String> {
     let file = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         // SQLite's own open says it better (permissions, a directory...).
-        Err(_) => return Ok(()),
+        Err(_) => return Ok(None),
     };
     let (header, size) =
         header_and_size(&file).map_err(|e| format!("cannot read its header: {e}"))?;
-    let problem = if size == 0 {
-        let mut wal = path.as_os_str().to_owned();
-        wal.push("-wal");
-        match std::fs::metadata(&wal) {
-            Ok(m) if m.len() > 0 => Some((
-                Problem::Truncated,
-                format!(
-                    "0 bytes left, but its write-ahead log {} ({} bytes) shows it had content",
-                    Path::new(&wal).display(),
-                    m.len()
-                ),
-            )),
-            _ => None,
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal_bytes = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    if size == 0 {
+        if wal_bytes == 0 {
+            return Ok(None);
         }
-    } else {
-        inspect(&header, size)
-    };
-    match problem {
-        None => Ok(()),
-        Some((problem, detail)) => {
-            let p = path.display();
-            Err(format!(
-                "the file {} ({detail}): it cannot be trusted, and the gateway will not start \
-                 on it. Move {p} aside (with {p}-wal and {p}-shm if present) and restore the \
-                 last good copy of the ledger to {p}, or leave the path empty to start a new \
-                 ledger. Rows still in the journal ({p}.journal-*) are written into whichever \
-                 ledger the gateway opens",
-                problem.what()
-            ))
-        }
+        let detail = format!(
+            "0 bytes left, but its write-ahead log {} ({wal_bytes} bytes) shows it had content",
+            Path::new(&wal).display(),
+        );
+        return Err(refusal(path, Problem::Truncated, &detail));
     }
+    if let Some((problem, detail)) = inspect(&header, size, false) {
+        return Err(refusal(path, problem, &detail));
+    }
+    match inspect(&header, size, true) {
+        None => Ok(None),
+        Some((_, detail)) if wal_bytes > 0 => Ok(Some(detail)),
+        Some((problem, detail)) => Err(refusal(path, problem, &detail)),
+    }
+}
+
+/// Why the gateway will not start on the file at `path`, and what to do.
+pub(super) fn refusal(path: &Path, problem: Problem, detail: &str) -> String {
+    let p = path.display();
+    format!(
+        "the file {} ({detail}): it cannot be trusted, and the gateway will not start on it. \
+         Move {p} aside (with {p}-wal and {p}-shm if present) and restore the last good copy \
+         of the ledger to {p}, or leave the path empty to start a new ledger. Rows still in \
+         the journal ({p}.journal-*) are written into whichever ledger the gateway opens",
+        problem.what()
+    )
 }
 
 #[cfg(test)]
@@ -219,23 +227,28 @@ mod tests {
 
     #[test]
     fn a_header_is_judged_against_the_size() {
-        assert_eq!(inspect(&header(3, 4096), 3 * 4096), None);
-        assert_eq!(inspect(&header(3, 1), 3 * 65_536), None);
+        assert_eq!(inspect(&header(3, 4096), 3 * 4096, true), None);
+        assert_eq!(inspect(&header(3, 1), 3 * 65_536, true), None);
+        // Not compared while a checkpoint may be extending the file.
+        assert_eq!(inspect(&header(3, 4096), 2 * 4096, false), None);
         assert_eq!(
-            inspect(&header(3, 4096), 2 * 4096).unwrap().0,
+            inspect(&header(3, 4096), 2 * 4096, true).unwrap().0,
             Problem::Truncated
         );
-        assert_eq!(inspect(&[], 0).unwrap().0, Problem::Truncated);
+        assert_eq!(inspect(&[], 0, true).unwrap().0, Problem::Truncated);
         assert_eq!(
-            inspect(&header(1, 4096)[..10], 10).unwrap().0,
+            inspect(&header(1, 4096)[..10], 10, true).unwrap().0,
             Problem::Truncated
         );
         let mut garbage = header(1, 4096);
         garbage[0] = b'x';
-        assert_eq!(inspect(&garbage, 4096).unwrap().0, Problem::Overwritten);
+        assert_eq!(
+            inspect(&garbage, 4096, true).unwrap().0,
+            Problem::Overwritten
+        );
         // A stale page count (counter and valid-for differ) is not trusted.
         let mut stale = header(9, 4096);
         stale[92] = 1;
-        assert_eq!(inspect(&stale, 4096), None);
+        assert_eq!(inspect(&stale, 4096, true), None);
     }
 }
