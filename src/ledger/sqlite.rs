@@ -2447,7 +2447,7 @@ mod tests {
                     r.request_id = format!("{t}-{i:0200}");
                     ledger.record(r).await.unwrap();
                     i += 1;
-                    if i % 64 == 0 {
+                    if i.is_multiple_of(64) {
                         tokio::task::yield_now().await;
                     }
                 }
