@@ -85,6 +85,7 @@ impl Names {
                 0
             },
             credits_known: !i.is_multiple_of(50),
+            credits_raw: None,
             outcome,
         }
     }

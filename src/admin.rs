@@ -405,6 +405,15 @@ fn route(
         (&Method::GET, "/readyz") => {
             if process.draining.load(Ordering::SeqCst) {
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "draining\n")
+            } else if let Some(e @ crate::ledger::LedgerError::FileLost { .. }) =
+                process.ledger.write_error()
+            {
+                // Not ready until an operator restores the file or restarts the gateway.
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    PLAIN,
+                    format!("ledger unavailable: {e}\n"),
+                )
             } else {
                 text(StatusCode::OK, PLAIN, "ready\n")
             }

@@ -96,6 +96,11 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RateLimitedLabels {
     pub client: Label,
     /// `client`, `account` (the default), a rule's name, or `cooldown`.
@@ -220,6 +225,9 @@ pub struct Metrics {
     pub budget_shadow_refusals: Family<ClientLabels, Counter>,
     pub ledger_rows: Family<OutcomeLabels, Counter>,
     pub ledger_errors: Counter,
+    /// The embedded ledger's file was deleted, replaced, truncated or overwritten under the
+    /// running gateway (`reason`); counted once per detection (also in `ledger_errors`).
+    pub ledger_file_lost: Family<ReasonLabels, Counter>,
     pub upstream_balance: Gauge,
     pub credits_drift: Gauge,
 }
@@ -367,6 +375,12 @@ impl Default for Metrics {
             "Ledger writes that failed (costly requests are refused until one succeeds)",
             ledger_errors.clone(),
         );
+        let ledger_file_lost = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "ledger_file_lost",
+            "Times the ledger file was found deleted, replaced, truncated or overwritten under the running gateway, by reason (costly requests are refused and /readyz is not ready until a restart)",
+            ledger_file_lost.clone(),
+        );
         let upstream_balance = Gauge::default();
         registry.register(
             "upstream_balance_credits",
@@ -417,6 +431,7 @@ impl Default for Metrics {
             budget_shadow_refusals,
             ledger_rows,
             ledger_errors,
+            ledger_file_lost,
             upstream_balance,
             credits_drift,
             registry,

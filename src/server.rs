@@ -320,10 +320,28 @@ async fn watch_ledger(process: Arc<Process>, mut stop: watch::Receiver<bool>) {
     use std::sync::atomic::Ordering;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lost_counted = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let state = &process.credit_state;
+                // The ledger file was lost (deleted, replaced, truncated): fail closed now,
+                // before any costly request is forwarded, and count it once.
+                if let Some(crate::ledger::LedgerError::FileLost { reason, .. }) =
+                    process.ledger.write_error()
+                {
+                    if !lost_counted {
+                        lost_counted = true;
+                        process.metrics.ledger_errors.inc();
+                        process
+                            .metrics
+                            .ledger_file_lost
+                            .get_or_create(&crate::metrics::ReasonLabels { reason })
+                            .inc();
+                    }
+                    state.ledger_failing.store(true, Ordering::Release);
+                    continue;
+                }
                 if state.ledger_failing.load(Ordering::Acquire)
                     && process.ledger.write_error().is_none()
                 {

@@ -408,6 +408,7 @@ async fn usage_reports_the_ledger_as_table_csv_and_json() {
                     status: 200,
                     credits,
                     credits_known: true,
+                    credits_raw: None,
                     outcome,
                 })
                 .await
@@ -482,6 +483,7 @@ async fn usage_pages_with_limit_and_cursor_and_streams_every_row_without() {
                     status: 200,
                     credits: 1,
                     credits_known: true,
+                    credits_raw: None,
                     outcome: Outcome::Settled,
                 })
                 .await

@@ -134,6 +134,11 @@ pub struct Faults {
     /// [`EmulatorHandle::release_stalled`] (or `POST /_emulator/release`) before the rest: the
     /// answers of concurrent calls are then all in flight at once, by construction.
     pub stall_big_answers: bool,
+    /// Answer successful (matching) requests with this as `metadata.credits_consumed` instead
+    /// of the price (a fraction, a string, a huge number...): what a broken upstream might
+    /// send. Independent of `mode` and `count`; stays until changed. The balance is still
+    /// charged the price.
+    pub credits_consumed: Option<Value>,
 }
 
 /// One `/v2` request as the emulator received it.
@@ -459,10 +464,18 @@ async fn v2(shared: &Shared, parts: Parts, body: Bytes) -> Result<Resp, Reset> {
     let json: Option<Value> = serde_json::from_slice(&body).ok();
     let named = route.named_account(json.as_ref(), query);
     let record = record_of(&parts, &body);
-    let (latency_ms, fault, slow_ms, big_answer_bytes, stall) = {
+    let (latency_ms, fault, slow_ms, big_answer_bytes, stall, credits_override) = {
         let mut st = shared.lock();
         st.record(record, path, &route, json.as_ref());
-        st.take_fault(named.as_deref())
+        let (latency_ms, fault, slow_ms, big_answer_bytes, stall) = st.take_fault(named.as_deref());
+        (
+            latency_ms,
+            fault,
+            slow_ms,
+            big_answer_bytes,
+            stall,
+            st.credits_override(named.as_deref()),
+        )
     };
     if latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(latency_ms)).await;
@@ -518,15 +531,21 @@ async fn v2(shared: &Shared, parts: Parts, body: Bytes) -> Result<Resp, Reset> {
             let stall = stall.then(|| shared.released.subscribe());
             big_answer(data, &action, credits, big_answer_bytes, stall)
         }
-        Ok((data, credits)) => json_response(
-            StatusCode::OK,
-            &Envelope {
-                success: true,
-                data: Some(&data),
-                error: None,
-                metadata: Metadata::new(&action, credits),
-            },
-        ),
+        Ok((data, credits)) => {
+            let mut metadata = Metadata::new(&action, credits);
+            if let Some(v) = credits_override {
+                metadata.credits_consumed = v;
+            }
+            json_response(
+                StatusCode::OK,
+                &Envelope {
+                    success: true,
+                    data: Some(&data),
+                    error: None,
+                    metadata,
+                },
+            )
+        }
         Err(ApiErr {
             status,
             code,
@@ -576,7 +595,7 @@ fn big_answer(
             error: None,
             metadata: Metadata {
                 action,
-                credits_consumed: credits,
+                credits_consumed: credits.into(),
                 timestamp: metadata.timestamp.clone(),
             },
         })
@@ -643,7 +662,7 @@ struct EnvelopeError<'a> {
 #[derive(serde::Serialize)]
 struct Metadata<'a> {
     action: &'a str,
-    credits_consumed: i64,
+    credits_consumed: Value,
     timestamp: String,
 }
 
@@ -651,7 +670,7 @@ impl<'a> Metadata<'a> {
     fn new(action: &'a str, credits_consumed: i64) -> Self {
         Metadata {
             action,
-            credits_consumed,
+            credits_consumed: Value::from(credits_consumed),
             timestamp: now_ts(),
         }
     }

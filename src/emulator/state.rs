@@ -416,6 +416,15 @@ impl State {
         )
     }
 
+    /// The `credits_consumed` a successful answer for `account` carries instead of the price.
+    pub fn credits_override(&self, account: Option<&str>) -> Option<serde_json::Value> {
+        let f = &self.faults;
+        match f.account_id.as_deref() {
+            Some(want) if account != Some(want) => None,
+            _ => f.credits_consumed.clone(),
+        }
+    }
+
     /// Clears counters, recorded requests and faults; accounts, webhooks and balance stay.
     pub fn reset(&mut self) {
         self.credits_charged = 0;

@@ -213,7 +213,9 @@ where
         let fleet_reserved = req.extensions().get::<FleetReserved>().cloned();
 
         if cost > 0 {
-            let refusal = if process.credit_state.ledger_failing.load(Ordering::Acquire) {
+            let refusal = if process.credit_state.ledger_failing.load(Ordering::Acquire)
+                || process.ledger.file_lost()
+            {
                 Some(GatewayError::LedgerUnavailable)
             } else if process
                 .credit_state
@@ -327,7 +329,7 @@ where
         Ok(r) => r,
         Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
     };
-    let (status, charged, known, meta_action, outcome) = match &result {
+    let (status, charged, known, raw, meta_action, outcome) = match &result {
         Ok(resp) => {
             let charge = Charge::of(resp.body());
             if let Some(raw) = &charge.credits_raw {
@@ -350,6 +352,7 @@ where
                 resp.status().as_u16(),
                 charge.credits.unwrap_or(0),
                 charge.credits.is_some(),
+                charge.credits_raw,
                 charge.action,
                 Outcome::Settled,
             )
@@ -367,7 +370,7 @@ where
                 .err()
                 .map(|e| e.status().as_u16())
                 .unwrap_or(502);
-            (status, p.cost, true, None, Outcome::Ambiguous)
+            (status, p.cost, true, None, None, Outcome::Ambiguous)
         }
         // Never sent: nothing charged, no row.
         Err(_) => {
@@ -417,6 +420,7 @@ where
         status,
         credits: charged,
         credits_known: known,
+        credits_raw: raw,
         outcome,
     };
     record(process, row).await;
@@ -579,6 +583,7 @@ where
                     status: resp.status().as_u16(),
                     credits: 0,
                     credits_known: true,
+                    credits_raw: None,
                     outcome,
                 };
                 record(&process, row).await;

@@ -37,6 +37,8 @@ struct LineRef<'a> {
     status: u16,
     credits: u64,
     credits_known: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    credits_raw: Option<&'a str>,
     outcome: Outcome,
 }
 
@@ -51,6 +53,9 @@ struct LineOwned {
     status: u16,
     credits: u64,
     credits_known: bool,
+    /// Absent from lines journaled before it existed.
+    #[serde(default)]
+    credits_raw: Option<String>,
     outcome: String,
 }
 
@@ -65,6 +70,7 @@ pub(super) fn encode(row: &Row, out: &mut Vec<u8>) {
         status: row.status,
         credits: row.credits,
         credits_known: row.credits_known,
+        credits_raw: row.credits_raw.as_deref(),
         outcome: row.outcome,
     };
     // Serializing plain strings and numbers cannot fail.
@@ -84,6 +90,7 @@ fn decode(json: &str) -> Option<Row> {
         status: l.status,
         credits: l.credits,
         credits_known: l.credits_known,
+        credits_raw: l.credits_raw,
         outcome: Outcome::parse(&l.outcome)?,
     })
 }
@@ -330,6 +337,7 @@ mod tests {
             status: 200,
             credits: u64::MAX,
             credits_known: true,
+            credits_raw: None,
             outcome: Outcome::Settled,
         }
     }
@@ -359,6 +367,22 @@ mod tests {
         assert_eq!(ids, [(2, "b".to_string()), (3, "c".to_string())]);
         assert_eq!(rows[0].1.account_id.as_deref(), Some("acc\t\"1\"\n"));
         assert_eq!(rows[0].1.credits, u64::MAX);
+    }
+
+    #[test]
+    fn a_raw_credits_value_round_trips_and_older_lines_without_it_still_replay() {
+        let mut r = row("raw");
+        r.credits_known = false;
+        r.credits_raw = Some("\"1.5\"".into());
+        let mut line = Vec::new();
+        encode(&r, &mut line);
+        let back = decode(std::str::from_utf8(&line).unwrap().trim_end()).unwrap();
+        assert_eq!(back.credits_raw.as_deref(), Some("\"1.5\""));
+        // A line journaled by the previous release (no `credits_raw`).
+        let old = r#"{"at_ms":1,"request_id":"r","client":"crm","account_id":null,"path":"/v2/x","action":null,"status":200,"credits":1,"credits_known":true,"outcome":"settled"}"#;
+        let back = decode(old).unwrap();
+        assert_eq!(back.credits_raw, None);
+        assert_eq!(back.credits, 1);
     }
 
     #[test]

@@ -118,7 +118,23 @@ pub struct Row {
     pub credits: u64,
     /// False when `metadata.credits_consumed` was absent or not a number.
     pub credits_known: bool,
+    /// `metadata.credits_consumed` as the upstream sent it (JSON text) when it was present but
+    /// not a whole number from 0 to `MAX_CREDITS_PER_CALL`: the row is `unknown` and this keeps
+    /// what was sent. Stored at most [`CREDITS_RAW_MAX`] bytes.
+    pub credits_raw: Option<String>,
     pub outcome: Outcome,
+}
+
+/// The most bytes of a raw `credits_consumed` a row keeps.
+pub const CREDITS_RAW_MAX: usize = 64;
+
+/// `raw` cut to at most [`CREDITS_RAW_MAX`] bytes, on a character boundary.
+pub(crate) fn bounded_raw(raw: &str) -> &str {
+    let mut cut = raw.len().min(CREDITS_RAW_MAX);
+    while !raw.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &raw[..cut]
 }
 
 /// A grouping key of `/usage?by=`.
@@ -268,6 +284,20 @@ pub enum LedgerError {
          write it (its lock: {path}.lock)"
     )]
     Locked { path: String, holder: String },
+    /// The embedded ledger's file is no longer the one the gateway opened (deleted, replaced)
+    /// or lost what was written to it (truncated, overwritten). Sticky until a restart.
+    #[error(
+        "the ledger file at {path} {what} under the running gateway ({detail}); rows are kept, \
+         not written, until an operator restores the file or restarts the gateway"
+    )]
+    FileLost {
+        path: String,
+        /// `deleted`, `replaced`, `truncated` or `overwritten`: the metric's label.
+        reason: &'static str,
+        /// `was deleted`, ...: for the message.
+        what: &'static str,
+        detail: String,
+    },
     #[error("the ledger writer has stopped; rows cannot be recorded")]
     WriterGone,
     #[error("reading the ledger at {path} failed: {detail}")]
@@ -330,6 +360,13 @@ pub trait Ledger: Send + Sync + 'static {
     /// (for `/readyz` and logs).
     fn write_error(&self) -> Option<LedgerError> {
         None
+    }
+
+    /// The ledger's file was found deleted, replaced, truncated or overwritten under the
+    /// running gateway ([`LedgerError::FileLost`]): one atomic load, read by the credits
+    /// layer before it forwards a costly request. Sticky until a restart.
+    fn file_lost(&self) -> bool {
+        false
     }
 }
 

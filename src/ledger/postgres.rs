@@ -141,6 +141,9 @@ const MIGRATIONS: &[&str] = &[
         unknown  BIGINT NOT NULL,
         PRIMARY KEY (month, client, action, outcome)
     );"#,
+    // 2: `metadata.credits_consumed` as the upstream sent it, on the rows where it was not a
+    // whole number (unknown): at most 64 bytes, NULL otherwise and on older rows.
+    "ALTER TABLE ledger_rows ADD COLUMN IF NOT EXISTS credits_raw TEXT;",
 ];
 
 /// `pg_advisory_xact_lock` key serializing migrations across replicas ("linkuplg").
@@ -163,15 +166,16 @@ fn write_sql() -> String {
         "WITH input AS (
             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[],
                                  $6::text[], $7::text[], $8::int4[], $9::int8[], $10::bool[],
-                                 $11::text[], $12::text[], $13::text[])
+                                 $11::text[], $12::text[], $13::text[], $14::text[])
                 AS i (row_uid, at_ms, request_id, client, account_id, path, action, status,
-                      credits, credits_known, outcome, day, month)
+                      credits, credits_known, outcome, day, month, credits_raw)
         ),
         ins AS (
             INSERT INTO ledger_rows (row_uid, at_ms, request_id, client, account_id, path,
-                                     action, status, credits, credits_known, outcome)
+                                     action, status, credits, credits_known, outcome,
+                                     credits_raw)
             SELECT row_uid, at_ms, request_id, client, account_id, path, action, status,
-                   credits, credits_known, outcome
+                   credits, credits_known, outcome, credits_raw
             FROM input
             ON CONFLICT (row_uid) DO NOTHING
             RETURNING row_uid
@@ -1046,6 +1050,10 @@ fn write_rows(conn: &mut Conn, rows: &[Pending]) -> Result<(), postgres::Error> 
     let days: Vec<Date> = rows.iter().map(|p| day_of(p.row.at_ms)).collect();
     let day_keys: Vec<String> = days.iter().map(|d| day_key(*d)).collect();
     let month_keys: Vec<String> = days.iter().map(|d| month_key(*d)).collect();
+    let raws: Vec<Option<&str>> = rows
+        .iter()
+        .map(|p| p.row.credits_raw.as_deref().map(super::bounded_raw))
+        .collect();
     conn.client.query_one(
         &conn.write,
         &[
@@ -1062,6 +1070,7 @@ fn write_rows(conn: &mut Conn, rows: &[Pending]) -> Result<(), postgres::Error> 
             &outcomes,
             &day_keys,
             &month_keys,
+            &raws,
         ],
     )?;
     Ok(())

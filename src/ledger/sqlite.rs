@@ -19,16 +19,24 @@
 //! the rows (the upstream may have charged for them) and retries them, on a fresh connection,
 //! with the next batch or after [`RETRY_EVERY`]. Reads use their own connection: WAL lets
 //! them run beside the writer.
+//!
+//! The file deleted, replaced, truncated or overwritten under the running gateway (SQLite
+//! would go on committing into a WAL nobody reads again) is noticed by the writer within
+//! about a second (`watch`): from then on nothing more is written or checkpointed into it,
+//! the rows are kept (journal; without one, a journal file written at close), and the ledger
+//! reports [`LedgerError::FileLost`] until a restart. A truncated or overwritten file is
+//! refused at open, saying what to do.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, TransactionBehavior};
 use time::Date;
 use tokio::sync::oneshot;
@@ -132,13 +140,18 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO ledger_meta (key, value)
     SELECT 'aggregated_through', COALESCE(MAX(id), 0) FROM ledger_rows;
     INSERT INTO ledger_meta (key, value) VALUES ('journal_through', 0);",
+    // 5: `metadata.credits_consumed` as the upstream sent it, on the rows where it was not a
+    // whole number (the row is unknown): at most 64 bytes, NULL otherwise and on older rows.
+    "ALTER TABLE ledger_rows ADD COLUMN credits_raw TEXT;",
 ];
 
 mod group;
+mod watch;
 
 const INSERT_ROW: &str = "INSERT INTO ledger_rows
-    (at_ms, request_id, client, account_id, path, action, status, credits, credits_known, outcome)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
+    (at_ms, request_id, client, account_id, path, action, status, credits, credits_known, outcome,
+     credits_raw)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 
 /// Fold rows `(?1, ?2]` into the aggregates: group them once into a temporary table, then one
 /// upsert per aggregate table and key, and move the watermark, in one transaction.
@@ -197,6 +210,9 @@ const SYNC_EVERY: Duration = Duration::from_secs(1);
 /// before any read of them.
 const FOLD_EVERY: Duration = Duration::from_secs(1);
 const BUSY_BATCH: usize = 4;
+/// How often the writer checks that the ledger file is still the one it opened, whole (see
+/// `watch`); also before the journal is trimmed and after a failed write.
+const WATCH_EVERY: Duration = Duration::from_secs(1);
 /// How long the writer waits before retrying kept rows when no new row arrives.
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// Rows kept for retry while writes fail; beyond, the oldest are dropped (and logged), so a
@@ -270,6 +286,13 @@ struct WriterState {
     error: Mutex<Option<LedgerError>>,
     /// `error` is set: read on every journaled record without taking the lock.
     failing: AtomicBool,
+    /// The file was deleted, replaced, truncated or overwritten (sticky): no connection may
+    /// checkpoint into it any more, not even when it closes.
+    file_lost: AtomicBool,
+    /// Held while a checkpoint runs (the checkpointer's, the writer's rewind): a checkpoint
+    /// writes page 1, with the new page count, before the pages that extend the file, so
+    /// the file's size is compared with its header only under this lock.
+    checkpoint_lock: Mutex<()>,
     /// Tests: the fault the writer's next connection has, and a generation that tells the
     /// writer to drop its current one.
     #[cfg(test)]
@@ -279,6 +302,12 @@ struct WriterState {
 impl WriterState {
     fn error(&self) -> MutexGuard<'_, Option<LedgerError>> {
         self.error.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn checkpoint_lock(&self) -> MutexGuard<'_, ()> {
+        self.checkpoint_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -295,6 +324,9 @@ impl SqliteLedger {
                 .map_err(|e| fail(format!("cannot create {}: {e}", parent.display())))?;
         }
         let lock = lock(path)?;
+        // A file truncated or overwritten while no gateway ran is refused here, clearly,
+        // rather than by SQLite later ("file is not a database", "malformed").
+        let suspect = watch::check_before_open(path).map_err(&fail)?;
         let mut conn = open_writer(path, sync).map_err(|e| fail(e.to_string()))?;
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
@@ -303,6 +335,22 @@ impl SqliteLedger {
             return Err(fail(format!(
                 "WAL mode is unavailable here (journal_mode stays `{mode}`)"
             )));
+        }
+        if let Some(detail) = suspect {
+            // Shorter than its header says, with a WAL beside it: a crash during a
+            // checkpoint leaves it so (the WAL completes it), and so does a truncation. SQLite
+            // tells them apart now that it has read the WAL.
+            let verdict = conn
+                .query_row("PRAGMA quick_check(1)", [], |r| r.get::<_, String>(0))
+                .unwrap_or_else(|e| e.to_string());
+            if verdict != "ok" {
+                return Err(fail(watch::refusal(
+                    path,
+                    watch::Problem::Truncated,
+                    &format!("{detail}; SQLite's quick_check: {verdict}"),
+                )));
+            }
+            tracing::warn!(path = %path.display(), detail = %detail, "the ledger file is shorter than its header says, but its WAL completes it (a crash during a checkpoint) and SQLite's quick_check passes");
         }
         migrate(&mut conn).map_err(fail)?;
         // Rows a crash left in the journal go into SQLite, made durable, before the journal
@@ -318,12 +366,17 @@ impl SqliteLedger {
             }
             _ => None,
         };
+        let file_watch = Arc::new(
+            watch::FileWatch::open(path)
+                .map_err(|e| fail(format!("cannot open the file to watch it: {e}")))?,
+        );
         let reader = open_reader(path).map_err(|e| fail(e.to_string()))?;
         let checkpoints = open_checkpointer(path).map_err(|e| fail(e.to_string()))?;
         let state = Arc::new(WriterState::default());
         let (wake_checkpointer, wake) = mpsc::sync_channel(1);
         let checkpointer_display = display.clone();
         let checkpointer_state = state.clone();
+        let checkpointer_watch = file_watch.clone();
         let checkpointer = std::thread::Builder::new()
             .name("ledger-checkpoint".into())
             .spawn(move || {
@@ -332,6 +385,7 @@ impl SqliteLedger {
                     wake,
                     &checkpointer_display,
                     &checkpointer_state,
+                    &checkpointer_watch,
                 )
             })
             .map_err(|e| fail(format!("cannot start the checkpoint thread: {e}")))?;
@@ -354,6 +408,11 @@ impl SqliteLedger {
             folded_at: Instant::now(),
             wake_checkpointer,
             state: state.clone(),
+            watch: file_watch,
+            checked_at: Instant::now(),
+            lost: None,
+            unverified: Vec::new(),
+            rescue_from: next,
             #[cfg(test)]
             fault: None,
             #[cfg(test)]
@@ -478,12 +537,14 @@ impl SqliteLedger {
 impl Ledger for SqliteLedger {
     fn record(&self, row: Row) -> BoxFuture<Result<(), LedgerError>> {
         // On a data-plane worker: joins the rows of this turn of its loop, one write for all.
-        let row = match &self.group {
-            Some(group) => match group::append(group, row) {
-                Ok(appended) => return Box::pin(appended),
-                Err(row) => row,
-            },
-            None => row,
+        let mut slot = Some(row);
+        if let Some(group) = &self.group {
+            if let Some(appended) = group::append(group, &mut slot) {
+                return Box::pin(appended);
+            }
+        }
+        let Some(row) = slot else {
+            return Box::pin(std::future::ready(Err(LedgerError::WriterGone)));
         };
         if let Some(journal) = &self.journal {
             // crash_safe: the caller appends its own row to the journal (in the OS's hands
@@ -634,6 +695,10 @@ impl Ledger for SqliteLedger {
     fn write_error(&self) -> Option<LedgerError> {
         self.state.error().clone()
     }
+
+    fn file_lost(&self) -> bool {
+        self.state.file_lost.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for SqliteLedger {
@@ -661,7 +726,17 @@ impl Drop for SqliteLedger {
                 tracing::error!(path = %self.display, "the ledger checkpoint thread panicked");
             }
         }
+        // The reader closes last: it must not copy the WAL into a damaged file either.
+        if self.state.file_lost.load(Ordering::Acquire) {
+            no_checkpoint_on_close(&self.reader());
+        }
     }
+}
+
+/// Closing `conn` must not checkpoint the WAL into the database file (the file was lost:
+/// copying the WAL into a truncated file would make it look whole but be malformed).
+fn no_checkpoint_on_close(conn: &Connection) {
+    let _ = conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true);
 }
 
 fn to_u64(v: i64) -> u64 {
@@ -716,10 +791,45 @@ fn open_checkpointer(path: &Path) -> rusqlite::Result<Connection> {
 /// Copy committed WAL frames into the database file, beside the writer: a passive checkpoint
 /// takes no lock that a commit needs, so its two fsyncs never delay a caller's row. Runs after
 /// a commit, at most once per [`CHECKPOINT_EVERY`]; returns when the writer has gone.
-fn run_checkpoints(conn: Connection, wake: Receiver<()>, path: &str, state: &WriterState) {
+fn run_checkpoints(
+    conn: Connection,
+    wake: Receiver<()>,
+    path: &str,
+    state: &WriterState,
+    watch: &watch::FileWatch,
+) {
+    checkpoint_until_closed(&conn, &wake, path, state, watch);
+    if state.file_lost.load(Ordering::Acquire) {
+        no_checkpoint_on_close(&conn);
+    }
+}
+
+fn checkpoint_until_closed(
+    conn: &Connection,
+    wake: &Receiver<()>,
+    path: &str,
+    state: &WriterState,
+    watch: &watch::FileWatch,
+) {
     while wake.recv().is_ok() {
-        // (busy, frames in the WAL, frames copied)
-        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+        let checkpointed = {
+            // A checkpoint writes page 1 (the page count) before the pages that extend the
+            // file: the writer's check must not look at the size meanwhile.
+            let _checkpointing = state.checkpoint_lock();
+            // Never copy the WAL into a file that is not the one opened, or not whole any
+            // more (it would look whole and be malformed); the writer's own check says why.
+            if state.file_lost.load(Ordering::Acquire) || watch.check(true).is_some() {
+                None
+            } else {
+                // (busy, frames in the WAL, frames copied)
+                Some(conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)))
+            }
+        };
+        let Some(checkpointed) = checkpointed else {
+            no_checkpoint_on_close(conn);
+            continue;
+        };
+        match checkpointed {
             // Everything but the last frames is copied by now: the writer rewinds the WAL
             // between two commits (see WAL_REWIND_FRAMES).
             Ok(frames) if frames >= WAL_REWIND_FRAMES => {
@@ -819,6 +929,17 @@ struct Writer {
     /// Told after each commit; full means a checkpoint is already due.
     wake_checkpointer: SyncSender<()>,
     state: Arc<WriterState>,
+    /// The file opened, to notice it deleted, replaced or truncated under the gateway.
+    watch: Arc<watch::FileWatch>,
+    checked_at: Instant,
+    /// Set when the file was lost (sticky): nothing more is written to it.
+    lost: Option<LedgerError>,
+    /// Without a journal (power_safe, async): the rows committed since the file was last
+    /// checked, kept again if the check finds the file lost (they went with it).
+    unverified: Vec<Row>,
+    /// The first journal number past every row this ledger holds: rescued rows are numbered
+    /// from here, so a restored copy of this ledger replays them too.
+    rescue_from: u64,
     #[cfg(test)]
     fault: Option<Fault>,
     #[cfg(test)]
@@ -876,7 +997,15 @@ impl Writer {
             }
             last_batch = batch.len();
             self.write(&mut batch, closing);
+            if self.lost.is_none() && self.checked_at.elapsed() >= WATCH_EVERY {
+                self.check_file();
+            }
             if closing {
+                // Closing checkpoints the WAL into the file: not if it is lost.
+                self.check_file();
+                if self.lost.is_some() {
+                    self.rescue();
+                }
                 let kept = self.kept.len();
                 if kept > 0 {
                     tracing::error!(
@@ -913,9 +1042,16 @@ impl Writer {
         } else {
             self.commit(&rows, through)
         };
-        if committed.is_err() {
-            self.keep(rows);
-            self.kept_through = through;
+        match &committed {
+            Err(_) => {
+                // Rows the file check just took back (`lose`) come first.
+                let mut all = std::mem::take(&mut self.kept);
+                all.extend(rows);
+                self.keep(all);
+                self.kept_through = through;
+            }
+            Ok(()) if self.journal.is_none() => self.unverified.extend(rows),
+            Ok(()) => {}
         }
         // Flush and close promise durability: one fsync of the WAL; crash_safe also fsyncs
         // it once SYNC_EVERY has passed since the last.
@@ -927,12 +1063,20 @@ impl Writer {
                 Ok(())
             }
         });
-        // Journal files whose rows SQLite now holds durably can go.
-        if synced.is_ok() && !self.unsynced {
-            if let (Some(journal), Some(through)) = (&self.journal, self.synced_through.take()) {
-                journal.trim(through);
+        // Journal files whose rows SQLite now holds durably can go, once the file is checked
+        // to be still there and whole: rows committed into a lost file stay journaled.
+        if synced.is_ok() && !self.unsynced && self.synced_through.is_some() {
+            self.check_file();
+            if let (Some(journal), None) = (&self.journal, &self.lost) {
+                if let Some(through) = self.synced_through.take() {
+                    journal.trim(through);
+                }
             }
         }
+        let synced = match &self.lost {
+            Some(lost) => Err(lost.clone()),
+            None => synced,
+        };
         // Publish the health before answering, so a caller that sees an error sees it here too.
         self.note(&synced);
         for done in waiters {
@@ -964,12 +1108,16 @@ impl Writer {
         let sync = (self.unsynced && self.sync == LedgerSync::CrashSafe)
             .then(|| self.synced_at + SYNC_EVERY);
         let fold = self.unfolded.then(|| self.folded_at + FOLD_EVERY);
-        [retry, sync, fold].into_iter().flatten().min()
+        let watch = self.lost.is_none().then(|| self.checked_at + WATCH_EVERY);
+        [retry, sync, fold, watch].into_iter().flatten().min()
     }
 
     /// Fold committed rows into the aggregates. A failure leaves the rows unfolded and is
     /// retried at the next fold: the rows are safe either way.
     fn fold(&mut self) {
+        if self.lost.is_some() {
+            return;
+        }
         let Some(conn) = &self.conn else { return };
         match fold(conn) {
             Ok(()) => {
@@ -987,6 +1135,20 @@ impl Writer {
     /// the frames the checkpointer has not, so the next commit starts the WAL afresh. Busy
     /// (the checkpointer is mid-way) is fine: it asks again next time.
     fn rewind_wal(&mut self) {
+        let state = self.state.clone();
+        let _checkpointing = match state.checkpoint_lock.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            // The checkpointer is at it: ask again after the next commit.
+            Err(TryLockError::WouldBlock) => {
+                self.state.wal_long.store(true, Ordering::Release);
+                return;
+            }
+        };
+        self.check_file_while(true);
+        if self.lost.is_some() {
+            return;
+        }
         if let Some(conn) = &self.conn {
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
                 tracing::warn!(path = %self.display, error = %e, "ledger WAL rewind failed; will retry");
@@ -1007,6 +1169,9 @@ impl Writer {
                 self.fault = fault;
                 self.conn = None;
             }
+        }
+        if let Some(lost) = &self.lost {
+            return Err(lost.clone());
         }
         let conn = match self.conn.take() {
             Some(conn) => conn,
@@ -1030,8 +1195,123 @@ impl Writer {
                 self.unfolded = true;
                 Ok(())
             }
-            // The connection is dropped: the next attempt starts afresh.
-            Err(e) => Err(write_error(&self.display, &e)),
+            // The connection is dropped: the next attempt starts afresh. A lost file
+            // explains the failure better than SQLite's error does.
+            Err(e) => {
+                let error = write_error(&self.display, &e);
+                if self.lost.is_none() {
+                    self.check_file();
+                }
+                if let Some(lost) = &self.lost {
+                    drop(conn);
+                    return Err(lost.clone());
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Is the file still the one opened, whole? If not, the ledger is lost (see `lose`).
+    fn check_file(&mut self) {
+        if self.lost.is_some() {
+            return;
+        }
+        // The size is only compared with the header's page count when no checkpoint runs
+        // (see `checkpoint_lock`); never waited for.
+        let state = self.state.clone();
+        let checkpoint = match state.checkpoint_lock.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        self.check_file_while(checkpoint.is_some());
+    }
+
+    /// [`Writer::check_file`], comparing the size with the header only if `no_checkpoint`
+    /// (the caller holds `checkpoint_lock`).
+    fn check_file_while(&mut self, no_checkpoint: bool) {
+        if self.lost.is_some() {
+            return;
+        }
+        self.checked_at = Instant::now();
+        match self.watch.check(no_checkpoint) {
+            None => self.unverified.clear(),
+            Some((problem, detail)) => self.lose(problem, detail),
+        }
+    }
+
+    /// The file was deleted, replaced, truncated or overwritten: stop writing it (SQLite would
+    /// go on committing into the WAL of a file nobody will read), keep every row not known
+    /// to be in a sound file, fail closed, and say so.
+    fn lose(&mut self, problem: watch::Problem, detail: String) {
+        let error = LedgerError::FileLost {
+            path: self.display.clone(),
+            reason: problem.reason(),
+            what: problem.what(),
+            detail: detail.clone(),
+        };
+        self.state.file_lost.store(true, Ordering::Release);
+        if let Some(conn) = &self.conn {
+            no_checkpoint_on_close(conn);
+        }
+        let mut rows = std::mem::take(&mut self.unverified);
+        rows.append(&mut self.kept);
+        self.keep(rows);
+        let kept_where = if self.journal.is_some() {
+            "they are in the journal beside it"
+        } else {
+            "they are written to a journal file beside it when the gateway stops"
+        };
+        tracing::error!(
+            path = %self.display,
+            reason = problem.reason(),
+            detail = %detail,
+            rows_waiting = self.kept.len(),
+            "ledger file {} under the running gateway ({detail}): requests that cost credits \
+             are refused and /readyz is not ready; rows are not written to it any more \
+             ({kept_where}, and the next start writes them into the ledger it opens). Restore \
+             the file from a backup and restart the gateway, or restart it to start a new ledger",
+            problem.what()
+        );
+        {
+            let mut state_error = self.state.error();
+            *state_error = Some(error.clone());
+        }
+        self.state.failing.store(true, Ordering::Release);
+        self.lost = Some(error);
+    }
+
+    /// Closing with a lost file and no journal (power_safe, async): the rows it could not
+    /// write go to a journal file beside the ledger, which the next start replays into
+    /// whichever ledger it opens (numbered past every row this ledger ever held).
+    fn rescue(&mut self) {
+        if self.journal.is_some() || self.kept.is_empty() {
+            return;
+        }
+        let mut lines = Vec::new();
+        let mut ends = Vec::with_capacity(self.kept.len());
+        for row in &self.kept {
+            journal::encode(row, &mut lines);
+            ends.push(lines.len());
+        }
+        let written = Journal::start(&self.path, self.rescue_from)
+            .and_then(|j| j.append_many(&lines, &ends, |_, _| {}));
+        match written {
+            Ok(()) => {
+                tracing::warn!(
+                    path = %self.display,
+                    rows = self.kept.len(),
+                    "wrote the ledger rows the lost file could not take to a journal file beside it: the next start writes them into the ledger it opens"
+                );
+                self.kept.clear();
+                self.state.kept.store(0, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(
+                path = %self.display,
+                rows = self.kept.len(),
+                error = %e,
+                "cannot save the rows the lost ledger file could not take: they are lost"
+            ),
         }
     }
 
@@ -1135,6 +1415,7 @@ fn write_rows(conn: &Connection, rows: &[Row], through: Option<u64>) -> rusqlite
                 to_i64(r.credits),
                 r.credits_known,
                 r.outcome.as_str(),
+                r.credits_raw.as_deref().map(super::bounded_raw),
             ])?;
         }
     }
@@ -1303,6 +1584,7 @@ mod tests {
             status: 200,
             credits: 1,
             credits_known: true,
+            credits_raw: None,
             outcome: Outcome::Settled,
         }
     }
@@ -1323,6 +1605,12 @@ mod tests {
             )
             .unwrap()
     }
+
+    /// The row insert of schema versions 1 to 4 (before `credits_raw`).
+    const INSERT_ROW_V1: &str = "INSERT INTO ledger_rows
+        (at_ms, request_id, client, account_id, path, action, status, credits, credits_known,
+         outcome)
+        VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
     const DAY1: Date = date!(2026 - 11 - 24);
     const DAY2: Date = date!(2026 - 11 - 25);
@@ -1606,7 +1894,7 @@ mod tests {
                     .enumerate()
             {
                 conn.execute(
-                    INSERT_ROW,
+                    INSERT_ROW_V1,
                     params![
                         at(DAY2, i64::try_from(i).unwrap()),
                         "r",
@@ -1693,6 +1981,65 @@ mod tests {
                 r#"{"account":"a2","requests":1,"credits":1}"#,
             ]
         );
+    }
+
+    /// A ledger written by the release before `credits_raw` (schema version 4, its rows and
+    /// journal lines without the column) opens, keeps its rows, and stores the raw value of
+    /// new unknown rows; rows with a known value keep NULL.
+    #[tokio::test]
+    async fn a_version_4_file_gets_the_raw_credits_column_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v4.sqlite3");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+            for step in &MIGRATIONS[..4] {
+                conn.execute_batch(step).unwrap();
+            }
+            conn.pragma_update(None, "user_version", 4).unwrap();
+            conn.execute(
+                INSERT_ROW_V1,
+                params![
+                    at(DAY2, 1),
+                    "old",
+                    "crm",
+                    "a1",
+                    "/v2/x",
+                    "get",
+                    200,
+                    3,
+                    true,
+                    "settled"
+                ],
+            )
+            .unwrap();
+        }
+        let ledger = SqliteLedger::open(&path, LedgerSync::CrashSafe).unwrap();
+        assert_eq!(ledger.totals().unwrap(), (1, 3));
+        let mut unknown = with(row(DAY2, "crm", None, None), 0, Outcome::Settled);
+        unknown.request_id = "odd".into();
+        unknown.credits_known = false;
+        unknown.credits_raw = Some(format!("\"{}\"", "é".repeat(100)));
+        ledger.record(unknown).await.unwrap();
+        ledger.flush().await.unwrap();
+        drop(ledger);
+        let conn = Connection::open(&path).unwrap();
+        let raws: Vec<(String, Option<String>)> = conn
+            .prepare("SELECT request_id, credits_raw FROM ledger_rows ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(raws[0], ("old".to_string(), None));
+        assert_eq!(raws[1].0, "odd");
+        let raw = raws[1].1.as_deref().unwrap();
+        assert!(raw.len() <= crate::ledger::CREDITS_RAW_MAX, "{raw}");
+        assert!(raw.starts_with("\"éé"), "{raw}");
+        let version: usize = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len());
     }
 
     /// Every way of reading the aggregates (daily and monthly, with and without the account,
@@ -2130,6 +2477,117 @@ mod tests {
         assert_eq!(ledger.totals().unwrap(), (1, 1));
         ledger.flush().await.unwrap();
         assert!(ledger.write_error().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_file_truncated_while_no_gateway_ran_is_refused_at_open_saying_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite3");
+        let ledger = SqliteLedger::open(&path, LedgerSync::PowerSafe).unwrap();
+        for i in 0..200 {
+            let mut r = row(DAY2, "crm", None, None);
+            r.request_id = format!("request-{i:0100}");
+            ledger.record(r).await.unwrap();
+        }
+        drop(ledger);
+        assert!(std::fs::metadata(&path).unwrap().len() > 4 * 4096);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(2 * 4096)
+            .unwrap();
+        let err = SqliteLedger::open(&path, LedgerSync::PowerSafe)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(err.contains("was truncated"), "{err}");
+        assert!(err.contains("its header says"), "{err}");
+        assert!(err.contains("Move"), "{err}");
+        // A few bytes of garbage: refused as well.
+        std::fs::write(&path, "not a ledger ".repeat(20)).unwrap();
+        let err = SqliteLedger::open(&path, LedgerSync::PowerSafe)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("overwritten"), "{err}");
+    }
+
+    /// power_safe has no journal: rows the lost file could not take, and those committed into
+    /// it since its last check, are saved to a journal file when the ledger closes, and the
+    /// next open writes them into the new ledger.
+    #[tokio::test]
+    async fn power_safe_rows_a_deleted_file_could_not_take_are_replayed_at_the_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite3");
+        let ledger = SqliteLedger::open(&path, LedgerSync::PowerSafe).unwrap();
+        let named = |id: &str| {
+            let mut r = row(DAY2, "crm", None, None);
+            r.request_id = id.into();
+            r
+        };
+        ledger.record(named("before")).await.unwrap();
+        std::fs::remove_file(&path).unwrap();
+        // Into the deleted file before the check, or refused after it: kept either way.
+        let _ = ledger.record(named("between")).await;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !matches!(ledger.write_error(), Some(LedgerError::FileLost { .. })) {
+            assert!(Instant::now() < deadline, "the deletion was never noticed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let err = ledger.record(named("after")).await.unwrap_err();
+        assert!(err.to_string().contains("was deleted"), "{err}");
+        assert!(ledger.flush().await.is_err());
+        drop(ledger);
+        assert!(!journal::files(&path).is_empty(), "no rescue journal");
+
+        let reopened = SqliteLedger::open(&path, LedgerSync::PowerSafe).unwrap();
+        let ids: Vec<String> = reopened
+            .reader()
+            .prepare("SELECT request_id FROM ledger_rows ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(ids.contains(&"between".to_string()), "{ids:?}");
+        assert!(ids.contains(&"after".to_string()), "{ids:?}");
+        assert!(reopened.write_error().is_none());
+        assert!(journal::files(&path).is_empty());
+    }
+
+    /// The file grows under checkpoints while the writer and the checkpointer check it: a
+    /// busy ledger is never taken for a lost one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_growing_ledger_is_never_taken_for_a_lost_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("l.sqlite3");
+        let ledger = Arc::new(SqliteLedger::open(&path, LedgerSync::CrashSafe).unwrap());
+        let until = Instant::now() + WATCH_EVERY * 3;
+        let mut tasks = JoinSet::new();
+        for t in 0..4 {
+            let ledger = ledger.clone();
+            tasks.spawn(async move {
+                let mut i = 0u64;
+                while Instant::now() < until {
+                    let mut r = row(DAY2, "crm", None, None);
+                    r.request_id = format!("{t}-{i:0200}");
+                    ledger.record(r).await.unwrap();
+                    i += 1;
+                    if i.is_multiple_of(64) {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        ledger.flush().await.unwrap();
+        assert!(ledger.write_error().is_none(), "{:?}", ledger.write_error());
+        assert!(!ledger.file_lost());
+        assert!(std::fs::metadata(&path).unwrap().len() > 64 * 1024);
     }
 
     #[tokio::test]

@@ -522,3 +522,60 @@ async fn the_dashboard_renders_in_headless_chromium() {
         "screenshot written"
     );
 }
+
+/// Whatever the upstream sends as `metadata.credits_consumed`, the answer passes through and
+/// the ledger row is defined: a whole number is recorded; anything else is `unknown` (0
+/// credits) with the value as sent kept in `credits_raw` (at most 64 bytes), and counted.
+#[tokio::test]
+async fn an_odd_credits_consumed_is_recorded_unknown_with_the_raw_value_kept() {
+    use serde_json::json;
+    let h = Harness::start().await;
+    let account = h.connected_account("tok-odd-credits").await;
+    let long = "9".repeat(200);
+    let cases = [
+        (json!(1.5), Some("1.5".to_string())),
+        (json!("2"), Some(r#""2""#.to_string())),
+        (json!(-3), Some("-3".to_string())),
+        (json!(u64::MAX), Some(u64::MAX.to_string())),
+        (json!(long.clone()), Some(format!("\"{}", &long[..63]))),
+        (json!(2), None),
+    ];
+    for (i, (value, _)) in cases.iter().enumerate() {
+        h.emu.set_faults(linkup_gateway::emulator::Faults {
+            credits_consumed: Some(value.clone()),
+            ..Default::default()
+        });
+        let body = format!(
+            r#"{{"account_id":"{account}","action":"get","params":{{"profile_url":"u{i}"}}}}"#
+        );
+        let a = h.post("/v2/profiles", &body).await;
+        assert_eq!(a.status, 200, "{}", a.text());
+        assert_eq!(a.json()["metadata"]["credits_consumed"], *value);
+    }
+    h.gw.process.ledger.flush().await.unwrap();
+    let path = h.dir.path().join("data/ledger.sqlite3");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let rows: Vec<(i64, bool, Option<String>)> = conn
+        .prepare(
+            "SELECT credits, credits_known, credits_raw FROM ledger_rows \
+             WHERE path = '/v2/profiles' ORDER BY id",
+        )
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), cases.len(), "{rows:?}");
+    for ((credits, known, raw), (value, want)) in rows.iter().zip(&cases) {
+        assert_eq!(raw, want, "credits_consumed {value}");
+        match want {
+            Some(_) => assert_eq!((*credits, *known), (0, false), "{value}"),
+            None => assert_eq!((*credits, *known), (2, true), "{value}"),
+        }
+    }
+    let metrics = h.admin("/metrics").await.text();
+    assert!(
+        metrics.contains(r#"linkup_gateway_credits_unknown_total{client="alpha"} 5"#),
+        "{metrics}"
+    );
+}

@@ -10,6 +10,7 @@ mod hostile;
 mod idempotency;
 mod inbound_tls;
 mod ledger_disk;
+mod ledger_watch;
 mod limits;
 mod operations;
 mod pacing;

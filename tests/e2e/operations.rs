@@ -292,6 +292,7 @@ async fn usage_pages_walk_every_row_once_and_csv_streams_them_all() {
                         status: 200,
                         credits,
                         credits_known: true,
+                        credits_raw: None,
                         outcome: Outcome::Settled,
                     })
                     .await

@@ -31,6 +31,7 @@ fn row(request_id: String, day: Date, client: &str, credits: u64) -> Row {
         status: 200,
         credits,
         credits_known: true,
+        credits_raw: None,
         outcome: Outcome::Settled,
     }
 }
@@ -93,6 +94,7 @@ fn generated_rows() -> Vec<Row> {
                 status: 200,
                 credits: i % 5,
                 credits_known: i % 11 != 0,
+                credits_raw: None,
                 outcome: Outcome::ALL[(i / 2 % 4) as usize],
             }
         })
@@ -770,6 +772,7 @@ async fn usage_pages_match_sqlite_page_for_page_whatever_the_collation() {
             status: 200,
             credits: i % 4,
             credits_known: true,
+            credits_raw: None,
             outcome: Outcome::ALL[(i / 2 % 4) as usize],
         };
         sqlite.record(r.clone()).await.unwrap();
@@ -825,4 +828,33 @@ async fn usage_pages_match_sqlite_page_for_page_whatever_the_collation() {
         }
     }
     assert!(pages > 60, "{pages} pages compared");
+}
+
+/// An unknown row keeps `metadata.credits_consumed` as sent (at most 64 bytes) in
+/// `credits_raw`; a known row has NULL there. A database migrated by the previous release
+/// (schema version 1, no column) gets the column.
+#[tokio::test]
+async fn the_raw_credits_value_of_an_unknown_row_is_stored() {
+    let pg = tokio::task::spawn_blocking(Postgres::start).await.unwrap();
+    // The previous release's schema: version 1, without the column.
+    let ledger = open(&pg.url(), LedgerSync::PowerSafe, 100).await;
+    drop(ledger);
+    pg.psql("ALTER TABLE ledger_rows DROP COLUMN credits_raw");
+    pg.psql("DELETE FROM ledger_schema_migrations WHERE version > 1");
+    let ledger = open(&pg.url(), LedgerSync::PowerSafe, 100).await;
+    let mut odd = row("odd".into(), date!(2026 - 11 - 25), "crm", 0);
+    odd.credits_known = false;
+    odd.credits_raw = Some(format!("\"{}\"", "x".repeat(100)));
+    ledger.record(odd).await.unwrap();
+    ledger
+        .record(row("known".into(), date!(2026 - 11 - 25), "crm", 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        pg.psql(
+            "SELECT request_id, credits_known, length(credits_raw), left(credits_raw, 3) \
+             FROM ledger_rows ORDER BY id"
+        ),
+        "odd|f|64|\"xx\nknown|t||"
+    );
 }

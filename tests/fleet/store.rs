@@ -656,6 +656,7 @@ async fn budgets_are_reseeded_from_the_ledger_when_redis_comes_back_empty() {
                 status: 200,
                 credits,
                 credits_known: true,
+                credits_raw: None,
                 outcome: Outcome::Settled,
             })
             .await

@@ -114,37 +114,40 @@ impl Future for Appended {
     }
 }
 
-/// Add `row` to this worker's open batch (opening one if there is none); the row comes back
-/// when it cannot join (not on a worker, the batch is full or belongs to another ledger).
-pub(super) fn append(sink: &Arc<Sink>, row: Row) -> Result<Appended, Row> {
-    if crate::workers::current().is_none() {
-        return Err(row);
-    }
+/// Add the row in `slot` to this worker's open batch (opening one if there is none), taking
+/// it out of `slot`; it stays there when it cannot join (not on a worker, the batch is full or
+/// belongs to another ledger). (An `Option` rather than a `Result` giving the row back: a
+/// `Row` is too large an error value.)
+pub(super) fn append(sink: &Arc<Sink>, slot: &mut Option<Row>) -> Option<Appended> {
+    // Only on a data-plane worker.
+    crate::workers::current()?;
     OPEN.with(|open| {
         let mut open = open.borrow_mut();
         match &mut *open {
             Some(b) if Arc::ptr_eq(&b.sink, sink) && b.rows.len() < MAX_BATCH => {
+                let row = slot.take()?;
                 journal::encode(&row, &mut b.lines);
                 b.ends.push(b.lines.len());
                 b.rows.push(row);
-                Ok(Appended(b.slot.clone()))
+                Some(Appended(b.slot.clone()))
             }
-            Some(_) => Err(row),
+            Some(_) => None,
             None => {
+                let row = slot.take()?;
                 let mut lines = Vec::with_capacity(4096);
                 journal::encode(&row, &mut lines);
-                let slot = Arc::new(Slot::default());
+                let done = Arc::new(Slot::default());
                 *open = Some(Batch {
                     sink: sink.clone(),
                     ends: vec![lines.len()],
                     lines,
                     rows: vec![row],
-                    slot: slot.clone(),
+                    slot: done.clone(),
                 });
                 // Runs on this worker's runtime (its only thread), after the tasks already
                 // ready in this turn: they join the batch meanwhile.
                 tokio::spawn(async { write_open_batch() });
-                Ok(Appended(slot))
+                Some(Appended(done))
             }
         }
     })
