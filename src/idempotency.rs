@@ -254,6 +254,12 @@ impl IdempotencyStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         // The ledger's checkpointer thread checkpoints the WAL; commits here never do.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        // Nor does closing it: if the ledger file was lost under the gateway, a checkpoint at
+        // close would copy the WAL into whatever is at the path (`ledger::sqlite::watch`).
+        conn.set_db_config(
+            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
+            true,
+        )?;
         conn.execute_batch(SCHEMA)?;
         Ok(IdempotencyStore {
             flights: Mutex::default(),
