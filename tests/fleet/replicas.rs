@@ -581,3 +581,41 @@ async fn postgres_restarted_mid_run_loses_and_doubles_no_ledger_row() {
     assert_eq!(all, distinct, "no row doubled");
     Arc::into_inner(f).unwrap().shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paced_rule_spaces_sends_across_three_replicas() {
+    let f = std::sync::Arc::new(
+        FleetUnderTest::start(
+            3,
+            "[rate_limit]\nper_account = \"100000/sec\"\nburst = 100000\n\n\
+             [[rate_limit.rules]]\npath = \"/v2/messages\"\naction = \"send\"\n\
+             per_account = \"1/sec\"\nburst = 1\non_limit = \"delay\"\nmax_delay = \"30s\"\n",
+        )
+        .await,
+    );
+    let account = f.connected_account("tok-fleet-pace").await;
+    let body = format!(r#"{{"account_id":"{account}","action":"send","params":{{"text":"hi"}}}}"#);
+    let tasks: Vec<_> = (0..3)
+        .map(|i| {
+            let (f, body) = (f.clone(), body.clone());
+            tokio::spawn(async move { f.post(i, "/v2/messages", &body).await })
+        })
+        .collect();
+    for t in tasks {
+        let a = t.await.unwrap();
+        assert_eq!(a.status, 200, "{}", a.text());
+    }
+    assert_eq!(f.emu.stats().calls_by_path["POST /v2/messages"], 3);
+    // One slot a second for the whole fleet: the three together waited about 0 + 1 + 2 s.
+    let mut waited = 0.0;
+    for r in 0..3 {
+        waited += f
+            .metric(r, "linkup_gateway_rate_limit_waited_seconds_total")
+            .await;
+    }
+    assert!(waited >= 2.5, "waited {waited} s in all");
+    match std::sync::Arc::try_unwrap(f) {
+        Ok(f) => f.shutdown().await,
+        Err(_) => panic!("a task still holds the fleet"),
+    }
+}
