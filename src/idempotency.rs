@@ -62,6 +62,15 @@ pub fn check_key(v: &HeaderValue) -> Result<&str, String> {
     Ok(s)
 }
 
+/// How long fates are kept, how many, and (fleet mode) how long another replica's first
+/// attempt is waited for before its outcome counts as unknown.
+#[derive(Debug, Clone, Copy)]
+pub struct Keep {
+    pub ttl: Duration,
+    pub max_keys: u64,
+    pub in_flight_for: Duration,
+}
+
 /// An answer kept for replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stored {
@@ -168,6 +177,19 @@ const PURGE_EVERY: u64 = 1024;
 enum Durable {
     Sqlite(Arc<Mutex<Connection>>),
     Memory(Arc<Mutex<MemoryRows>>),
+    /// Fleet mode: in Redis, shared by the replicas; these rows while it is down.
+    Fleet(Arc<crate::fleet::Fleet>, Arc<Mutex<MemoryRows>>),
+}
+
+/// What the durable store holds for a key when a first attempt asks.
+enum Found {
+    /// Nothing live: this attempt is the first (its `in_flight` mark is now written).
+    Fresh,
+    /// Another request under the key.
+    Other,
+    Seen(Fate),
+    /// Fleet mode: another replica's first attempt is in flight.
+    Elsewhere,
 }
 
 #[derive(Default)]
@@ -212,8 +234,12 @@ impl State {
 pub struct Lead {
     store: Arc<IdempotencyStore>,
     slot: Slot,
+    fp: Fingerprint,
     ttl: Duration,
     told: bool,
+    /// False while it only watches another replica's attempt: then nothing of the store's is
+    /// its to write.
+    owns: bool,
 }
 
 fn now_ms() -> i64 {
@@ -243,6 +269,15 @@ impl IdempotencyStore {
         IdempotencyStore {
             flights: Mutex::default(),
             durable: Durable::Memory(Arc::default()),
+            inserted: Default::default(),
+        }
+    }
+
+    /// Fleet mode: in the fleet's Redis, shared by the replicas (in memory while it is down).
+    pub fn fleet(fleet: Arc<crate::fleet::Fleet>) -> IdempotencyStore {
+        IdempotencyStore {
+            flights: Mutex::default(),
+            durable: Durable::Fleet(fleet, Arc::default()),
             inserted: Default::default(),
         }
     }
@@ -277,16 +312,19 @@ impl IdempotencyStore {
         self.flights().len()
     }
 
-    /// May this request go? `client`'s `key`, the request's `fp`; a fate is kept for `ttl`,
-    /// and about `max_keys` fates at most.
+    /// May this request go? `client`'s `key`, the request's `fp`, kept as `keep` says.
     pub async fn begin(
         self: &Arc<Self>,
         client: &Arc<str>,
         key: &str,
         fp: Fingerprint,
-        ttl: Duration,
-        max_keys: u64,
+        keep: Keep,
     ) -> Result<Begin, String> {
+        let Keep {
+            ttl,
+            max_keys,
+            in_flight_for,
+        } = keep;
         let slot: Slot = (client.clone(), Arc::from(key));
         {
             let mut flights = self.flights();
@@ -311,13 +349,19 @@ impl IdempotencyStore {
         let mut lead = Lead {
             store: self.clone(),
             slot: slot.clone(),
+            fp,
             ttl,
             told: false,
+            owns: true,
         };
         let now = now_ms();
         let expires = expiry(now, ttl);
-        match self.durable_begin(slot, fp, now, expires).await {
-            Ok(None) => {
+        let until = expiry(now, in_flight_for);
+        match self
+            .durable_begin(slot.clone(), fp, now, (expires, until))
+            .await
+        {
+            Ok(Found::Fresh) => {
                 let n = self
                     .inserted
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -331,13 +375,24 @@ impl IdempotencyStore {
                 }
                 Ok(Begin::Lead(lead))
             }
-            Ok(Some(Err(()))) => {
+            Ok(Found::Other) => {
                 lead.release(None);
                 Ok(Begin::Mismatch)
             }
-            Ok(Some(Ok(fate))) => {
+            Ok(Found::Seen(fate)) => {
                 lead.release(Some(fate.clone()));
                 Ok(Begin::Seen(fate))
+            }
+            Ok(Found::Elsewhere) => {
+                // This replica's repeats wait on the local flight, which watches the store
+                // until the other replica's attempt has a fate (or its mark lapses: unknown).
+                lead.owns = false;
+                let rx = match self.flights().get(&slot) {
+                    Some(f) => f.fate.subscribe(),
+                    None => return Ok(Begin::Seen(Fate::Unknown)),
+                };
+                tokio::spawn(lead.watch_elsewhere());
+                Ok(Begin::Wait(rx))
             }
             Err(e) => {
                 lead.release(None);
@@ -346,15 +401,14 @@ impl IdempotencyStore {
         }
     }
 
-    /// The durable row: `None` if none was live (one `in_flight` row is now written);
-    /// `Some(Err)` on another fingerprint; `Some(Ok(fate))` for a live row.
+    /// The durable row of a first attempt's key (see [`Found`]).
     async fn durable_begin(
         &self,
         slot: Slot,
         fp: Fingerprint,
         now: i64,
-        expires: i64,
-    ) -> Result<Option<Result<Fate, ()>>, String> {
+        (expires, until): (i64, i64),
+    ) -> Result<Found, String> {
         let seen = move |row: &Row| -> Result<Fate, ()> {
             if row.fingerprint != fp {
                 return Err(());
@@ -373,14 +427,37 @@ impl IdempotencyStore {
             created_ms: now,
             expires_ms: expires,
         };
+        let found = |r: Result<Fate, ()>| r.map_or(Found::Other, Found::Seen);
+        let memory = |rows: &Mutex<MemoryRows>, slot: Slot, fresh: Row| {
+            let mut rows = rows.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(row) = rows.rows.get(&slot).filter(|r| r.expires_ms > now) {
+                return found(seen(row));
+            }
+            rows.rows.insert(slot, fresh);
+            Found::Fresh
+        };
         match &self.durable {
-            Durable::Memory(rows) => {
-                let mut rows = rows.lock().unwrap_or_else(PoisonError::into_inner);
-                if let Some(row) = rows.rows.get(&slot).filter(|r| r.expires_ms > now) {
-                    return Ok(Some(seen(row)));
+            Durable::Memory(rows) => Ok(memory(rows, slot, fresh)),
+            Durable::Fleet(fleet, rows) => {
+                let k = fleet.idempotency_key(&slot.0, &slot.1);
+                let mark = remote::encode(b'I', &fp, until, None);
+                let ttl = Duration::from_millis(u64::try_from(expires - now).unwrap_or(1));
+                match fleet.idempotency_claim(&k, &mark, ttl).await {
+                    Ok(None) => Ok(Found::Fresh),
+                    Ok(Some(v)) => Ok(match remote::decode(&v) {
+                        Some(r) if r.fingerprint != fp => Found::Other,
+                        Some(r) if r.state == State::InFlight && r.until_ms > now => {
+                            Found::Elsewhere
+                        }
+                        Some(r) => found(seen(&r.row())),
+                        // Unreadable: whatever it was, its outcome is not known here.
+                        None => Found::Seen(Fate::Unknown),
+                    }),
+                    Err(_) => {
+                        fleet.fell_back("idempotency", crate::config::OnFailure::Local);
+                        Ok(memory(rows, slot, fresh))
+                    }
                 }
-                rows.rows.insert(slot, fresh);
-                Ok(None)
             }
             Durable::Sqlite(conn) => {
                 let conn = conn.clone();
@@ -388,10 +465,10 @@ impl IdempotencyStore {
                     let conn = conn.lock().unwrap_or_else(PoisonError::into_inner);
                     let row = read_row(&conn, &slot, now)?;
                     if let Some(row) = row {
-                        return Ok(Some(seen(&row)));
+                        return Ok(found(seen(&row)));
                     }
                     write_row(&conn, &slot, &fresh)?;
-                    Ok(None)
+                    Ok(Found::Fresh)
                 })
                 .await
                 .map_err(|e| e.to_string())?
@@ -403,12 +480,14 @@ impl IdempotencyStore {
     async fn durable_finish(
         &self,
         slot: Slot,
+        fp: Fingerprint,
         fate: Option<Fate>,
         ttl: Duration,
     ) -> Result<(), String> {
         let expires = expiry(now_ms(), ttl);
         let released = matches!(fate, Some(Fate::Released));
-        let update = move |row: &mut Row| match &fate {
+        let for_rows = fate.clone();
+        let update = move |row: &mut Row| match &for_rows {
             Some(Fate::Done(s)) => {
                 row.state = State::Done;
                 row.stored = Some(s.clone());
@@ -424,15 +503,39 @@ impl IdempotencyStore {
                 row.expires_ms = expires;
             }
         };
+        let memory = |rows: &Mutex<MemoryRows>, slot: &Slot| {
+            let mut rows = rows.lock().unwrap_or_else(PoisonError::into_inner);
+            if released {
+                rows.rows.remove(slot);
+            } else if let Some(row) = rows.rows.get_mut(slot) {
+                update(row);
+            }
+        };
         match &self.durable {
             Durable::Memory(rows) => {
-                let mut rows = rows.lock().unwrap_or_else(PoisonError::into_inner);
-                if released {
-                    rows.rows.remove(&slot);
-                } else if let Some(row) = rows.rows.get_mut(&slot) {
-                    update(row);
-                }
+                memory(rows, &slot);
                 Ok(())
+            }
+            Durable::Fleet(fleet, rows) => {
+                // The local rows hold it if the first attempt began while the store was down.
+                memory(rows, &slot);
+                let k = fleet.idempotency_key(&slot.0, &slot.1);
+                let r = match &fate {
+                    Some(Fate::Released) | None => fleet.idempotency_del(&k).await,
+                    Some(Fate::Done(s)) => {
+                        let v = remote::encode(b'D', &fp, 0, Some(s));
+                        fleet.idempotency_put(&k, &v, ttl).await
+                    }
+                    Some(Fate::DoneUnreplayable) => {
+                        let v = remote::encode(b'D', &fp, 0, None);
+                        fleet.idempotency_put(&k, &v, ttl).await
+                    }
+                    Some(Fate::Unknown) => {
+                        let v = remote::encode(b'U', &fp, 0, None);
+                        fleet.idempotency_put(&k, &v, ttl).await
+                    }
+                };
+                r.map_err(|_| "the fleet store is unavailable".to_string())
             }
             Durable::Sqlite(conn) => {
                 let conn = conn.clone();
@@ -463,7 +566,8 @@ impl IdempotencyStore {
         let now = now_ms();
         let max = max_keys;
         match &self.durable {
-            Durable::Memory(rows) => {
+            Durable::Memory(rows) | Durable::Fleet(_, rows) => {
+                // (Fleet mode: Redis expires its keys itself; these are the outage's rows.)
                 let mut rows = rows.lock().unwrap_or_else(PoisonError::into_inner);
                 let before = rows.rows.len();
                 rows.rows
@@ -513,7 +617,7 @@ impl IdempotencyStore {
     /// Keys kept (tests, metrics).
     pub async fn keys_kept(&self) -> usize {
         match &self.durable {
-            Durable::Memory(rows) => rows
+            Durable::Memory(rows) | Durable::Fleet(_, rows) => rows
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .rows
@@ -531,6 +635,81 @@ impl IdempotencyStore {
                 .map_or(0, |n| usize::try_from(n).unwrap_or(0))
             }
         }
+    }
+}
+
+/// The fleet store's value: state (`I`n flight, `D`one, `U`nknown), fingerprint, the in-flight
+/// mark's end (ms), then a done answer in the coalescing codec.
+mod remote {
+    use super::*;
+    use crate::fleet::RemoteAnswer;
+
+    pub struct Remote {
+        pub state: State,
+        pub fingerprint: Fingerprint,
+        pub until_ms: i64,
+        pub stored: Option<Arc<Stored>>,
+    }
+
+    impl Remote {
+        pub fn row(&self) -> Row {
+            Row {
+                fingerprint: self.fingerprint,
+                state: self.state,
+                stored: self.stored.clone(),
+                created_ms: 0,
+                expires_ms: i64::MAX,
+            }
+        }
+    }
+
+    pub fn encode(state: u8, fp: &Fingerprint, until_ms: i64, stored: Option<&Stored>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(41 + stored.map_or(0, |s| s.body.len() + 64));
+        out.push(state);
+        out.extend_from_slice(fp);
+        out.extend_from_slice(&until_ms.to_be_bytes());
+        if let Some(s) = stored {
+            let answer = RemoteAnswer::Answer {
+                status: StatusCode::from_u16(s.status).unwrap_or(StatusCode::OK),
+                headers: s.header_map(),
+                body: s.body.clone(),
+            };
+            out.extend_from_slice(&answer.encode());
+        }
+        out
+    }
+
+    pub fn decode(v: &[u8]) -> Option<Remote> {
+        if v.len() < 41 {
+            return None;
+        }
+        let state = match v[0] {
+            b'I' => State::InFlight,
+            b'D' => State::Done,
+            b'U' => State::Unknown,
+            _ => return None,
+        };
+        let mut fingerprint = [0u8; 32];
+        fingerprint.copy_from_slice(&v[1..33]);
+        let until_ms = i64::from_be_bytes(v[33..41].try_into().ok()?);
+        let stored = if v.len() > 41 {
+            match RemoteAnswer::decode(&v[41..])? {
+                RemoteAnswer::Answer {
+                    status,
+                    headers,
+                    body,
+                } => Some(Arc::new(Stored::of(status, &headers, &body))),
+                RemoteAnswer::Failed { .. } => None,
+            }
+        } else {
+            None
+        };
+        Some(Remote {
+            state,
+            fingerprint,
+            until_ms,
+            stored,
+        })
     }
 }
 
@@ -602,12 +781,49 @@ impl Lead {
         self.told = true;
         let store = self.store.clone();
         if let Err(e) = store
-            .durable_finish(self.slot.clone(), Some(fate.clone()), self.ttl)
+            .durable_finish(self.slot.clone(), self.fp, Some(fate.clone()), self.ttl)
             .await
         {
             tracing::error!(error = %e, "idempotency store: the first attempt's fate could not be kept");
         }
         self.release(Some(fate));
+    }
+
+    /// Fleet mode: another replica's first attempt is in flight; watch the store until it has
+    /// a fate, then tell this replica's waiters. A mark that lapses without one is unknown.
+    async fn watch_elsewhere(mut self) {
+        let Durable::Fleet(fleet, _) = &self.store.durable else {
+            self.release(Some(Fate::Unknown));
+            return;
+        };
+        let fleet = fleet.clone();
+        let k = fleet.idempotency_key(&self.slot.0, &self.slot.1);
+        let mut every = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            every.tick().await;
+            let now = now_ms();
+            let Ok(v) = fleet.idempotency_get(&k).await else {
+                continue;
+            };
+            let fate = match v.as_deref().map(remote::decode) {
+                // Gone: the first attempt left nothing behind; the waiters try again.
+                None => Some(Fate::Released),
+                Some(None) => Some(Fate::Unknown),
+                Some(Some(r)) if r.fingerprint != self.fp => Some(Fate::Released),
+                Some(Some(r)) if r.state == State::InFlight => {
+                    (r.until_ms <= now).then_some(Fate::Unknown)
+                }
+                Some(Some(r)) => match (r.state, r.stored) {
+                    (State::Done, Some(s)) => Some(Fate::Done(s)),
+                    (State::Done, None) => Some(Fate::DoneUnreplayable),
+                    _ => Some(Fate::Unknown),
+                },
+            };
+            if let Some(f) = fate {
+                self.release(Some(f));
+                return;
+            }
+        }
     }
 
     /// Drop the flight and tell the waiters (`None`: they look again).
@@ -624,12 +840,16 @@ impl Drop for Lead {
     fn drop(&mut self) {
         if !self.told {
             let store = self.store.clone();
-            let slot = self.slot.clone();
-            let ttl = self.ttl;
+            let (slot, fp, ttl) = (self.slot.clone(), self.fp, self.ttl);
             self.release(Some(Fate::Unknown));
+            if !self.owns {
+                return;
+            }
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
-                    let _ = store.durable_finish(slot, Some(Fate::Unknown), ttl).await;
+                    let _ = store
+                        .durable_finish(slot, fp, Some(Fate::Unknown), ttl)
+                        .await;
                 });
             }
         }
@@ -641,7 +861,11 @@ impl Drop for Lead {
 mod tests {
     use super::*;
 
-    const TTL: Duration = Duration::from_secs(60);
+    const KEEP: Keep = Keep {
+        ttl: Duration::from_secs(60),
+        max_keys: 1000,
+        in_flight_for: Duration::from_secs(30),
+    };
 
     fn stored() -> Fate {
         let mut h = HeaderMap::new();
@@ -653,20 +877,20 @@ mod tests {
     async fn walk(store: Arc<IdempotencyStore>) {
         let c: Arc<str> = Arc::from("crm");
         let fp = fingerprint(&http::Method::POST, "/v2/messages", b"{}");
-        let Begin::Lead(lead) = store.begin(&c, "k1", fp, TTL, 1000).await.unwrap() else {
+        let Begin::Lead(lead) = store.begin(&c, "k1", fp, KEEP).await.unwrap() else {
             panic!("first is the lead")
         };
-        let Begin::Wait(mut rx) = store.begin(&c, "k1", fp, TTL, 1000).await.unwrap() else {
+        let Begin::Wait(mut rx) = store.begin(&c, "k1", fp, KEEP).await.unwrap() else {
             panic!("a repeat waits")
         };
         assert!(matches!(
-            store.begin(&c, "k1", [1; 32], TTL, 1000).await.unwrap(),
+            store.begin(&c, "k1", [1; 32], KEEP).await.unwrap(),
             Begin::Mismatch
         ));
         lead.finish(stored()).await;
         rx.changed().await.unwrap();
         assert_eq!(*rx.borrow(), Some(stored()));
-        let Begin::Seen(Fate::Done(s)) = store.begin(&c, "k1", fp, TTL, 1000).await.unwrap() else {
+        let Begin::Seen(Fate::Done(s)) = store.begin(&c, "k1", fp, KEEP).await.unwrap() else {
             panic!("replayed")
         };
         assert_eq!(s.header_map()["content-type"], "application/json");
@@ -674,29 +898,29 @@ mod tests {
         // Another client's same key is its own.
         assert!(matches!(
             store
-                .begin(&Arc::from("other"), "k1", fp, TTL, 1000)
+                .begin(&Arc::from("other"), "k1", fp, KEEP)
                 .await
                 .unwrap(),
             Begin::Lead(_)
         ));
         // Released: the key is free again.
-        let Begin::Lead(lead) = store.begin(&c, "k2", fp, TTL, 1000).await.unwrap() else {
+        let Begin::Lead(lead) = store.begin(&c, "k2", fp, KEEP).await.unwrap() else {
             panic!()
         };
         lead.finish(Fate::Released).await;
         assert!(matches!(
-            store.begin(&c, "k2", fp, TTL, 1000).await.unwrap(),
+            store.begin(&c, "k2", fp, KEEP).await.unwrap(),
             Begin::Lead(_)
         ));
         // A lead dropped untold is unknown.
-        let Begin::Lead(lead) = store.begin(&c, "k3", fp, TTL, 1000).await.unwrap() else {
+        let Begin::Lead(lead) = store.begin(&c, "k3", fp, KEEP).await.unwrap() else {
             panic!()
         };
         drop(lead);
         tokio::task::yield_now().await;
         let mut seen = None;
         for _ in 0..100 {
-            if let Begin::Seen(f) = store.begin(&c, "k3", fp, TTL, 1000).await.unwrap() {
+            if let Begin::Seen(f) = store.begin(&c, "k3", fp, KEEP).await.unwrap() {
                 seen = Some(f);
                 break;
             }
@@ -721,14 +945,14 @@ mod tests {
         let fp = fingerprint(&http::Method::POST, "/v2/messages", b"{}");
         assert!(matches!(
             again
-                .begin(&Arc::from("crm"), "k1", fp, TTL, 1000)
+                .begin(&Arc::from("crm"), "k1", fp, KEEP)
                 .await
                 .unwrap(),
             Begin::Seen(Fate::Done(_))
         ));
         // A row left in flight by a stopped gateway reads as unknown.
         let Begin::Lead(lead) = again
-            .begin(&Arc::from("crm"), "k9", fp, TTL, 1000)
+            .begin(&Arc::from("crm"), "k9", fp, KEEP)
             .await
             .unwrap()
         else {
@@ -738,7 +962,7 @@ mod tests {
         let third = Arc::new(IdempotencyStore::sqlite(&path).unwrap());
         assert!(matches!(
             third
-                .begin(&Arc::from("crm"), "k9", fp, TTL, 1000)
+                .begin(&Arc::from("crm"), "k9", fp, KEEP)
                 .await
                 .unwrap(),
             Begin::Seen(Fate::Unknown)
@@ -751,7 +975,7 @@ mod tests {
         let c: Arc<str> = Arc::from("crm");
         for i in 0..200 {
             if let Begin::Lead(l) = store
-                .begin(&c, &format!("k{i}"), [0; 32], TTL, 1000)
+                .begin(&c, &format!("k{i}"), [0; 32], KEEP)
                 .await
                 .unwrap()
             {

@@ -94,6 +94,7 @@
 //! fleet mode it shows what was learned during outages.
 
 mod admit;
+mod idempotency;
 mod lease;
 mod scripts;
 mod status;

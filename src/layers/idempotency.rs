@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::future::Either;
@@ -17,7 +18,7 @@ use super::{take_ready, BoxFuture};
 use crate::config::ClientSettings;
 use crate::context::{AnsweredBy, RequestContext, RequestLog};
 use crate::error::GatewayError;
-use crate::idempotency::{check_key, fingerprint, Begin, Fate, Stored, MAX_STORED_BODY};
+use crate::idempotency::{check_key, fingerprint, Begin, Fate, Keep, Stored, MAX_STORED_BODY};
 use crate::shared::Shared;
 
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
@@ -143,8 +144,13 @@ where
                 &client.name,
                 &key,
                 fp,
-                settings.idempotency.ttl,
-                settings.idempotency.max_keys,
+                Keep {
+                    ttl: settings.idempotency.ttl,
+                    max_keys: settings.idempotency.max_keys,
+                    // A first attempt ends within request_timeout; the margin covers clocks
+                    // and the store's round trips.
+                    in_flight_for: settings.server.request_timeout + Duration::from_secs(10),
+                },
             )
             .await
             .map_err(|e| {
@@ -286,7 +292,7 @@ fn replay(stored: &Stored) -> Response<Bytes> {
     resp
 }
 
-fn humantime_like(d: std::time::Duration) -> String {
+fn humantime_like(d: Duration) -> String {
     let s = d.as_secs();
     if s.is_multiple_of(3600) {
         format!("{}h", s / 3600)

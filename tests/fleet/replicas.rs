@@ -619,3 +619,54 @@ async fn a_paced_rule_spaces_sends_across_three_replicas() {
         Err(_) => panic!("a task still holds the fleet"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_idempotent_retry_on_another_replica_waits_for_the_first_and_replays_it() {
+    let f = std::sync::Arc::new(FleetUnderTest::start(2, "").await);
+    let account = f.connected_account("tok-fleet-idem").await;
+    f.emu.set_faults(linkup_gateway::emulator::Faults {
+        latency_ms: 700,
+        account_id: Some(account.clone()),
+        ..Default::default()
+    });
+    let body = format!(r#"{{"account_id":"{account}","action":"send","params":{{"text":"hi"}}}}"#);
+    let keyed = |replica: usize, body: &str| {
+        let mut r = f.request(replica, Method::POST, "/v2/messages", KEY, body);
+        r.headers_mut()
+            .insert("idempotency-key", http::HeaderValue::from_static("fleet-1"));
+        r
+    };
+    let first = {
+        let (f2, req) = (f.clone(), keyed(0, &body));
+        tokio::spawn(async move { FleetUnderTest::send(&f2.http, req).await })
+    };
+    let emu = &f.emu;
+    until("the first send upstream", async || {
+        emu.stats().in_flight == 1
+    })
+    .await;
+    // The retry lands on the other replica while the first is in flight: it waits for it.
+    let retry = FleetUnderTest::send(&f.http, keyed(1, &body)).await;
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(retry.status, 200, "{}", retry.text());
+    assert_eq!(retry.headers["idempotent-replayed"], "true");
+    assert_eq!(retry.body, first.body);
+    // Later, on either replica: replayed; another body: 422.
+    let again = FleetUnderTest::send(&f.http, keyed(1, &body)).await;
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    let other = FleetUnderTest::send(&f.http, keyed(0, &body.replace("hi", "bye"))).await;
+    assert_eq!(
+        (other.status, other.code().as_str()),
+        (422, "IDEMPOTENCY_KEY_REUSED")
+    );
+    assert_eq!(
+        f.emu.stats().calls_by_path["POST /v2/messages"],
+        1,
+        "sent once"
+    );
+    match std::sync::Arc::try_unwrap(f) {
+        Ok(f) => f.shutdown().await,
+        Err(_) => panic!("a task still holds the fleet"),
+    }
+}
