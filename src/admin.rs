@@ -493,6 +493,7 @@ pub fn redacted_config(s: &Settings) -> serde_json::Value {
             "per_account": s.rate_limit.per_account.to_string(),
             "burst": s.rate_limit.burst,
             "upstream_429_cooldown": d(s.rate_limit.upstream_429_cooldown),
+            "max_queued": s.rate_limit.max_queued,
             "shadow": s.rate_limit.shadow,
             "rules": s.rate_limit.rules.iter().map(|r| json!({
                 "name": r.name, "path": r.path.as_str(), "action": r.action,

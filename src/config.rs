@@ -206,8 +206,15 @@ pub struct RawRateLimit {
     pub upstream_429_cooldown: String,
     #[serde(default)]
     pub shadow: bool,
+    /// Requests waiting under `on_limit = "delay"` rules, all queues together; past it, 429.
+    #[serde(default = "d_max_queued")]
+    pub max_queued: usize,
     #[serde(default)]
     pub rules: Vec<RawRule>,
+}
+
+fn d_max_queued() -> usize {
+    10_000
 }
 
 impl Default for RawRateLimit {
@@ -217,6 +224,7 @@ impl Default for RawRateLimit {
             burst: d_burst(),
             upstream_429_cooldown: d_cooldown(),
             shadow: false,
+            max_queued: d_max_queued(),
             rules: Vec::new(),
         }
     }
@@ -649,6 +657,7 @@ pub struct RateLimitSettings {
     pub burst: u32,
     pub upstream_429_cooldown: Duration,
     pub shadow: bool,
+    pub max_queued: usize,
     pub rules: Vec<RuleSettings>,
 }
 
@@ -1408,6 +1417,7 @@ fn validate(
                 burst: rl.burst.max(1),
                 upstream_429_cooldown: cooldown,
                 shadow: rl.shadow,
+                max_queued: rl.max_queued,
                 rules,
             },
             checkpoint_coalesce: raw.checkpoint.coalesce,

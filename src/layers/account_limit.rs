@@ -480,6 +480,20 @@ where
             wait,
         )
     };
+    let queued = queues.waiting.load(std::sync::atomic::Ordering::Relaxed);
+    if queued > shared.settings.rate_limit.max_queued {
+        count(&shared, &client, pace.limiter.name.clone(), false);
+        let wait = pace.limiter.emission();
+        return Err(GatewayError::RateLimited {
+            message: format!(
+                "{queued} requests are already waiting for paced slots (rate_limit.max_queued); retry in {} s",
+                secs(wait)
+            ),
+            retry_after: wait,
+            policy: Some(pace.limiter.policy.clone()),
+            state: None,
+        });
+    }
     // The ones ahead each take one slot first.
     let ahead = pace
         .limiter

@@ -104,3 +104,28 @@ async fn a_slot_beyond_max_delay_is_refused_at_once_and_a_hang_up_gives_its_plac
     assert_eq!(next.status, 200, "{}", next.text());
     assert_eq!(sends(&h), 2, "the hung-up request never went");
 }
+
+#[tokio::test]
+async fn queues_are_bounded_in_total() {
+    let cfg =
+        paced("20/min", "30s").replace("burst = 100000\n", "burst = 100000\nmax_queued = 1\n");
+    let h = Arc::new(Harness::start_with("", &cfg).await);
+    let account = h.connected_account("tok-pace-bound").await;
+    let body = send(&account);
+    assert_eq!(h.post("/v2/messages", &body).await.status, 200);
+    let waiting = {
+        let (h, body) = (h.clone(), body.clone());
+        tokio::spawn(async move { h.post("/v2/messages", &body).await })
+    };
+    let process = h.gw.process.clone();
+    until("the second to queue", || {
+        process.metrics.rate_limit_queued.get() == 1
+    })
+    .await;
+    let third = h.post("/v2/messages", &body).await;
+    assert_eq!((third.status, third.code().as_str()), (429, "RATE_LIMITED"));
+    assert!(third.text().contains("max_queued"), "{}", third.text());
+    // The queued one still goes when its slot comes.
+    assert_eq!(waiting.await.unwrap().status, 200);
+    assert_eq!(sends(&h), 2);
+}
