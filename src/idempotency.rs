@@ -11,10 +11,10 @@
 //! Answers where nothing happened upstream (the gateway's own refusals, upstream errors at 0
 //! credits) are forgotten, so a retry is forwarded anew.
 //!
-//! The durable part lives in the embedded ledger's SQLite database (table `idempotency`,
-//! its own connection, WAL: a row is in the OS's hands before the call is forwarded, so a
-//! crash of the gateway mid-call leaves it `in_flight`, read back as unknown). Without an
-//! SQLite ledger (unit tests, a PostgreSQL ledger) it is kept in memory. Expired keys are
+//! The durable part lives in an SQLite database beside the embedded ledger ([`beside`]; WAL:
+//! a row is in the OS's hands before the call is forwarded, so a crash of the gateway mid-call
+//! leaves it `in_flight`, read back as unknown), in the fleet's Redis in fleet mode, and in
+//! memory otherwise (unit tests). Expired keys are
 //! purged every minute, and at most `max_keys` are kept (the oldest go first).
 
 use std::collections::HashMap;
@@ -27,6 +27,13 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use rusqlite::{params, Connection, OptionalExtension};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
+
+/// The idempotency database beside an embedded ledger: `data/ledger.sqlite3` →
+/// `data/ledger.idempotency.sqlite3`. A file of its own, so the ledger's recovery (a full disk,
+/// a file lost under the gateway) never depends on another connection to its database.
+pub fn beside(ledger: &Path) -> std::path::PathBuf {
+    ledger.with_extension("idempotency.sqlite3")
+}
 
 /// The longest `Idempotency-Key` accepted (Stripe's limit).
 pub const MAX_KEY_BYTES: usize = 255;
@@ -282,19 +289,14 @@ impl IdempotencyStore {
         }
     }
 
-    /// In the embedded ledger's database at `path` (its own connection).
+    /// In the SQLite database at `path` ([`beside`] the embedded ledger).
     pub fn sqlite(path: &Path) -> rusqlite::Result<Self> {
         let conn = Connection::open(path)?;
         conn.busy_timeout(Duration::from_secs(5))?;
+        // WAL with NORMAL: a commit is in the OS's hands when it returns (it survives a crash
+        // of the process), as the ledger's rows are by default.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        // The ledger's checkpointer thread checkpoints the WAL; commits here never do.
-        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        // Nor does closing it: if the ledger file was lost under the gateway, a checkpoint at
-        // close would copy the WAL into whatever is at the path (`ledger::sqlite::watch`).
-        conn.set_db_config(
-            rusqlite::config::DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE,
-            true,
-        )?;
         conn.execute_batch(SCHEMA)?;
         Ok(IdempotencyStore {
             flights: Mutex::default(),

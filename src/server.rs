@@ -114,13 +114,13 @@ impl Gateway {
             None => None,
         };
         let mut process = Process::with_fleet(ledger, fleet);
-        // Idempotency-Key fates live in the fleet's Redis (shared by the replicas), else in
-        // the embedded ledger's database (else in memory).
+        // Idempotency-Key fates live in the fleet's Redis (shared by the replicas), else in a
+        // database beside the embedded ledger (else in memory).
         if let Some(fleet) = &process.fleet {
             process.idempotency =
                 Arc::new(crate::idempotency::IdempotencyStore::fleet(fleet.clone()));
         } else if settings.ledger.postgres_url.is_none() {
-            let path = settings.ledger.path.clone();
+            let path = crate::idempotency::beside(&settings.ledger.path);
             let store = tokio::task::spawn_blocking(move || {
                 crate::idempotency::IdempotencyStore::sqlite(&path)
             })

@@ -43,8 +43,8 @@ pub struct Process {
     /// Which account each webhook belongs to, learned from answers (scoped clients' webhook
     /// routes are checked against it).
     pub webhook_owners: WebhookOwners,
-    /// Idempotency-Key fates: in the embedded ledger's database (`Gateway::start`), else in
-    /// memory.
+    /// Idempotency-Key fates: in Redis (fleet) or a database beside the embedded ledger
+    /// (`Gateway::start`), else in memory.
     pub idempotency: Arc<IdempotencyStore>,
     /// Bytes held by buffered upstream answers, across config generations (an answer of the
     /// previous generation still holds its bytes after a reload).

@@ -426,7 +426,12 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Resp, Res
     if is_control {
         return Ok(control(&shared, &parts, &body));
     }
-    v2(&shared, parts, body).await
+    // A real API carries out a request it has read whether or not its caller is still there:
+    // the work (and the charge) runs on a task of its own, which a hang-up does not cancel.
+    match tokio::spawn(async move { v2(&shared, parts, body).await }).await {
+        Ok(r) => r,
+        Err(_) => Err(Reset),
+    }
 }
 
 fn record_of(parts: &Parts, body: &Bytes) -> RecordedRequest {

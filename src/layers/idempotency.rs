@@ -131,11 +131,6 @@ where
     let settings = &shared.settings;
     let metrics = &shared.process.metrics;
     let log = req.extensions().get::<Arc<RequestLog>>().cloned();
-    if shared.process.ledger.file_lost() {
-        // Its fates live in the ledger's database: with the file lost, a fate written now
-        // would not survive a restart, and a retry then would be sent again.
-        return Err(GatewayError::LedgerUnavailable);
-    }
     // A repeat that waited for a first attempt which left nothing behind tries again (at most
     // a few times: each round is another caller's attempt ending).
     for _ in 0..8 {
