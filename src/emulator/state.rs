@@ -43,18 +43,9 @@ pub fn action_cost(category: &str, action: &str) -> Option<i64> {
 
 const CATEGORIES: [&str; 5] = ["profiles", "network", "messages", "content", "recruiter"];
 
-/// `2026-11-25T10:32:00Z`, the envelope's timestamp format.
+/// `2026-11-25T10:32:00Z`, the envelope's timestamp format (the gateway's own, shared).
 pub(crate) fn now_ts() -> String {
-    let t = time::OffsetDateTime::now_utc();
-    format!(
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    )
+    crate::util::now_rfc3339()
 }
 
 /// An error answer: HTTP status, envelope `error.code`, `error.message`.
