@@ -1283,6 +1283,14 @@ fn validate(
                         format!("rate_limit.rules[{i}].max_delay"),
                         "must be more than 0 (or use on_limit = \"refuse\")",
                     );
+                } else if d >= request_timeout && !request_timeout.is_zero() {
+                    p.push(
+                        format!("rate_limit.rules[{i}].max_delay"),
+                        format!(
+                            "must be shorter than server.request_timeout ({} s): the wait counts toward it",
+                            request_timeout.as_secs_f64()
+                        ),
+                    );
                 }
                 Some(d)
             }

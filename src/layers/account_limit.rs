@@ -502,7 +502,35 @@ where
     if ahead > pace.max_delay {
         return Err(refuse(ahead));
     }
-    let turn = place.gate.turn.lock().await;
+    // Behind the head of the queue; at drain, one whose slot is past the grace is answered.
+    let turn = {
+        let lock = place.gate.turn.lock();
+        tokio::pin!(lock);
+        let drain = shared.process.drain_started.notified();
+        tokio::pin!(drain);
+        drain.as_mut().enable();
+        let grace = shared.settings.server.shutdown_grace;
+        let draining = || {
+            shared
+                .process
+                .draining
+                .load(std::sync::atomic::Ordering::SeqCst)
+        };
+        // Its own slot is at most one interval after the last of those ahead of it.
+        let own = ahead.saturating_add(pace.limiter.emission());
+        if draining() && own > grace {
+            return Err(draining_refusal(own));
+        }
+        tokio::select! {
+            t = &mut lock => t,
+            _ = &mut drain => {
+                if own > grace {
+                    return Err(draining_refusal(own));
+                }
+                lock.await
+            }
+        }
+    };
     let passed = loop {
         match decide(&shared, &mut req, &ctx, &client, true).await {
             Ok(p) => break p,
@@ -520,7 +548,7 @@ where
                     .load(std::sync::atomic::Ordering::SeqCst)
                 {
                     if retry_after > shared.settings.server.shutdown_grace {
-                        return Err(draining(retry_after));
+                        return Err(draining_refusal(retry_after));
                     }
                     tokio::time::sleep(retry_after).await;
                     continue;
@@ -530,7 +558,7 @@ where
                     _ = &mut drain => {
                         let left = retry_after.saturating_sub(start.elapsed() - waited);
                         if left > shared.settings.server.shutdown_grace {
-                            return Err(draining(left));
+                            return Err(draining_refusal(left));
                         }
                     }
                 }
@@ -544,7 +572,7 @@ where
     forward(shared, inner, req, ctx.account_id, passed).await
 }
 
-fn draining(wait: Duration) -> GatewayError {
+fn draining_refusal(wait: Duration) -> GatewayError {
     GatewayError::Draining(format!(
         "the gateway is shutting down and this request's slot is {} s away, after its shutdown grace; retry on another instance",
         secs(wait)

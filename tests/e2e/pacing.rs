@@ -36,7 +36,8 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[tokio::test]
 async fn three_concurrent_sends_at_one_per_second_all_go_one_after_another() {
-    let h = Arc::new(Harness::start_with("", &paced("1/sec", "30s")).await);
+    let h =
+        Arc::new(Harness::start_with("request_timeout = \"60s\"", &paced("1/sec", "30s")).await);
     let account = h.connected_account("tok-pace").await;
     let tasks: Vec<_> = (0..3)
         .map(|_| {
@@ -67,7 +68,7 @@ async fn three_concurrent_sends_at_one_per_second_all_go_one_after_another() {
 
 #[tokio::test]
 async fn a_slot_beyond_max_delay_is_refused_at_once_and_a_hang_up_gives_its_place_back() {
-    let h = Arc::new(Harness::start_with("", &paced("1/min", "5s")).await);
+    let h = Arc::new(Harness::start_with("request_timeout = \"60s\"", &paced("1/min", "5s")).await);
     let account = h.connected_account("tok-pace-far").await;
     let body = send(&account);
     assert_eq!(h.post("/v2/messages", &body).await.status, 200);
@@ -80,7 +81,8 @@ async fn a_slot_beyond_max_delay_is_refused_at_once_and_a_hang_up_gives_its_plac
     // A slot every 3 s, 4 s of patience: one waits, its caller hangs up, the queue is empty
     // again, and the slot it would have taken is free (had it been taken, the next would be
     // 6 s away: refused).
-    let h = Arc::new(Harness::start_with("", &paced("20/min", "4s")).await);
+    let h =
+        Arc::new(Harness::start_with("request_timeout = \"60s\"", &paced("20/min", "4s")).await);
     let account = h.connected_account("tok-pace-hangup").await;
     let body = send(&account);
     assert_eq!(h.post("/v2/messages", &body).await.status, 200);
@@ -109,7 +111,7 @@ async fn a_slot_beyond_max_delay_is_refused_at_once_and_a_hang_up_gives_its_plac
 async fn queues_are_bounded_in_total() {
     let cfg =
         paced("20/min", "30s").replace("burst = 100000\n", "burst = 100000\nmax_queued = 1\n");
-    let h = Arc::new(Harness::start_with("", &cfg).await);
+    let h = Arc::new(Harness::start_with("request_timeout = \"60s\"", &cfg).await);
     let account = h.connected_account("tok-pace-bound").await;
     let body = send(&account);
     assert_eq!(h.post("/v2/messages", &body).await.status, 200);
@@ -128,4 +130,51 @@ async fn queues_are_bounded_in_total() {
     // The queued one still goes when its slot comes.
     assert_eq!(waiting.await.unwrap().status, 200);
     assert_eq!(sends(&h), 2);
+}
+
+#[tokio::test]
+async fn at_shutdown_a_slot_within_the_grace_is_served_and_one_after_it_is_503() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    // A slot every 3 s; the harness's shutdown_grace is 5 s.
+    let h = Harness::start_with("request_timeout = \"60s\"", &paced("20/min", "30s")).await;
+    let account = h.connected_account("tok-pace-drain").await;
+    let body = send(&account);
+    assert_eq!(h.post("/v2/messages", &body).await.status, 200);
+    let url = h.url("/v2/messages");
+    let client = h.http.clone();
+    let post = |body: String| {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move {
+            let req = http::Request::post(url)
+                .header("x-api-key", ALPHA_KEY)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap();
+            let resp = client.request(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        })
+    };
+    let process = h.gw.process.clone();
+    let second = post(body.clone());
+    until("the second to queue", || {
+        process.metrics.rate_limit_queued.get() == 1
+    })
+    .await;
+    let third = post(body.clone());
+    until("the third to queue", || {
+        process.metrics.rate_limit_queued.get() == 2
+    })
+    .await;
+    let Harness { emu, gw, dir, http } = h;
+    let draining = tokio::spawn(gw.shutdown());
+    let (status, text) = third.await.unwrap();
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("DRAINING"), "{text}");
+    let (status, text) = second.await.unwrap();
+    assert_eq!(status, 200, "served within the grace: {text}");
+    draining.await.unwrap();
+    drop((emu, dir, http));
 }

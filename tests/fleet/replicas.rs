@@ -589,7 +589,7 @@ async fn a_paced_rule_spaces_sends_across_three_replicas() {
             3,
             "[rate_limit]\nper_account = \"100000/sec\"\nburst = 100000\n\n\
              [[rate_limit.rules]]\npath = \"/v2/messages\"\naction = \"send\"\n\
-             per_account = \"1/sec\"\nburst = 1\non_limit = \"delay\"\nmax_delay = \"30s\"\n",
+             per_account = \"1/sec\"\nburst = 1\non_limit = \"delay\"\nmax_delay = \"20s\"\n",
         )
         .await,
     );
