@@ -377,8 +377,10 @@ async fn two_replicas_migrate_once_and_each_sees_both() {
         open(&url, LedgerSync::PowerSafe, 1000)
     );
     assert_eq!(
-        pg.psql("SELECT string_agg(version::text, ',') FROM ledger_schema_migrations"),
-        "1"
+        pg.psql(
+            "SELECT string_agg(version::text, ',' ORDER BY version) FROM ledger_schema_migrations"
+        ),
+        "1,2"
     );
     // Both write the same aggregate keys concurrently (and must not deadlock).
     let mut tasks = tokio::task::JoinSet::new();
