@@ -101,3 +101,98 @@ where
         Box::pin(self.inner.call(req))
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::shared::Process;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::ServiceExt;
+
+    fn shared(client: &str) -> Arc<Shared> {
+        let text = format!(
+            "[upstream]\nurl = \"http://127.0.0.1:1\"\napi_key_env = \"K\"\n\
+             [[clients]]\nname = \"crm\"\nkey_sha256 = \"{}\"\n{client}\n",
+            "ab".repeat(32)
+        );
+        let settings = crate::config::load_str(&text, &[("K".into(), "k".into())], None).unwrap();
+        let upstream = crate::upstream::UpstreamClient::new(&settings.upstream, 0).unwrap();
+        Arc::new(Shared::new(
+            Arc::new(settings),
+            Arc::new(Process::default()),
+            upstream,
+        ))
+    }
+
+    fn req(shared: &Shared) -> Request<()> {
+        let mut r = Request::post("/v2/profiles").body(()).unwrap();
+        r.extensions_mut()
+            .insert(shared.settings.clients[0].clone());
+        r
+    }
+
+    async fn call(shared: &Arc<Shared>, calls: &Arc<AtomicUsize>) -> Result<(), GatewayError> {
+        let c = calls.clone();
+        ClientLimitLayer::new(shared.clone())
+            .layer(tower::service_fn(move |_r: Request<()>| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<_, GatewayError>(Response::new(Bytes::new())) }
+            }))
+            .oneshot(req(shared))
+            .await
+            .map(|_| ())
+    }
+
+    fn counted(shared: &Shared, shadow: bool) -> u64 {
+        shared
+            .process
+            .metrics
+            .rate_limited
+            .get_or_create(&RateLimitedLabels {
+                client: Label(Arc::from("crm")),
+                reason: Label(Arc::from("client")),
+                shadow,
+            })
+            .get()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn over_its_rate_a_client_is_refused_before_anything_below_runs() {
+        let s = shared("requests_per_second = 2\nburst = 2");
+        let calls = Arc::new(AtomicUsize::new(0));
+        call(&s, &calls).await.unwrap();
+        call(&s, &calls).await.unwrap();
+        let e = call(&s, &calls).await.unwrap_err();
+        assert_eq!(e.code(), "RATE_LIMITED");
+        assert!(e.to_string().contains("client `crm` is limited to"), "{e}");
+        let r = e.into_response("profiles");
+        assert_eq!(r.headers()["retry-after"], "1");
+        assert!(r.headers().contains_key("ratelimit-policy"));
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "the refusal went no further"
+        );
+        assert_eq!(counted(&s, false), 1);
+        // The bucket refills with time.
+        tokio::time::advance(std::time::Duration::from_secs(1)).await;
+        call(&s, &calls).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_shadow_client_is_counted_not_refused_and_an_unlimited_one_is_not_counted() {
+        let s = shared("requests_per_second = 1\nburst = 1\nshadow = true");
+        let calls = Arc::new(AtomicUsize::new(0));
+        for _ in 0..3 {
+            call(&s, &calls).await.unwrap();
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(counted(&s, true), 2);
+        let s = shared("");
+        for _ in 0..50 {
+            call(&s, &calls).await.unwrap();
+        }
+        assert_eq!(counted(&s, false) + counted(&s, true), 0);
+    }
+}

@@ -121,3 +121,83 @@ where
 fn log_id(v: &HeaderValue) -> &str {
     v.to_str().unwrap_or("-")
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::metrics::{RefusalLabels, RequestLabels};
+    use bytes::Bytes;
+    use tower::ServiceExt;
+
+    /// Observe over a stub that answers `status`, as the gateway's refusal `code` if given.
+    async fn call(
+        process: &Arc<Process>,
+        req: Request<()>,
+        status: u16,
+        code: Option<&'static str>,
+    ) -> Response<Bytes> {
+        ObserveLayer::new(process.clone())
+            .layer(tower::service_fn(move |r: Request<()>| async move {
+                // Every layer below finds the request's log.
+                assert!(r.extensions().get::<Arc<RequestLog>>().is_some());
+                let mut resp = Response::new(Bytes::new());
+                *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                if let Some(c) = code {
+                    resp.extensions_mut().insert(GatewayAnswered(c));
+                }
+                Ok::<_, std::convert::Infallible>(resp)
+            }))
+            .oneshot(req)
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn every_answer_gets_a_request_id_and_is_counted_refusals_by_code() {
+        let process = Arc::new(Process::default());
+        // A caller's acceptable id is kept; otherwise one is made.
+        let r = Request::post("/v2/profiles")
+            .header("x-request-id", "caller-id-1")
+            .body(())
+            .unwrap();
+        let resp = call(&process, r, 200, None).await;
+        assert_eq!(resp.headers()[X_REQUEST_ID], "caller-id-1");
+        let r = Request::post("/v2/profiles")
+            .header("x-request-id", "bad id\twith a tab")
+            .body(())
+            .unwrap();
+        let made = call(&process, r, 200, None).await.headers()[X_REQUEST_ID].clone();
+        assert_ne!(made, "bad id\twith a tab");
+        assert!(!made.is_empty());
+        // A refusal by the gateway is counted by its code, under its route and status.
+        let r = Request::get("/v2/credits").body(()).unwrap();
+        call(&process, r, 429, Some("RATE_LIMITED")).await;
+        let m = &process.metrics;
+        let profiles = m
+            .requests
+            .get_or_create(&RequestLabels {
+                client: Label(Arc::from("unauthenticated")),
+                route: "profiles",
+                status: 200,
+            })
+            .get();
+        let credits = m
+            .requests
+            .get_or_create(&RequestLabels {
+                client: Label(Arc::from("unauthenticated")),
+                route: "credits",
+                status: 429,
+            })
+            .get();
+        assert_eq!((profiles, credits), (2, 1));
+        assert_eq!(
+            m.refusals
+                .get_or_create(&RefusalLabels {
+                    code: "RATE_LIMITED"
+                })
+                .get(),
+            1
+        );
+    }
+}
