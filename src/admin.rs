@@ -138,7 +138,7 @@ fn refuse_without_token(
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| crate::layers::authenticate::sha256(t.trim().as_bytes()));
+        .map(|t| crate::util::sha256(t.trim().as_bytes()));
     if presented == Some(want) {
         return None;
     }

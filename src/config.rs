@@ -18,6 +18,11 @@ use sha2::Digest;
 /// Prefix of environment overrides: `LINKUP_GATEWAY__SERVER__LISTEN=0.0.0.0:8080`.
 pub const ENV_PREFIX: &str = "LINKUP_GATEWAY__";
 
+/// The default longest `account_id`, `action` or path id accepted (`server.max_id_bytes`).
+/// Each is a limiter, cache and ledger key and a log field: one as long as the body would cost
+/// memory everywhere it is kept.
+pub const MAX_ID_BYTES: usize = 256;
+
 // ---------------------------------------------------------------------------------------------
 // Raw surface: what the file may say. Defaults live here, in one place.
 // ---------------------------------------------------------------------------------------------
@@ -114,7 +119,7 @@ fn d_max_in_flight() -> u64 {
     10_000
 }
 fn d_max_id_bytes() -> u64 {
-    crate::layers::classify::MAX_ID_BYTES as u64
+    MAX_ID_BYTES as u64
 }
 fn d_header_read_timeout() -> String {
     "10s".into()
@@ -2059,7 +2064,7 @@ mod shipped_files {
         let s = load_str(&text, &env, Some(&dir)).unwrap();
         assert_eq!(
             s.clients[0].keys[0].sha256,
-            crate::layers::authenticate::sha256(crate::demo::DEMO_KEY.as_bytes())
+            crate::util::sha256(crate::demo::DEMO_KEY.as_bytes())
         );
     }
 }

@@ -12,7 +12,7 @@ pub fn new_key() -> String {
 }
 
 pub fn key_sha256_hex(key: &str) -> String {
-    hex::encode(crate::layers::authenticate::sha256(key.as_bytes()))
+    hex::encode(crate::util::sha256(key.as_bytes()))
 }
 
 fn check_name(name: &str) -> Result<(), String> {

@@ -62,3 +62,12 @@ mod tests {
         assert_eq!(ids.next(), "397a456a0000000026f4");
     }
 }
+
+/// A boxed, sendable future: what the layers and the ledger hand back.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
+
+/// SHA-256 of a key (caller keys are stored and compared only as this).
+pub fn sha256(key: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key).into()
+}

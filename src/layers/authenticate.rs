@@ -11,7 +11,6 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{header, Request, Response};
-use sha2::{Digest, Sha256};
 use tower::{Layer, Service};
 
 use super::BoxFuture;
@@ -71,9 +70,7 @@ impl PeerIdentity {
     }
 }
 
-pub fn sha256(key: &[u8]) -> [u8; 32] {
-    Sha256::digest(key).into()
-}
+pub use crate::util::sha256;
 
 impl Shared {
     /// Who is calling? Open local mode (no clients, loopback only) admits everyone.

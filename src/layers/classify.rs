@@ -377,10 +377,7 @@ pub fn classify_bounded(
     })
 }
 
-/// The default longest `account_id`, `action` or path id accepted (`server.max_id_bytes`).
-/// Each is a limiter, cache and ledger key and a log field: one as long as the body would cost
-/// memory everywhere it is kept.
-pub const MAX_ID_BYTES: usize = 256;
+pub use crate::config::MAX_ID_BYTES;
 
 /// An identifier is short and printable, or the request is refused before anything keys on it.
 fn check_id(name: &str, v: &str, max_id: usize) -> Result<(), GatewayError> {

@@ -1,8 +1,5 @@
 //! One file per layer of the onion; the order lives in `crate::stack`.
 
-use std::future::Future;
-use std::pin::Pin;
-
 pub mod account_limit;
 pub mod authenticate;
 pub mod classify;
@@ -18,7 +15,7 @@ pub mod respond;
 pub mod scope;
 pub mod status_cache;
 
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+pub use crate::util::BoxFuture;
 
 /// Take the service that `poll_ready` readied and leave a clone in its place: a layer that
 /// awaits before calling `inner` must not call an unready clone.

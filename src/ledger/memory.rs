@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use time::Date;
 
 use super::{day_key, day_of, GroupBy, Ledger, LedgerError, Row, UsagePage, UsageQuery, UsageRow};
-use crate::layers::BoxFuture;
+use crate::util::BoxFuture;
 
 #[derive(Debug, Default)]
 pub struct MemoryLedger {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use time::{Date, OffsetDateTime};
 
-use crate::layers::BoxFuture;
+use crate::util::BoxFuture;
 
 mod journal;
 mod memory;

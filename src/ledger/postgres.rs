@@ -76,7 +76,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::plan::{month_key, usage_row, usage_sql, Dialect};
 use super::{day_key, day_of, GroupBy, Ledger, LedgerError, Row, UsagePage, UsageQuery, UsageRow};
 use crate::config::LedgerSync;
-use crate::layers::BoxFuture;
+use crate::util::BoxFuture;
 
 /// Versioned schema: step `i` takes the version recorded in `ledger_schema_migrations` from
 /// `i` to `i + 1`, in its own transaction. Append new steps; never edit a released one.

@@ -45,7 +45,7 @@ use super::journal::{self, Journal};
 use super::plan::{usage_row, usage_sql, Dialect};
 use super::{day_key, GroupBy, Ledger, LedgerError, Row, UsagePage, UsageQuery};
 use crate::config::LedgerSync;
-use crate::layers::BoxFuture;
+use crate::util::BoxFuture;
 
 /// Versioned schema: step `i` takes `PRAGMA user_version` from `i` to `i + 1`, in its own
 /// transaction. Append new steps; never edit a released one.
