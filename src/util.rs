@@ -48,6 +48,15 @@ pub fn acceptable_request_id(v: &HeaderValue) -> bool {
     !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
 }
 
+/// A boxed, sendable future: what the layers and the ledger hand back.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
+
+/// SHA-256 of a key (caller keys are stored and compared only as this).
+pub fn sha256(key: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(key).into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,13 +70,4 @@ mod tests {
         assert_eq!(ids.next(), "397a456a0000000026f3");
         assert_eq!(ids.next(), "397a456a0000000026f4");
     }
-}
-
-/// A boxed, sendable future: what the layers and the ledger hand back.
-pub type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'static>>;
-
-/// SHA-256 of a key (caller keys are stored and compared only as this).
-pub fn sha256(key: &[u8]) -> [u8; 32] {
-    use sha2::Digest;
-    sha2::Sha256::digest(key).into()
 }

@@ -1,8 +1,8 @@
 //! The house's layering, checked on the sources so it stays true: layers never reach up into
-
-#![allow(clippy::unwrap_used)]
 //! the server, the admin listener or the emulator; the upstream client, the ledger and the
 //! config never depend on the layers; the fleet store never on the server or admin.
+
+#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 
