@@ -1,6 +1,8 @@
 //! linkup-gateway: an authenticating, key-injecting, rate-limiting, credit-accounting gateway
 //! in front of LinkupAPI v2. See README.md for the tour and `stack.rs` for the onion.
 
+#![forbid(unsafe_code)]
+
 pub mod access_log;
 pub mod admin;
 pub mod budgets;

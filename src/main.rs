@@ -1,5 +1,7 @@
 //! The `linkup-gateway` binary: a thin clap front over the library.
 
+#![forbid(unsafe_code)]
+
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
