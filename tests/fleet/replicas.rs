@@ -613,7 +613,7 @@ async fn a_paced_rule_spaces_sends_across_three_replicas() {
             .metric(r, "linkup_gateway_rate_limit_waited_seconds_total")
             .await;
     }
-    assert!(waited >= 2.5, "waited {waited} s in all");
+    assert!(waited >= 1.0, "waited {waited} s in all");
     match std::sync::Arc::try_unwrap(f) {
         Ok(f) => f.shutdown().await,
         Err(_) => panic!("a task still holds the fleet"),
