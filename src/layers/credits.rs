@@ -550,14 +550,11 @@ where
     }
 
     fn call(&mut self, req: Request<Bytes>) -> Self::Future {
-        let client = req.extensions().get::<Arc<ClientSettings>>().cloned();
-        let ctx = req.extensions().get::<RequestContext>().cloned();
-        let request_id = req
-            .extensions()
-            .get::<Arc<RequestLog>>()
-            .and_then(|l| l.request_id.to_str().ok().map(str::to_owned))
-            .unwrap_or_default();
-        let path = req.uri().path().to_owned();
+        // Most answers are the upstream's and record nothing here: keep only the request's
+        // log (a reference count) and its URI (shared bytes), and build the row in the rare
+        // case. The request's context and client are in the log.
+        let log = req.extensions().get::<Arc<RequestLog>>().cloned();
+        let uri = req.uri().clone();
         let process = self.process.clone();
         let fut = self.inner.call(req);
         Box::pin(async move {
@@ -568,17 +565,18 @@ where
                 Some(AnsweredBy::Replayed) => Outcome::Replayed,
                 _ => return Ok(resp),
             };
-            if let Some(client) = client {
+            let Some(log) = log else { return Ok(resp) };
+            if let Some(client) = log.client.get() {
+                let ctx = log.context.get();
                 let action = ctx
-                    .as_ref()
                     .and_then(|c| c.action.clone())
                     .or_else(|| Charge::of(resp.body()).action.map(Arc::from));
                 let row = Row {
                     at_ms: now_ms(),
-                    request_id,
+                    request_id: log.request_id.to_str().unwrap_or_default().to_owned(),
                     client: client.name.clone(),
-                    account_id: ctx.and_then(|c| c.account_id),
-                    path,
+                    account_id: ctx.and_then(|c| c.account_id.clone()),
+                    path: uri.path().to_owned(),
                     action,
                     status: resp.status().as_u16(),
                     credits: 0,
