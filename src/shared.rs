@@ -149,3 +149,14 @@ impl Shared {
         }
     }
 }
+
+/// Unit tests of the layers: one generation built from `extra` config (after an `[upstream]`
+/// table that needs no network), with an in-memory ledger.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) fn for_tests(extra: &str) -> Shared {
+    let text = format!("[upstream]\nurl = \"http://127.0.0.1:1\"\napi_key_env = \"K\"\n{extra}");
+    let settings = crate::config::load_str(&text, &[("K".into(), "k".into())], None).unwrap();
+    let upstream = UpstreamClient::new(&settings.upstream, 0).unwrap();
+    Shared::new(Arc::new(settings), Arc::new(Process::default()), upstream)
+}

@@ -152,14 +152,9 @@ where
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::shared::Process;
 
     fn shared(extra: &str) -> Shared {
-        let text =
-            format!("[upstream]\nurl = \"http://127.0.0.1:1\"\napi_key_env = \"K\"\n{extra}");
-        let settings = crate::config::load_str(&text, &[("K".into(), "k".into())], None).unwrap();
-        let upstream = crate::upstream::UpstreamClient::new(&settings.upstream, 0).unwrap();
-        Shared::new(Arc::new(settings), Arc::new(Process::default()), upstream)
+        crate::shared::for_tests(extra)
     }
 
     fn with_key(key: &str) -> Request<()> {

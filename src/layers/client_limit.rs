@@ -106,23 +106,19 @@ where
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::shared::Process;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tower::ServiceExt;
 
+    /// A client `crm`, with `client` config after it.
     fn shared(client: &str) -> Arc<Shared> {
-        let text = format!(
-            "[upstream]\nurl = \"http://127.0.0.1:1\"\napi_key_env = \"K\"\n\
-             [[clients]]\nname = \"crm\"\nkey_sha256 = \"{}\"\n{client}\n",
+        Arc::new(crate::shared::for_tests(&format!(
+            "[[clients]]
+name = \"crm\"
+key_sha256 = \"{}\"
+{client}
+",
             "ab".repeat(32)
-        );
-        let settings = crate::config::load_str(&text, &[("K".into(), "k".into())], None).unwrap();
-        let upstream = crate::upstream::UpstreamClient::new(&settings.upstream, 0).unwrap();
-        Arc::new(Shared::new(
-            Arc::new(settings),
-            Arc::new(Process::default()),
-            upstream,
-        ))
+        )))
     }
 
     fn req(shared: &Shared) -> Request<()> {
