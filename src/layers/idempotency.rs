@@ -82,6 +82,8 @@ where
                     ))
                 }
             },
+            // The common case: no key, nothing required.
+            None if settings.require.is_empty() => return Either::Left(self.inner.call(req)),
             None => {
                 let action = req
                     .extensions()
@@ -175,8 +177,8 @@ where
                 metrics.idempotency_conflicts.inc();
                 return Err(GatewayError::IdempotencyKeyReused(format!(
                     "this Idempotency-Key was used for another request (method, path or body \
-                     differ) within {}; use a new key for a new request",
-                    humantime_like(settings.idempotency.ttl)
+                     differ) within {} s (idempotency.ttl); use a new key for a new request",
+                    settings.idempotency.ttl.as_secs()
                 )));
             }
             Begin::Seen(fate) => fate,
@@ -285,15 +287,4 @@ fn replay(stored: &Stored) -> Response<Bytes> {
         .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     resp.extensions_mut().insert(AnsweredBy::Replayed);
     resp
-}
-
-fn humantime_like(d: Duration) -> String {
-    let s = d.as_secs();
-    if s.is_multiple_of(3600) {
-        format!("{}h", s / 3600)
-    } else if s.is_multiple_of(60) {
-        format!("{}m", s / 60)
-    } else {
-        format!("{s}s")
-    }
 }
