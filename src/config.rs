@@ -146,6 +146,13 @@ pub struct RawUpstream {
     /// Bytes all upstream answers being buffered may hold at once, process-wide.
     #[serde(default = "d_max_buffered_bytes")]
     pub max_buffered_bytes: u64,
+    /// `"auto"` (default), `"http2"` or `"http1"`: see [`UpstreamProtocol`].
+    #[serde(default = "d_upstream_protocol")]
+    pub protocol: String,
+    /// Calls one HTTP/2 connection carries at once before another is opened (never more than
+    /// the upstream announces).
+    #[serde(default = "d_http2_max_streams")]
+    pub http2_max_streams: u32,
 }
 
 fn d_upstream_url() -> String {
@@ -158,6 +165,13 @@ fn d_connect_timeout() -> String {
 /// what LinkupAPI's JSON answers (kilobytes) need even with thousands in flight.
 fn d_max_buffered_bytes() -> u64 {
     8 * crate::upstream::MAX_RESPONSE_BYTES as u64
+}
+fn d_upstream_protocol() -> String {
+    "auto".into()
+}
+/// 100: what RFC 9113 recommends a peer allow at least, and what most servers announce.
+fn d_http2_max_streams() -> u32 {
+    100
 }
 /// The smallest `upstream.max_buffered_bytes`: below it ordinary answers would be refused.
 pub const MIN_BUFFERED_BYTES: u64 = 64 * 1024;
@@ -531,6 +545,30 @@ pub struct UpstreamSettings {
     /// The process-wide budget of bytes held by upstream answers being buffered (and until
     /// they have been written to their callers); past it an answer is refused with a 503.
     pub max_buffered_bytes: usize,
+    pub protocol: UpstreamProtocol,
+    /// Calls one HTTP/2 connection carries at once (at most what the upstream announces).
+    pub http2_max_streams: usize,
+}
+
+/// How the gateway speaks to the upstream (`upstream.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// https: HTTP/2 when the TLS handshake agrees on it (ALPN), else HTTP/1.1; http: HTTP/1.1.
+    Auto,
+    /// HTTP/2 only: over https by ALPN, over http with prior knowledge (h2c).
+    Http2,
+    /// HTTP/1.1 only.
+    Http1,
+}
+
+impl UpstreamProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Auto => "auto",
+            UpstreamProtocol::Http2 => "http2",
+            UpstreamProtocol::Http1 => "http1",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -1543,6 +1581,21 @@ fn validate_upstream(
             format!("must be at least {MIN_BUFFERED_BYTES} (64 KB)"),
         );
     }
+    let protocol = match u.protocol.as_str() {
+        "auto" => UpstreamProtocol::Auto,
+        "http2" => UpstreamProtocol::Http2,
+        "http1" => UpstreamProtocol::Http1,
+        other => {
+            p.push(
+                "upstream.protocol",
+                format!("`{other}` is not one of \"auto\", \"http2\", \"http1\""),
+            );
+            UpstreamProtocol::Auto
+        }
+    };
+    if u.http2_max_streams == 0 {
+        p.push("upstream.http2_max_streams", "must be at least 1");
+    }
     let uri: Option<Uri> = match u.url.parse::<Uri>() {
         Ok(uri) => Some(uri),
         Err(_) => {
@@ -1640,6 +1693,8 @@ fn validate_upstream(
         connect_timeout,
         ca_file: u.ca_file.as_deref().map(resolve),
         max_buffered_bytes: usize::try_from(u.max_buffered_bytes).unwrap_or(usize::MAX),
+        protocol,
+        http2_max_streams: u.http2_max_streams as usize,
     })
 }
 
@@ -1727,6 +1782,25 @@ mod tests {
         let text = format!("{MINIMAL}\nmax_buffered_bytes = 1000\n");
         let msg = load_str(&text, &env(), None).unwrap_err().to_string();
         assert!(msg.contains("upstream.max_buffered_bytes"), "{msg}");
+    }
+
+    #[test]
+    fn the_upstream_protocol_is_one_of_three_and_streams_at_least_one() {
+        let s = load_str(MINIMAL, &env(), None).unwrap();
+        assert_eq!(
+            (s.upstream.protocol, s.upstream.http2_max_streams),
+            (UpstreamProtocol::Auto, 100)
+        );
+        let text = format!("{MINIMAL}\nprotocol = \"http2\"\nhttp2_max_streams = 8\n");
+        let s = load_str(&text, &env(), None).unwrap();
+        assert_eq!(
+            (s.upstream.protocol, s.upstream.http2_max_streams),
+            (UpstreamProtocol::Http2, 8)
+        );
+        let text = format!("{MINIMAL}\nprotocol = \"h3\"\nhttp2_max_streams = 0\n");
+        let msg = load_str(&text, &env(), None).unwrap_err().to_string();
+        assert!(msg.contains("upstream.protocol"), "{msg}");
+        assert!(msg.contains("upstream.http2_max_streams"), "{msg}");
     }
 
     #[test]
