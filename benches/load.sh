@@ -47,6 +47,10 @@ DUR=${DUR:-$([ "$QUICK" = 1 ] && echo 5 || echo 15)}
 CONNS=${CONNS:-$([ "$QUICK" = 1 ] && echo "64" || echo "16 64 256")}
 SLOW_CONNS=${SLOW_CONNS:-10000}
 SLOW=${SLOW:-1}          # SLOW=0 skips the slow-upstream scenario
+FAST=${FAST:-1}          # FAST=0 skips the scenarios against nginx (only the slow one runs)
+# How the slow scenario's gateway speaks to the emulator: http2 (h2c, as the gateway speaks to
+# an https upstream that offers h2) and/or http1; several: one fresh gateway each.
+SLOW_PROTOCOLS=${SLOW_PROTOCOLS:-http2}
 GW_LOG=${GW_LOG:-info}   # the gateway's --log-level (info: one line per request)
 
 need() { command -v "$1" >/dev/null 2>&1; }
@@ -150,6 +154,7 @@ shutdown_grace = "5s"
 [upstream]
 url = "$3"
 api_key_env = "LGW_UPSTREAM_KEY"
+${LGW_UPSTREAM_PROTOCOL:+protocol = \"$LGW_UPSTREAM_PROTOCOL\"}
 [[clients]]
 name = "load"
 key_sha256 = "$VSHA"
@@ -178,7 +183,9 @@ EOF
 }
 gateway_conf $P_GW $P_GWA "http://127.0.0.1:$P_UP" "path = \"$WORK/ledger.sqlite3\"" > "$WORK/gateway.toml"
 LGW_SYNC=${GW_B_SYNC:-${LGW_SYNC:-}} gateway_conf $P_GWB $P_GWBA "http://127.0.0.1:$P_UP" "path = \"$WORK/ledger-b.sqlite3\"" > "$WORK/gateway-b.toml"
-gateway_conf $P_GWS $P_GWSA "http://127.0.0.1:$P_EMU" "path = \"$WORK/ledger-slow.sqlite3\"" > "$WORK/gateway-slow.toml"
+for proto in $SLOW_PROTOCOLS; do
+  LGW_UPSTREAM_PROTOCOL=$proto gateway_conf $P_GWS $P_GWSA "http://127.0.0.1:$P_EMU" "path = \"$WORK/ledger-slow-$proto.sqlite3\"" > "$WORK/gateway-slow-$proto.toml"
+done
 gateway_conf $P_GWF $P_GWFA "http://127.0.0.1:$P_UP" "postgres_url = \"postgres://postgres@127.0.0.1:$P_PG/postgres\"" \
   "[fleet]
 redis_url = \"redis://127.0.0.1:$P_REDIS/0\"" > "$WORK/gateway-fleet.toml"
@@ -253,9 +260,12 @@ run() { # name url conns duration pid(optional) path
     "$(awk -v u="$p50" 'BEGIN{print u/1000}')" "$(awk -v u="$p99" 'BEGIN{print u/1000}')" "$(awk -v u="$p999" 'BEGIN{print u/1000}')" "$errs"
 }
 
+if [ "$FAST" = 1 ]; then
 echo "warming up..."
 LGW_KEY=$VKEY wrk -t2 -c64 -d2s -s "$WORK/post.lua" "http://127.0.0.1:$P_GW" >/dev/null
 LGW_KEY=$VKEY wrk -t2 -c64 -d2s -s "$WORK/post.lua" "http://127.0.0.1:$P_NGX" >/dev/null
+fi
+[ "$FAST" = 1 ] || CONNS=""
 for c in $CONNS; do
   echo "POST /v2/profiles, $c connections, ${DUR}s each:"
   run direct "http://127.0.0.1:$P_UP" "$c" "$DUR" "$UP"
@@ -327,13 +337,18 @@ if [ "$SLOW" = 1 ]; then
 "$BIN" --log-format json --log-level warn emulator --listen "127.0.0.1:$P_EMU" --api-key "$UPSTREAM_KEY" --credits 1000000000000 > "$WORK/emulator.log" 2>&1 & PIDS+=($!)
 wait_port $P_EMU
 curl -s -X POST "http://127.0.0.1:$P_EMU/_emulator/faults" -H 'content-type: application/json' -d '{"latency_ms":200}' >/dev/null
-LGW_UPSTREAM_KEY=$UPSTREAM_KEY "$BIN" --log-format json serve --config "$WORK/gateway-slow.toml" > "$WORK/gateway-slow.log" 2>&1 & GWS=$!; PIDS+=($GWS)
-wait_port $P_GWS
 nginx -p "$WORK" -c "$WORK/proxy-slow.conf" -g 'daemon off;' & NGXS=$!; PIDS+=($NGXS)
 wait_port $P_NGXS
-echo "slow upstream (200 ms), $SLOW_CONNS connections through nginx, then the gateway, ${DUR}s each:"
+echo "slow upstream (200 ms), $SLOW_CONNS connections through nginx, then the gateway ($SLOW_PROTOCOLS upstream), ${DUR}s each:"
 run slownginx "http://127.0.0.1:$P_NGXS" "$SLOW_CONNS" "$DUR" "$NGXS" /v2/enrich
-run slow "http://127.0.0.1:$P_GWS" "$SLOW_CONNS" "$DUR" "$GWS" /v2/enrich
+for proto in $SLOW_PROTOCOLS; do
+  LGW_UPSTREAM_KEY=$UPSTREAM_KEY "$BIN" --log-format json serve --config "$WORK/gateway-slow-$proto.toml" > "$WORK/gateway-slow-$proto.log" 2>&1 & GWS=$!; PIDS+=($GWS)
+  wait_port $P_GWS
+  name=slow; [ "$proto" = http2 ] || name=slow$proto
+  run "$name" "http://127.0.0.1:$P_GWS" "$SLOW_CONNS" "$DUR" "$GWS" /v2/enrich
+  kill "$GWS" 2>/dev/null; wait "$GWS" 2>/dev/null || true
+  while (exec 3<>"/dev/tcp/127.0.0.1/$P_GWS") 2>/dev/null; do sleep 0.2; done
+done
 fi
 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
@@ -355,9 +370,13 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
     echo "| $c | $(ratio "${!g}" "${!n}") | $(ratio "${!g}" "${!d}") | $(awk -v a="${!gp}" -v b="${!dp}" 'BEGIN{printf "%.3f", (a-b)/1000}') | $(awk -v a="${!np}" -v b="${!dp}" 'BEGIN{printf "%.3f", (a-b)/1000}') | ${!gc} | ${!nc} |"
   done
   if [ "$SLOW" = 1 ]; then
-    sg=RSS_slow_$SLOW_CONNS sn=RSS_slownginx_$SLOW_CONNS
+    sn=RSS_slownginx_$SLOW_CONNS
     echo
-    echo "Slow upstream (200 ms), $SLOW_CONNS connections: peak RSS gateway ${!sg:-?} MB, nginx ${!sn:-?} MB (errors in the table above)."
+    for proto in $SLOW_PROTOCOLS; do
+      name=slow; [ "$proto" = http2 ] || name=slow$proto
+      sg=RSS_${name}_$SLOW_CONNS
+      echo "Slow upstream (200 ms), $SLOW_CONNS connections: peak RSS gateway ($proto upstream) ${!sg:-?} MB, nginx ${!sn:-?} MB (errors in the table above)."
+    done
   fi
   [ -n "${SOAK_LINE:-}" ] && { echo; echo "$SOAK_LINE"; }
   if [ "$FLEET" = 1 ]; then
