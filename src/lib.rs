@@ -5,6 +5,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod body;
 pub mod budgets;
 pub mod config;
 pub mod context;
@@ -15,6 +16,7 @@ pub mod emulator;
 pub mod error;
 pub mod fleet;
 pub mod headers;
+pub mod http1;
 pub mod idempotency;
 pub mod inbound_tls;
 pub mod keygen;

@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tower::ServiceExt;
 
+use crate::body::DataBody;
 use crate::config::{self, Settings};
 use crate::layers::authenticate::PeerIdentity;
 use crate::metrics::ReloadLabels;
@@ -33,7 +34,7 @@ use crate::upstream::UpstreamClient;
 /// One config generation: its settings and the stack built from them.
 pub struct Generation {
     pub shared: Arc<Shared>,
-    pub stack: Stack<Incoming>,
+    pub stack: Stack<DataBody>,
 }
 
 impl Generation {
@@ -371,7 +372,8 @@ fn data_service(
     > + Send
                  + 'static,
 > {
-    hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+    hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        let mut req = req.map(DataBody::Hyper);
         if let Some(identity) = &identity {
             req.extensions_mut().insert(identity.clone());
         }
@@ -381,6 +383,49 @@ fn data_service(
             Ok::<_, std::convert::Infallible>(resp.map(Full::new))
         }
     })
+}
+
+/// The connections a worker's own HTTP/1.1 codec serves, for the drain to wait on.
+#[derive(Clone, Default)]
+struct Live(Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>);
+
+/// One live connection; counted until dropped.
+struct LiveGuard(Live);
+
+impl Live {
+    fn enter(&self) -> LiveGuard {
+        self.0 .0.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        LiveGuard(self.clone())
+    }
+
+    fn count(&self) -> usize {
+        self.0 .0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Returns once no connection is left.
+    async fn drained(&self) {
+        loop {
+            let notified = self.0 .1.notified();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+             .0
+             .0
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0 .0 .1.notify_waiters();
+        }
+    }
 }
 
 /// The data listeners, one per worker. On Linux each worker gets a socket of its own in one
@@ -448,6 +493,7 @@ pub(crate) async fn serve_data(
         .max_pending_accept_reset_streams(64)
         .max_header_list_size(64 * 1024);
     let graceful = GracefulShutdown::new();
+    let live = Live::default();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -470,13 +516,42 @@ pub(crate) async fn serve_data(
                     .as_ref()
                     .map(|t| t.server_config.clone());
                 let Some(tls) = tls else {
-                    let conn = builder
-                        .serve_connection(TokioIo::new(stream), data_service(current.clone(), None))
-                        .into_owned();
-                    let conn = graceful.watch(conn);
+                    // Plain TCP: HTTP/1.1 by the gateway's own codec; HTTP/2 (prior knowledge)
+                    // by hyper.
+                    let (current, builder, watcher) = (current.clone(), builder.clone(), graceful.watcher());
+                    let (shutdown, live) = (shutdown.clone(), live.enter());
                     tokio::spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(error = %e, "connection closed with an error");
+                        let _live = live;
+                        let s = current.load().shared.clone();
+                        match crate::http1::starts_with_h2_preface(&stream, s.settings.server.header_read_timeout).await {
+                            Some(true) => {
+                                let conn = builder
+                                    .serve_connection(TokioIo::new(stream), data_service(current, None))
+                                    .into_owned();
+                                if let Err(e) = watcher.watch(conn).await {
+                                    tracing::debug!(error = %e, "connection closed with an error");
+                                }
+                            }
+                            Some(false) => {
+                                let limits = crate::http1::Limits {
+                                    header_read_timeout: s.settings.server.header_read_timeout,
+                                    max_body_bytes: s.settings.server.max_body_bytes,
+                                    body_read_timeout: s.settings.server.request_timeout,
+                                };
+                                let process = s.process.clone();
+                                drop(s);
+                                crate::http1::serve(stream, limits, process, shutdown, |req| {
+                                    let stack = current.load().stack.clone();
+                                    async move {
+                                        match stack.oneshot(req).await {
+                                            Ok(resp) => resp,
+                                            Err(never) => match never {},
+                                        }
+                                    }
+                                })
+                                .await;
+                            }
+                            None => {}
                         }
                     });
                     continue;
@@ -518,13 +593,16 @@ pub(crate) async fn serve_data(
     drop(listener);
     let grace = current.load().shared.settings.server.shutdown_grace;
     tracing::info!(
-        connections = graceful.count(),
+        connections = graceful.count() + live.count(),
         grace_s = grace.as_secs_f64(),
         "draining"
     );
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
+    if tokio::time::timeout(grace, async {
+        graceful.shutdown().await;
+        live.drained().await;
+    })
+    .await
+    .is_err()
     {
         tracing::warn!("shutdown_grace passed with requests still in flight; closing them");
     }

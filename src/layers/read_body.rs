@@ -65,7 +65,10 @@ where
             let (parts, body) = req.into_parts();
             let bytes = match Limited::new(body, limit).collect().await {
                 Ok(c) => c.to_bytes(),
-                Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+                Err(e)
+                    if e.is::<http_body_util::LengthLimitError>()
+                        || e.is::<crate::body::BodyTooLarge>() =>
+                {
                     return Err(GatewayError::PayloadTooLarge { limit })
                 }
                 Err(e) => {
