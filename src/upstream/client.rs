@@ -199,15 +199,6 @@ impl UpstreamClient {
         self.pools.len() == workers + 1 && *self.identity == Identity::of(s)
     }
 
-    /// HTTP/2 connections open or being opened, all pools together (tests).
-    #[cfg(test)]
-    pub(crate) fn http2_connections(&self) -> usize {
-        self.pools
-            .iter()
-            .filter_map(|p| p.h2.as_ref())
-            .map(|h| h.connections())
-            .sum()
-    }
 }
 
 /// The webpki roots, plus `upstream.ca_file` when set.

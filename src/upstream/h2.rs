@@ -140,11 +140,6 @@ impl H2Pool {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Connections open or being opened (for tests and the pool's own accounting).
-    #[cfg(test)]
-    pub(super) fn connections(&self) -> usize {
-        self.lock().list.len()
-    }
 
     /// Sends one request on a connection with room, opening one if none has.
     pub(super) async fn send(self: &Arc<Self>, mut req: Request<Full<Bytes>>) -> Sent {
