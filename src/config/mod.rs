@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 mod parse;
 mod path_pattern;
 pub mod raw;
+mod serialize;
 mod settings;
 mod validate;
 

@@ -5,6 +5,13 @@
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathPattern(String);
 
+/// As the file spells it.
+impl serde::Serialize for PathPattern {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
 impl PathPattern {
     pub fn new(p: &str) -> PathPattern {
         PathPattern(p.to_owned())

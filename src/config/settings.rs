@@ -12,6 +12,9 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use http::HeaderValue;
 use secrecy::{ExposeSecret, SecretString};
+use serde::{Serialize, Serializer};
+
+use super::serialize as ser;
 
 pub use super::path_pattern::PathPattern;
 
@@ -50,75 +53,101 @@ impl ApiKey {
 
 impl fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
+        f.write_str(ser::REDACTED)
     }
 }
 
-#[derive(Debug, Clone)]
+/// `/config` shows that the key is there, never what it is.
+impl Serialize for ApiKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(ser::REDACTED)
+    }
+}
+
+/// The running gateway's settings. `Serialize` is what the admin listener's `/config` shows:
+/// secrets redacted by their types or by `serialize_with`, never by a hand-written mirror.
+#[derive(Debug, Clone, Serialize)]
 pub struct Settings {
+    #[serde(serialize_with = "ser::opt_path")]
     pub source: Option<PathBuf>,
     pub server: ServerSettings,
     pub upstream: UpstreamSettings,
     pub clients: Vec<Arc<ClientSettings>>,
     pub rate_limit: RateLimitSettings,
+    #[serde(rename = "checkpoint", serialize_with = "ser::checkpoint")]
     pub checkpoint_coalesce: bool,
     pub status_cache: StatusCacheSettings,
     pub idempotency: IdempotencySettings,
     pub ledger: LedgerSettings,
     pub fleet: Option<FleetSettings>,
+    #[serde(rename = "metrics", serialize_with = "ser::metrics")]
     pub metrics_per_account: bool,
     pub costs: CostSettings,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ServerSettings {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub max_body_bytes: usize,
+    #[serde(serialize_with = "ser::millis")]
     pub request_timeout: Duration,
+    #[serde(serialize_with = "ser::millis")]
     pub shutdown_grace: Duration,
     pub max_in_flight: usize,
+    #[serde(serialize_with = "ser::millis")]
     pub header_read_timeout: Duration,
     /// Data-plane workers (resolved: at least 1).
     pub workers: usize,
     /// The longest `account_id`, `action` or path segment accepted.
     pub max_id_bytes: usize,
     /// SHA-256 of the admin token; `None`: the admin listener is open (loopback only).
+    #[serde(rename = "admin_token", serialize_with = "ser::redacted_if_some")]
     pub admin_token_sha256: Option<[u8; 32]>,
     pub tls: Option<TlsSettings>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct TlsSettings {
+    #[serde(serialize_with = "ser::path")]
     pub cert_file: PathBuf,
+    #[serde(serialize_with = "ser::path")]
     pub key_file: PathBuf,
+    #[serde(serialize_with = "ser::opt_path")]
     pub client_ca_file: Option<PathBuf>,
     /// Built from the files when the config was loaded (and again on every reload).
+    #[serde(skip)]
     pub server_config: Arc<rustls::ServerConfig>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct UpstreamSettings {
+    #[serde(skip)]
     pub scheme: Scheme,
+    #[serde(skip)]
     pub authority: Authority,
     /// Host header value for the upstream.
+    #[serde(skip)]
     pub host: HeaderValue,
     /// The url as configured (no secrets in it: userinfo is refused).
     pub url: String,
     pub api_key: ApiKey,
     pub api_key_source: String,
+    #[serde(serialize_with = "ser::millis")]
     pub connect_timeout: Duration,
+    #[serde(serialize_with = "ser::opt_path")]
     pub ca_file: Option<PathBuf>,
     /// The process-wide budget of bytes held by upstream answers being buffered (and until
     /// they have been written to their callers); past it an answer is refused with a 503.
     pub max_buffered_bytes: usize,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ClientSettings {
     pub name: Arc<str>,
     /// Its virtual keys (by SHA-256); several while a rotation overlaps. May be empty when the
     /// client is identified by `cert_subject` only.
+    #[serde(flatten, serialize_with = "ser::client_keys")]
     pub keys: Vec<ClientKey>,
     /// Matched against a verified client certificate's subject CN and DNS SANs.
     pub cert_subject: Option<String>,
@@ -130,10 +159,12 @@ pub struct ClientSettings {
     pub shadow: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ClientKey {
+    #[serde(serialize_with = "ser::redacted")]
     pub sha256: [u8; 32],
     /// The last moment the key is accepted; `None`: no expiry.
+    #[serde(serialize_with = "ser::rfc3339")]
     pub not_after: Option<time::OffsetDateTime>,
 }
 
@@ -147,6 +178,16 @@ impl ClientKey {
 pub enum AccountScope {
     Any,
     Only(Vec<String>),
+}
+
+/// As the file spells it: `["*"]` for any account, else the list.
+impl Serialize for AccountScope {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            AccountScope::Any => ["*"].serialize(s),
+            AccountScope::Only(list) => list.serialize(s),
+        }
+    }
 }
 
 impl AccountScope {
@@ -179,17 +220,25 @@ impl fmt::Display for Quota {
     }
 }
 
-#[derive(Debug, Clone)]
+/// As the file spells it: `"60/min"`.
+impl Serialize for Quota {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct RateLimitSettings {
     pub per_account: Quota,
     pub burst: u32,
+    #[serde(serialize_with = "ser::millis")]
     pub upstream_429_cooldown: Duration,
     pub shadow: bool,
     pub max_queued: usize,
     pub rules: Vec<RuleSettings>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct RuleSettings {
     pub name: String,
     pub path: PathPattern,
@@ -198,23 +247,33 @@ pub struct RuleSettings {
     pub burst: u32,
     pub shadow: bool,
     /// `on_limit = "delay"`: requests over the limit wait up to this long for their slot.
+    #[serde(flatten, serialize_with = "ser::pacing")]
     pub pacing: Option<Duration>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct StatusCacheSettings {
     pub enabled: bool,
+    #[serde(serialize_with = "ser::millis")]
     pub ttl: Duration,
     pub max_entries: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct IdempotencySettings {
     pub enabled: bool,
+    #[serde(serialize_with = "ser::millis")]
     pub ttl: Duration,
     pub max_keys: u64,
-    /// POSTs that must carry an `Idempotency-Key`: a path pattern and, optionally, the action.
-    pub require: Vec<(PathPattern, Option<String>)>,
+    /// POSTs that must carry an `Idempotency-Key`.
+    pub require: Vec<IdempotencyRequirement>,
+}
+
+/// One `idempotency.require` entry: a path pattern and, optionally, the action.
+#[derive(Debug, Clone, Serialize)]
+pub struct IdempotencyRequirement {
+    pub path: PathPattern,
+    pub action: Option<String>,
 }
 
 impl IdempotencySettings {
@@ -222,12 +281,13 @@ impl IdempotencySettings {
     pub fn required(&self, path: &str, action: Option<&str>) -> bool {
         self.require
             .iter()
-            .any(|(p, a)| p.matches(path) && a.as_deref().is_none_or(|a| Some(a) == action))
+            .any(|r| r.path.matches(path) && r.action.as_deref().is_none_or(|a| Some(a) == action))
     }
 }
 
 /// Ledger durability, named by what a recorded row survives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LedgerSync {
     /// The default: the row is in the OS's hands before the answer goes back (SQLite WAL,
     /// `synchronous = NORMAL`), the WAL is fsynced at least once a second. Survives a crash or
@@ -249,40 +309,52 @@ impl LedgerSync {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct LedgerSettings {
+    #[serde(serialize_with = "ser::path")]
     pub path: PathBuf,
     /// Fleet: one ledger in PostgreSQL for every replica (instead of `path`).
     pub postgres_url: Option<Redacted>,
     pub sync: LedgerSync,
+    #[serde(serialize_with = "ser::millis")]
     pub reconcile_every: Duration,
     /// PostgreSQL: rows held in memory while the server is unreachable; when full, requests
     /// that cost credits fail closed.
     pub buffer_rows: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OnFailure {
     Local,
     Deny,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct FleetSettings {
     pub redis_url: Option<Redacted>,
-    pub limits_on_failure: OnFailure,
-    pub budgets_on_failure: OnFailure,
+    pub on_store_failure: StoreFailureSettings,
     /// Each Redis command's deadline; past it the store counts as failed for this request.
+    #[serde(serialize_with = "ser::millis")]
     pub timeout: Duration,
     /// How long a replica trusts its local copy of an account's status.
+    #[serde(serialize_with = "ser::millis")]
     pub local_status_ttl: Duration,
     /// A checkpoint leader's lease; renewed while its call runs, taken over when it lapses.
+    #[serde(serialize_with = "ser::millis")]
     pub checkpoint_lease: Duration,
     /// Prefix of every key and channel (several gateways can share one Redis).
     pub key_prefix: String,
 }
 
-/// A connection string that may carry a password: Debug and Display hide it.
+/// `fleet.on_store_failure`: what limits and budgets do while the shared store is down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StoreFailureSettings {
+    pub limits: OnFailure,
+    pub budgets: OnFailure,
+}
+
+/// A connection string that may carry a password: Debug and Serialize hide it.
 #[derive(Clone)]
 pub struct Redacted(SecretString);
 
@@ -298,11 +370,17 @@ impl Redacted {
 
 impl fmt::Debug for Redacted {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
+        f.write_str(ser::REDACTED)
     }
 }
 
-#[derive(Debug, Clone)]
+impl Serialize for Redacted {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(ser::REDACTED)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
 pub struct CostSettings {
     pub default: u64,
     /// Keys are paths (`/v2/checkpoint`) or actions (`invite`); a path wins over an action.

@@ -617,7 +617,10 @@ fn idempotency(i: &RawIdempotency, p: &mut Problems) -> IdempotencySettings {
         require: i
             .require
             .iter()
-            .map(|r| (PathPattern::new(&r.path), r.action.clone()))
+            .map(|r| IdempotencyRequirement {
+                path: PathPattern::new(&r.path),
+                action: r.action.clone(),
+            })
             .collect(),
     }
 }
@@ -707,8 +710,7 @@ fn fleet(f: RawFleet, p: &mut Problems) -> FleetSettings {
     }
     FleetSettings {
         redis_url: f.redis_url.map(Redacted::new),
-        limits_on_failure: limits,
-        budgets_on_failure: budgets,
+        on_store_failure: StoreFailureSettings { limits, budgets },
         timeout,
         local_status_ttl,
         checkpoint_lease,
