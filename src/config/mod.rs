@@ -375,6 +375,26 @@ mod tests {
     }
 
     #[test]
+    fn an_all_zero_placeholder_hash_is_refused_with_how_to_make_a_key() {
+        let zeros = "0".repeat(64);
+        for line in [
+            format!("key_sha256 = \"{zeros}\""),
+            format!("keys = [{{ sha256 = \"{SHA_A}\" }}, {{ sha256 = \"{zeros}\" }}]"),
+        ] {
+            let ps = load_str(&client_with(&line), &env(), None)
+                .unwrap_err()
+                .problems();
+            assert_eq!(ps.len(), 1, "{ps:?}");
+            assert!(
+                (ps[0].starts_with("clients[0].key_sha256: all zeros")
+                    || ps[0].starts_with("clients[0].keys[1].sha256: all zeros"))
+                    && ps[0].contains("linkup-gateway keygen --name"),
+                "{ps:?}"
+            );
+        }
+    }
+
+    #[test]
     fn cert_subject_needs_client_certificates() {
         let text = client_with("cert_subject = \"billing.internal\"");
         let e = load_str(&text, &env(), None).unwrap_err();

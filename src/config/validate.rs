@@ -394,6 +394,15 @@ fn clients(
                     continue;
                 }
             }
+            if sha == [0u8; 32] {
+                // The placeholder of the shipped examples: no key hashes to it, and taking it
+                // for a client would hide that the real one was never put in.
+                p.push(
+                    sha_key,
+                    "all zeros: a placeholder, not a key's SHA-256; run `linkup-gateway keygen --name NAME` (a new client) or `keygen --rotate NAME` and put the SHA-256 it prints here",
+                );
+                continue;
+            }
             if !seen_keys.insert(sha) {
                 p.push(
                     sha_key,
