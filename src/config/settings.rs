@@ -385,6 +385,9 @@ pub struct CostSettings {
     pub default: u64,
     /// Keys are paths (`/v2/checkpoint`) or actions (`invite`); a path wins over an action.
     pub by_key: BTreeMap<String, u64>,
+    /// The keys of `by_key` that hold a `*`, compiled, in the map's order.
+    #[serde(skip)]
+    pub patterns: Vec<(PathPattern, u64)>,
 }
 
 impl CostSettings {
@@ -394,8 +397,8 @@ impl CostSettings {
         if let Some(c) = self.by_key.get(path) {
             return *c;
         }
-        for (k, c) in &self.by_key {
-            if k.contains('*') && super::path_pattern::glob_match(k.as_bytes(), path.as_bytes()) {
+        for (p, c) in &self.patterns {
+            if p.matches(path) {
                 return *c;
             }
         }

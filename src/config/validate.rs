@@ -57,6 +57,18 @@ impl Problems {
         }
     }
 
+    /// A path pattern, compiled once here. (It cannot fail: every character but `*` is taken
+    /// literally; a failure would still be reported, not ignored.)
+    fn pattern(&mut self, key: &str, v: &str) -> Option<PathPattern> {
+        match PathPattern::new(v) {
+            Ok(pattern) => Some(pattern),
+            Err(e) => {
+                self.push(key, e);
+                None
+            }
+        }
+    }
+
     fn addr(&mut self, key: &str, v: &str) -> SocketAddr {
         match v.parse::<SocketAddr>() {
             Ok(a) => a,
@@ -99,7 +111,7 @@ pub(super) fn validate(
     let idempotency = idempotency(&raw.idempotency, &mut p);
     let ledger = ledger(&raw.ledger, base_dir, &mut p);
     let fleet = raw.fleet.map(|f| fleet(f, &mut p));
-    let costs = costs(raw.costs);
+    let costs = costs(raw.costs, &mut p);
 
     match upstream {
         Some(upstream) if p.0.is_empty() => Ok(Settings {
@@ -488,7 +500,12 @@ fn clients(
             keys,
             cert_subject: cert_subject.map(str::to_owned),
             accounts,
-            paths: c.paths.iter().map(|s| PathPattern::new(s)).collect(),
+            paths: c
+                .paths
+                .iter()
+                .enumerate()
+                .filter_map(|(j, s)| p.pattern(&format!("clients[{i}].paths[{j}]"), s))
+                .collect(),
             daily_credit_budget: c.daily_credit_budget,
             requests_per_second: c.requests_per_second,
             burst: client_burst.max(1),
@@ -572,9 +589,12 @@ fn rate_limit(rl: &RawRateLimit, request_timeout: Duration, p: &mut Problems) ->
                 None
             }
         };
+        let Some(path) = p.pattern(&format!("rate_limit.rules[{i}].path"), &r.path) else {
+            continue;
+        };
         rules.push(RuleSettings {
             name,
-            path: PathPattern::new(&r.path),
+            path,
             action: r.action.clone(),
             per_account: q,
             burst: r.burst.unwrap_or(rl.burst.max(1)),
@@ -626,9 +646,12 @@ fn idempotency(i: &RawIdempotency, p: &mut Problems) -> IdempotencySettings {
         require: i
             .require
             .iter()
-            .map(|r| IdempotencyRequirement {
-                path: PathPattern::new(&r.path),
-                action: r.action.clone(),
+            .enumerate()
+            .filter_map(|(j, r)| {
+                Some(IdempotencyRequirement {
+                    path: p.pattern(&format!("idempotency.require[{j}].path"), &r.path)?,
+                    action: r.action.clone(),
+                })
             })
             .collect(),
     }
@@ -728,12 +751,21 @@ fn fleet(f: RawFleet, p: &mut Problems) -> FleetSettings {
 }
 
 /// `[costs]`: the documented-free endpoints, then the file's entries over them.
-fn costs(raw: BTreeMap<String, u64>) -> CostSettings {
+fn costs(raw: BTreeMap<String, u64>, p: &mut Problems) -> CostSettings {
     let mut by_key: BTreeMap<String, u64> = defaults::FREE_BY_DEFAULT
         .iter()
         .map(|k| (k.to_string(), 0))
         .collect();
     by_key.extend(raw);
     let default = by_key.remove("default").unwrap_or(defaults::COST_DEFAULT);
-    CostSettings { default, by_key }
+    let patterns = by_key
+        .iter()
+        .filter(|(k, _)| k.contains('*'))
+        .filter_map(|(k, c)| Some((p.pattern(&format!("costs.\"{k}\""), k)?, *c)))
+        .collect();
+    CostSettings {
+        default,
+        by_key,
+        patterns,
+    }
 }
