@@ -57,7 +57,7 @@ fn layers_never_reach_up_into_the_server_admin_or_emulator() {
 #[test]
 fn the_upstream_client_ledger_config_and_fleet_never_depend_on_the_layers() {
     for under in [
-        "upstream.rs",
+        "upstream",
         "ledger",
         "config",
         "idempotency.rs",

@@ -216,6 +216,25 @@ mod tests {
     }
 
     #[test]
+    fn the_upstream_protocol_is_one_of_three_and_streams_at_least_one() {
+        let s = load_str(MINIMAL, &env(), None).unwrap();
+        assert_eq!(
+            (s.upstream.protocol, s.upstream.http2_max_streams),
+            (UpstreamProtocol::Auto, 100)
+        );
+        let text = format!("{MINIMAL}\nprotocol = \"http2\"\nhttp2_max_streams = 8\n");
+        let s = load_str(&text, &env(), None).unwrap();
+        assert_eq!(
+            (s.upstream.protocol, s.upstream.http2_max_streams),
+            (UpstreamProtocol::Http2, 8)
+        );
+        let text = format!("{MINIMAL}\nprotocol = \"h3\"\nhttp2_max_streams = 0\n");
+        let msg = load_str(&text, &env(), None).unwrap_err().to_string();
+        assert!(msg.contains("upstream.protocol"), "{msg}");
+        assert!(msg.contains("upstream.http2_max_streams"), "{msg}");
+    }
+
+    #[test]
     fn unknown_key_is_an_error_naming_its_path() {
         let text = format!("{MINIMAL}\n[rate_limit]\nper_acount = \"5/min\"\n");
         let e = load_str(&text, &env(), None).unwrap_err();

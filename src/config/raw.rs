@@ -28,6 +28,9 @@ pub mod defaults {
     /// 256 MB: eight answers of the largest size one answer may have (32 MB) at once, far above
     /// what LinkupAPI's JSON answers (kilobytes) need even with thousands in flight.
     pub const MAX_BUFFERED_BYTES: u64 = 8 * crate::upstream::MAX_RESPONSE_BYTES as u64;
+    pub const UPSTREAM_PROTOCOL: &str = "auto";
+    /// 100: what RFC 9113 recommends a peer allow at least, and what most servers announce.
+    pub const HTTP2_MAX_STREAMS: u32 = 100;
 
     // [[clients]]
     pub const CLIENT_ACCOUNTS: &[&str] = &["*"];
@@ -145,6 +148,11 @@ pub struct RawUpstream {
     pub ca_file: Option<PathBuf>,
     /// Bytes all upstream answers being buffered may hold at once, process-wide.
     pub max_buffered_bytes: u64,
+    /// `"auto"` (default), `"http2"` or `"http1"`: see [`super::UpstreamProtocol`].
+    pub protocol: String,
+    /// Calls one HTTP/2 connection carries at once before another is opened (never more than
+    /// the upstream announces).
+    pub http2_max_streams: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -315,6 +323,8 @@ impl Default for RawUpstream {
             connect_timeout: CONNECT_TIMEOUT.into(),
             ca_file: None,
             max_buffered_bytes: MAX_BUFFERED_BYTES,
+            protocol: UPSTREAM_PROTOCOL.into(),
+            http2_max_streams: HTTP2_MAX_STREAMS,
         }
     }
 }

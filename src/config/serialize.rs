@@ -233,6 +233,8 @@ mod tests {
                 "connect_timeout": d(s.upstream.connect_timeout),
                 "ca_file": s.upstream.ca_file.as_ref().map(|p| p.display().to_string()),
                 "max_buffered_bytes": s.upstream.max_buffered_bytes,
+            "protocol": s.upstream.protocol.as_str(),
+            "http2_max_streams": s.upstream.http2_max_streams,
             },
             "clients": s.clients.iter().map(|c| json!({
                 "name": &*c.name,

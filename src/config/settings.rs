@@ -140,6 +140,31 @@ pub struct UpstreamSettings {
     /// The process-wide budget of bytes held by upstream answers being buffered (and until
     /// they have been written to their callers); past it an answer is refused with a 503.
     pub max_buffered_bytes: usize,
+    pub protocol: UpstreamProtocol,
+    /// Calls one HTTP/2 connection carries at once (at most what the upstream announces).
+    pub http2_max_streams: usize,
+}
+
+/// How the gateway speaks to the upstream (`upstream.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// https: HTTP/2 when the TLS handshake agrees on it (ALPN), else HTTP/1.1; http: HTTP/1.1.
+    Auto,
+    /// HTTP/2 only: over https by ALPN, over http with prior knowledge (h2c).
+    Http2,
+    /// HTTP/1.1 only.
+    Http1,
+}
+
+impl UpstreamProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Auto => "auto",
+            UpstreamProtocol::Http2 => "http2",
+            UpstreamProtocol::Http1 => "http1",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

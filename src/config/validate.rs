@@ -259,6 +259,21 @@ fn upstream(
             format!("must be at least {MIN_BUFFERED_BYTES} (64 KB)"),
         );
     }
+    let protocol = match u.protocol.as_str() {
+        "auto" => UpstreamProtocol::Auto,
+        "http2" => UpstreamProtocol::Http2,
+        "http1" => UpstreamProtocol::Http1,
+        other => {
+            p.push(
+                "upstream.protocol",
+                format!("`{other}` is not one of \"auto\", \"http2\", \"http1\""),
+            );
+            UpstreamProtocol::Auto
+        }
+    };
+    if u.http2_max_streams == 0 {
+        p.push("upstream.http2_max_streams", "must be at least 1");
+    }
     let uri: Option<Uri> = match u.url.parse::<Uri>() {
         Ok(uri) => Some(uri),
         Err(_) => {
@@ -356,6 +371,8 @@ fn upstream(
         connect_timeout,
         ca_file: u.ca_file.as_deref().map(|f| resolve(base_dir, f)),
         max_buffered_bytes: usize::try_from(u.max_buffered_bytes).unwrap_or(usize::MAX),
+        protocol,
+        http2_max_streams: u.http2_max_streams as usize,
     })
 }
 

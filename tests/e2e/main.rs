@@ -18,3 +18,4 @@ mod proxy;
 mod scopes;
 mod secrets;
 mod tls;
+mod upstream_h2;
