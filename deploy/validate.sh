@@ -12,7 +12,8 @@
 #     volume); [fleet] only with postgres_url (one ledger for the fleet); no password in a
 #     store URL of a ConfigMap or of a literal env value (they come from Secrets);
 #   - every gateway config (ConfigMaps, gateway.container.toml, systemd/gateway.toml) with
-#     `linkup-gateway check-config`, secret paths pointed at temporary dummy files; a
+#     `linkup-gateway check-config`, secret paths pointed at temporary dummy files (and the
+#     all-zero placeholder key hash replaced by a dummy hash); a
 #     ConfigMap together with its Deployment's LINKUP_GATEWAY__* env overrides ($(VAR) of a
 #     Secret replaced by a dummy), so a misspelt override fails;
 #   - the systemd unit with `systemd-analyze verify` (any warning fails);
@@ -60,7 +61,11 @@ check_config() { # name file prefix
   mkdir -p "$sec"
   printf 'dummy-api-key\n' >"$sec/api_key"
   printf 'dummy-admin-token\n' >"$sec/admin_token"
-  sed "s#${prefix}#${sec}/#g" "$file" >"$sec/gateway.toml"
+  # The templates' all-zero placeholder key hash, which check-config refuses (on purpose: an
+  # operator must put keygen's hash there), stands for a real one here, as the secrets do.
+  local dummy_sha
+  dummy_sha="$(printf 'dummy-virtual-key' | sha256sum | cut -d' ' -f1)"
+  sed -e "s#${prefix}#${sec}/#g" -e "s#\"0\{64\}\"#\"${dummy_sha}\"#g" "$file" >"$sec/gateway.toml"
   # Overrides from the Deployment's env (written next to the config by the manifest check).
   local -a envs=()
   [ -f "${file%.toml}.env" ] && mapfile -t envs <"${file%.toml}.env"

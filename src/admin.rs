@@ -15,11 +15,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::config::{AccountScope, Settings};
 use crate::layers::status_cache::StatusStore;
 use crate::ledger::{Ledger, LedgerError, UsagePage, UsageQuery, USAGE_READ_PAGE};
 use crate::server::Generation;
@@ -433,8 +431,9 @@ fn route(
             )
         }
         (&Method::GET, "/config") => {
-            let v = redacted_config(&current.load().shared.settings);
-            let body = serde_json::to_vec_pretty(&v).unwrap_or_default();
+            // The settings' own `Serialize`: secrets show as "[redacted]" (config/serialize.rs).
+            let body =
+                serde_json::to_vec_pretty(&*current.load().shared.settings).unwrap_or_default();
             text(StatusCode::OK, "application/json", body)
         }
         (_, "/healthz" | "/readyz" | "/metrics" | "/config" | "/usage" | "/dashboard") => text(
@@ -444,82 +443,4 @@ fn route(
         ),
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
     }
-}
-
-/// The running config as JSON: the upstream key, key hashes and connection strings never
-/// appear; where the key comes from does.
-pub fn redacted_config(s: &Settings) -> serde_json::Value {
-    let d = |d: std::time::Duration| format!("{}ms", d.as_millis());
-    json!({
-        "source": s.source.as_ref().map(|p| p.display().to_string()),
-        "server": {
-            "listen": s.server.listen.to_string(),
-            "admin_listen": s.server.admin_listen.to_string(),
-            "max_body_bytes": s.server.max_body_bytes,
-            "request_timeout": d(s.server.request_timeout),
-            "shutdown_grace": d(s.server.shutdown_grace),
-            "max_in_flight": s.server.max_in_flight,
-            "header_read_timeout": d(s.server.header_read_timeout),
-            "admin_token": s.server.admin_token_sha256.map(|_| "[redacted]"),
-            "tls": s.server.tls.as_ref().map(|t| json!({
-                "cert_file": t.cert_file.display().to_string(),
-                "key_file": t.key_file.display().to_string(),
-                "client_ca_file": t.client_ca_file.as_ref().map(|p| p.display().to_string()),
-            })),
-        },
-        "upstream": {
-            "url": s.upstream.url,
-            "api_key": "[redacted]",
-            "api_key_source": s.upstream.api_key_source,
-            "connect_timeout": d(s.upstream.connect_timeout),
-            "ca_file": s.upstream.ca_file.as_ref().map(|p| p.display().to_string()),
-            "max_buffered_bytes": s.upstream.max_buffered_bytes,
-            "protocol": s.upstream.protocol.as_str(),
-            "http2_max_streams": s.upstream.http2_max_streams,
-        },
-        "clients": s.clients.iter().map(|c| json!({
-            "name": &*c.name,
-            "key_sha256": "[redacted]",
-            "keys": c.keys.iter().map(|k| json!({
-                "sha256": "[redacted]",
-                "not_after": k.not_after.and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok()),
-            })).collect::<Vec<_>>(),
-            "cert_subject": c.cert_subject,
-            "accounts": match &c.accounts { AccountScope::Any => json!(["*"]), AccountScope::Only(l) => json!(l) },
-            "paths": c.paths.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
-            "daily_credit_budget": c.daily_credit_budget,
-            "requests_per_second": c.requests_per_second,
-            "shadow": c.shadow,
-        })).collect::<Vec<_>>(),
-        "rate_limit": {
-            "per_account": s.rate_limit.per_account.to_string(),
-            "burst": s.rate_limit.burst,
-            "upstream_429_cooldown": d(s.rate_limit.upstream_429_cooldown),
-            "max_queued": s.rate_limit.max_queued,
-            "shadow": s.rate_limit.shadow,
-            "rules": s.rate_limit.rules.iter().map(|r| json!({
-                "name": r.name, "path": r.path.as_str(), "action": r.action,
-                "per_account": r.per_account.to_string(), "burst": r.burst, "shadow": r.shadow,
-                "on_limit": if r.pacing.is_some() { "delay" } else { "refuse" }, "max_delay": r.pacing.map(d),
-            })).collect::<Vec<_>>(),
-        },
-        "checkpoint": {"coalesce": s.checkpoint_coalesce},
-        "status_cache": {"enabled": s.status_cache.enabled, "ttl": d(s.status_cache.ttl), "max_entries": s.status_cache.max_entries},
-        "idempotency": {
-            "enabled": s.idempotency.enabled, "ttl": d(s.idempotency.ttl), "max_keys": s.idempotency.max_keys,
-            "require": s.idempotency.require.iter().map(|(p, a)| json!({"path": p.as_str(), "action": a})).collect::<Vec<_>>(),
-        },
-        "ledger": {
-            "path": s.ledger.path.display().to_string(),
-            "postgres_url": s.ledger.postgres_url.as_ref().map(|_| "[redacted]"),
-            "sync": s.ledger.sync.as_str(),
-            "reconcile_every": d(s.ledger.reconcile_every),
-        },
-        "fleet": s.fleet.as_ref().map(|f| json!({
-            "redis_url": f.redis_url.as_ref().map(|_| "[redacted]"),
-            "on_store_failure": {"limits": format!("{:?}", f.limits_on_failure).to_lowercase(), "budgets": format!("{:?}", f.budgets_on_failure).to_lowercase()},
-        })),
-        "metrics": {"per_account": s.metrics_per_account},
-        "costs": {"default": s.costs.default, "by_key": s.costs.by_key},
-    })
 }

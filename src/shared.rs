@@ -131,7 +131,8 @@ impl Shared {
                 keys: Vec::new(),
                 cert_subject: None,
                 accounts: AccountScope::Any,
-                paths: vec![PathPattern::new("/v2/*")],
+                // Cannot fail; if it did, the anonymous client would be refused everything.
+                paths: PathPattern::new("/v2/*").into_iter().collect(),
                 daily_credit_budget: None,
                 requests_per_second: None,
                 burst: 1,

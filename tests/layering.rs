@@ -59,7 +59,7 @@ fn the_upstream_client_ledger_config_and_fleet_never_depend_on_the_layers() {
     for under in [
         "upstream",
         "ledger",
-        "config.rs",
+        "config",
         "idempotency.rs",
         "limits.rs",
     ] {

@@ -414,7 +414,7 @@ mod tests {
             keys: Vec::new(),
             cert_subject: None,
             accounts,
-            paths: paths.iter().map(|p| PathPattern::new(p)).collect(),
+            paths: paths.iter().map(|p| PathPattern::new(p).unwrap()).collect(),
             daily_credit_budget: None,
             requests_per_second: None,
             burst: 1,
