@@ -370,6 +370,16 @@ pub trait Ledger: Send + Sync + 'static {
     }
 }
 
+/// A count read back from the database (never negative there).
+pub(crate) fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// A count or credit amount as the databases' signed 64-bit integers store it.
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 /// The UTC day of a unix timestamp in milliseconds.
 pub fn day_of(at_ms: i64) -> Date {
     OffsetDateTime::from_unix_timestamp(at_ms.div_euclid(1000))

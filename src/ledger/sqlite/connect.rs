@@ -20,14 +20,6 @@ pub(super) fn no_checkpoint_on_close(conn: &Connection) {
     let _ = conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true);
 }
 
-pub(super) fn to_u64(v: i64) -> u64 {
-    u64::try_from(v).unwrap_or(0)
-}
-
-pub(super) fn to_i64(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
 pub(super) fn open_wal(path: &Path) -> std::io::Result<std::fs::File> {
     let mut wal = path.as_os_str().to_owned();
     wal.push("-wal");

@@ -42,12 +42,13 @@ use tokio::sync::oneshot;
 
 use super::journal::{self, Journal};
 use super::plan::{usage_row, usage_sql, Dialect};
+use super::to_u64;
 use super::{day_key, GroupBy, Ledger, LedgerError, Row, UsagePage, UsageQuery};
 use crate::config::LedgerSync;
 use crate::util::BoxFuture;
 use checkpoint::run_checkpoints;
 use connect::{
-    lock, no_checkpoint_on_close, open_checkpointer, open_reader, open_wal, open_writer, to_u64,
+    lock, no_checkpoint_on_close, open_checkpointer, open_reader, open_wal, open_writer,
 };
 use schema::{fold, migrate, replay_journal};
 use writer::Writer;

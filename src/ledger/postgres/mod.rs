@@ -1,0 +1,410 @@
+//! The fleet ledger: one PostgreSQL database that every replica writes its rows to.
+//!
+//! Same tables and semantics as [`super::SqliteLedger`]: the rows (`ledger_rows`) and the
+//! aggregates upserted in the rows' transaction (`usage_daily`, `usage_monthly` and their
+//! roll-ups without the account), so `/usage` on any replica sees the whole fleet.
+//!
+//! The `postgres` crate blocks (and panics when its blocking calls run on a tokio worker), so
+//! it only ever runs on two threads this module owns: the writer and the reader. Callers talk
+//! to them over channels; [`PostgresLedger::open`] works from sync code and from inside a
+//! runtime alike.
+//!
+//! **Writes.** The writer drains everything queued into one statement, so one round trip and
+//! one (implicit) transaction per batch (group commit): the rows as arrays, one per column,
+//! `UNNEST`ed into `ledger_rows`, and, in data-modifying CTEs of the same statement, the sums
+//! of the rows actually inserted upserted into each aggregate table with their keys sorted
+//! (replicas lock aggregate rows in one order). Each row carries a `row_uid` (128 random bits
+//! made when the row is queued) under a UNIQUE index; rows go in with `ON CONFLICT (row_uid)
+//! DO NOTHING RETURNING row_uid` and only those returned are summed, so a batch retried after
+//! a lost commit acknowledgement is never counted twice. Day and month keys are computed by
+//! the gateway (UTC), as SQLite's are. A deadlock or serialization failure is retried at once.
+//! With `sync = "crash_safe"` or `"power_safe"` a caller is answered once the transaction has committed
+//! (the writer's session runs with `synchronous_commit = on`: committed is durable); with
+//! `"async"` once the row is queued, and [`Ledger::flush`] waits for the commits.
+//!
+//! **Failures.** When the server is unreachable or restarts, the writer keeps the rows in
+//! memory, answers the waiting callers with the error (the credits layer then fails closed
+//! for costly requests), reconnects with backoff (100 ms doubling to 5 s) and writes the kept
+//! rows once the server is back: never lost, never doubled. While it backs off, new rows are
+//! kept and their callers answered with the error at once. At most `buffer_rows` rows wait
+//! (queued or kept); beyond, [`Ledger::record`] fails at once with
+//! [`LedgerError::BufferFull`]. A failure on a connection that had been idle (the server
+//! restarted meanwhile) is retried once on a fresh connection before anyone sees an error. A
+//! statement running 30 s (`statement_timeout`), or data the server leaves unacknowledged as
+//! long (`tcp_user_timeout`, keepalives), fails like an outage. Dropping the ledger writes
+//! what is queued, retrying for up to 5 s, and logs the rows it could not write.
+//! Text a row carries is stored as is, except NUL (PostgreSQL text cannot hold it), which
+//! becomes U+FFFD; the database must be UTF8 (checked at open).
+//!
+//! **Reads** run on the reader thread's own connection, reconnecting on failure; while the
+//! server is down they return [`LedgerError::Query`] (at once when connections are refused,
+//! after the connect timeout, 5 s by default, when the host does not answer).
+//!
+//! **Opening** connects both threads and migrates the schema (versioned steps in
+//! `ledger_schema_migrations`, each in a transaction under `pg_advisory_xact_lock`, so replicas
+//! starting together migrate once). A server that refuses connections is retried for up to
+//! 3 s (replicas and their database often start together), then opening fails with
+//! [`LedgerError::Open`]; authentication and SQL errors fail at once.
+//!
+//! **TLS** goes through rustls (ring) with certificate and host name verification, always:
+//! `sslmode=disable` connects in clear, `prefer` (the default) uses TLS when the server
+//! offers it, `require`, `verify-ca` and `verify-full` insist on it. The roots are the Mozilla
+//! set, or the PEM file named by `sslrootcert=`. Unlike libpq, `prefer` and `require` verify
+//! the certificate too. Client certificates are not supported yet.
+//!
+//! The URL may hold a password: errors and logs name the host, port and database only.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use time::Date;
+use tokio::sync::oneshot;
+
+use super::{Ledger, LedgerError, Row, UsagePage, UsageQuery};
+use crate::config::LedgerSync;
+use crate::util::BoxFuture;
+use connect::{connect_with_retry, describe, Target};
+use reader::ReadConn;
+use schema::{check_encoding, migrate, Conn};
+use writer::Writer;
+
+mod connect;
+mod reader;
+mod schema;
+mod writer;
+
+/// Most rows one transaction takes: bounds the latency of the first waiter in a batch, and
+/// how much one retry after an outage writes at once.
+const MAX_BATCH: usize = 16_384;
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long opening retries a server that refuses connections.
+const OPEN_RETRY: Duration = Duration::from_secs(3);
+/// A connection attempt's deadline, unless the URL sets `connect_timeout`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A statement running, or data unacknowledged by the server, this long fails (and its rows
+/// are retried).
+const STUCK_AFTER: Duration = Duration::from_secs(30);
+/// How long dropping the ledger keeps retrying rows it could not write yet.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// Retries of a transaction that lost a deadlock or serialization conflict.
+const CONFLICT_RETRIES: usize = 3;
+
+/// The fleet ledger. Dropping it writes what is queued (retrying for up to 5 s while the
+/// server is unreachable) and joins its threads.
+pub struct PostgresLedger {
+    target: String,
+    sync: LedgerSync,
+    buffer_rows: usize,
+    /// `None` only while dropping: closing the channel tells the writer to finish.
+    commands: Option<Sender<Command>>,
+    reads: Option<Sender<Read>>,
+    writer: Option<JoinHandle<()>>,
+    reader: Option<JoinHandle<()>>,
+    state: Arc<WriterState>,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, LedgerError>>;
+
+pub(super) struct Pending {
+    uid: String,
+    row: Row,
+    /// `None` with `sync = "async"`, and once the caller has been answered.
+    done: Option<Reply<()>>,
+}
+
+pub(super) enum Command {
+    Record(Pending),
+    Flush(Reply<()>),
+}
+
+pub(super) enum Read {
+    SpentOn(
+        Date,
+        mpsc::SyncSender<Result<HashMap<String, u64>, LedgerError>>,
+    ),
+    Usage {
+        q: UsageQuery,
+        after: Option<Vec<String>>,
+        limit: usize,
+        reply: mpsc::SyncSender<Result<UsagePage, LedgerError>>,
+    },
+    Totals(mpsc::SyncSender<Result<(u64, u64), LedgerError>>),
+}
+
+/// What the writer shares with the handle.
+#[derive(Default)]
+pub(super) struct WriterState {
+    commits: AtomicU64,
+    /// Rows accepted by `record` and not committed yet (queued or kept): at most
+    /// `buffer_rows`.
+    pending: AtomicUsize,
+    /// Rows that waited after a failed write and are still not written.
+    kept: AtomicUsize,
+    lost: AtomicU64,
+    /// The last write's error while rows wait for a retry.
+    error: Mutex<Option<LedgerError>>,
+}
+
+impl WriterState {
+    fn error(&self) -> MutexGuard<'_, Option<LedgerError>> {
+        self.error.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl PostgresLedger {
+    /// Connect, migrate, start the writer and reader threads. Blocking; callable from sync code
+    /// and from a runtime thread (the database work runs on the ledger's own threads).
+    pub fn open(
+        url: &str,
+        sync: LedgerSync,
+        buffer_rows: usize,
+    ) -> Result<PostgresLedger, LedgerError> {
+        let target = Target::parse(url, sync)?;
+        let display = target.display.clone();
+        let fail = |reason: String| LedgerError::Open {
+            path: display.clone(),
+            reason,
+        };
+
+        let state = Arc::new(WriterState::default());
+        let (commands, rx) = mpsc::channel();
+        let (ready_tx, ready) = mpsc::sync_channel(1);
+        let writer_target = target.clone();
+        let writer_state = state.clone();
+        let writer = std::thread::Builder::new()
+            .name("ledger-pg-writer".into())
+            .spawn(move || {
+                let conn = match connect_with_retry(&writer_target).and_then(|mut client| {
+                    check_encoding(&mut client)?;
+                    migrate(&mut client)?;
+                    Conn::prepare(client).map_err(|e| {
+                        format!("cannot prepare the ledger's statements: {}", describe(&e))
+                    })
+                }) {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                Writer {
+                    target: writer_target,
+                    conn: Some(conn),
+                    kept: Vec::new(),
+                    backoff: BACKOFF_FIRST,
+                    retry_at: None,
+                    state: writer_state,
+                }
+                .run(rx);
+            })
+            .map_err(|e| fail(format!("cannot start the writer thread: {e}")))?;
+        let opened = ready
+            .recv()
+            .unwrap_or_else(|_| Err("the writer thread stopped while opening".into()));
+        if let Err(reason) = opened {
+            let _ = writer.join();
+            return Err(fail(reason));
+        }
+
+        // Past this point, dropping `ledger` joins the writer if the reader cannot start.
+        let mut ledger = PostgresLedger {
+            target: display.clone(),
+            sync,
+            buffer_rows,
+            commands: Some(commands),
+            reads: None,
+            writer: Some(writer),
+            reader: None,
+            state,
+        };
+        let (reads, rx) = mpsc::channel();
+        let (ready_tx, ready) = mpsc::sync_channel(1);
+        let reader = std::thread::Builder::new()
+            .name("ledger-pg-reader".into())
+            .spawn(move || match connect_with_retry(&target) {
+                Ok(client) => {
+                    let _ = ready_tx.send(Ok(()));
+                    ReadConn {
+                        target,
+                        client: Some(client),
+                    }
+                    .run(rx);
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            })
+            .map_err(|e| fail(format!("cannot start the reader thread: {e}")))?;
+        let opened = ready
+            .recv()
+            .unwrap_or_else(|_| Err("the reader thread stopped while opening".into()));
+        ledger.reader = Some(reader);
+        opened.map_err(fail)?;
+        ledger.reads = Some(reads);
+        Ok(ledger)
+    }
+
+    /// Transactions committed so far: with group commit, far fewer than rows.
+    pub fn commits(&self) -> u64 {
+        self.state.commits.load(Ordering::Relaxed)
+    }
+
+    /// Rows whose write failed and that wait for a retry.
+    pub fn rows_waiting(&self) -> usize {
+        self.state.kept.load(Ordering::Relaxed)
+    }
+
+    /// Rows dropped because they could not be written before the ledger closed.
+    pub fn rows_lost(&self) -> u64 {
+        self.state.lost.load(Ordering::Relaxed)
+    }
+
+    fn send(&self, command: Command) -> Result<(), LedgerError> {
+        self.commands
+            .as_ref()
+            .ok_or(LedgerError::WriterGone)?
+            .send(command)
+            .map_err(|_| LedgerError::WriterGone)
+    }
+
+    /// Count a row against `buffer_rows`, or refuse it.
+    fn admit(&self) -> Result<(), LedgerError> {
+        let before = self.state.pending.fetch_add(1, Ordering::AcqRel);
+        if before >= self.buffer_rows {
+            self.state.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(LedgerError::BufferFull {
+                path: self.target.clone(),
+                rows: before,
+            });
+        }
+        Ok(())
+    }
+
+    fn read<T>(
+        &self,
+        make: impl FnOnce(mpsc::SyncSender<Result<T, LedgerError>>) -> Read,
+    ) -> Result<T, LedgerError> {
+        let gone = || LedgerError::Query {
+            path: self.target.clone(),
+            detail: "the reader thread has stopped".into(),
+        };
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.reads
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(make(tx))
+            .map_err(|_| gone())?;
+        rx.recv().unwrap_or_else(|_| Err(gone()))
+    }
+}
+
+impl Ledger for PostgresLedger {
+    fn record(&self, row: Row) -> BoxFuture<Result<(), LedgerError>> {
+        if let Err(e) = self.admit() {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        let row = without_nul(row);
+        let uid = format!("{:032x}", rand::random::<u128>());
+        let (done, answer) = match self.sync {
+            LedgerSync::Async => (None, None),
+            // A commit acknowledged by PostgreSQL outlives the gateway: crash_safe waits for
+            // it as power_safe does.
+            LedgerSync::CrashSafe | LedgerSync::PowerSafe => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+        };
+        if let Err(e) = self.send(Command::Record(Pending { uid, row, done })) {
+            self.state.pending.fetch_sub(1, Ordering::AcqRel);
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        match answer {
+            None => Box::pin(std::future::ready(Ok(()))),
+            Some(rx) => Box::pin(async move { rx.await.unwrap_or(Err(LedgerError::WriterGone)) }),
+        }
+    }
+
+    fn spent_on(&self, day: Date) -> Result<HashMap<String, u64>, LedgerError> {
+        self.read(|tx| Read::SpentOn(day, tx))
+    }
+
+    fn usage_page(
+        &self,
+        q: &UsageQuery,
+        after: Option<&[String]>,
+        limit: usize,
+    ) -> Result<UsagePage, LedgerError> {
+        self.read(|reply| Read::Usage {
+            q: q.clone(),
+            after: after.map(<[String]>::to_vec),
+            limit,
+            reply,
+        })
+    }
+
+    fn flush(&self) -> BoxFuture<Result<(), LedgerError>> {
+        let (tx, rx) = oneshot::channel();
+        if let Err(e) = self.send(Command::Flush(tx)) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        Box::pin(async move { rx.await.unwrap_or(Err(LedgerError::WriterGone)) })
+    }
+
+    fn totals(&self) -> Result<(u64, u64), LedgerError> {
+        self.read(Read::Totals)
+    }
+
+    fn write_error(&self) -> Option<LedgerError> {
+        self.state.error().clone()
+    }
+}
+
+impl Drop for PostgresLedger {
+    fn drop(&mut self) {
+        drop(self.commands.take());
+        drop(self.reads.take());
+        for (thread, name) in [
+            (self.writer.take(), "writer"),
+            (self.reader.take(), "reader"),
+        ] {
+            if let Some(thread) = thread {
+                if thread.join().is_err() {
+                    tracing::error!(target_db = %self.target, "the ledger {name} thread panicked");
+                }
+            }
+        }
+    }
+}
+
+/// PostgreSQL text cannot hold NUL: a row carrying one (a caller's `action`, say) would fail
+/// its batch on every retry and wedge the ledger. NUL becomes U+FFFD instead.
+fn without_nul(mut row: Row) -> Row {
+    fn clean(s: &str) -> Option<String> {
+        s.contains('\0').then(|| s.replace('\0', "\u{FFFD}"))
+    }
+    fn clean_arc(s: &mut Arc<str>) {
+        if let Some(c) = clean(s) {
+            *s = c.into();
+        }
+    }
+    if let Some(c) = clean(&row.request_id) {
+        row.request_id = c;
+    }
+    if let Some(c) = clean(&row.path) {
+        row.path = c;
+    }
+    clean_arc(&mut row.client);
+    if let Some(a) = row.account_id.as_mut() {
+        clean_arc(a);
+    }
+    if let Some(a) = row.action.as_mut() {
+        clean_arc(a);
+    }
+    row
+}
