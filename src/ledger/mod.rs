@@ -22,6 +22,7 @@ mod memory;
 mod plan;
 mod postgres;
 mod sqlite;
+mod writer;
 
 pub use memory::MemoryLedger;
 pub use postgres::PostgresLedger;

@@ -55,14 +55,12 @@
 //! The URL may hold a password: errors and logs name the host, port and database only.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use time::Date;
-use tokio::sync::oneshot;
 
 use super::{Ledger, LedgerError, Row, UsagePage, UsageQuery};
 use crate::config::LedgerSync;
@@ -70,12 +68,14 @@ use crate::util::BoxFuture;
 use connect::{connect_with_retry, describe, Target};
 use reader::ReadConn;
 use schema::{check_encoding, migrate, Conn};
-use writer::Writer;
 
+mod backend;
 mod connect;
 mod reader;
 mod schema;
-mod writer;
+
+use super::writer::{self, Handle, Place, Policy};
+use backend::PostgresBackend;
 
 /// Most rows one transaction takes: bounds the latency of the first waiter in a batch, and
 /// how much one retry after an outage writes at once.
@@ -94,32 +94,33 @@ const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// Retries of a transaction that lost a deadlock or serialization conflict.
 const CONFLICT_RETRIES: usize = 3;
 
+/// The shared writer loop's settings here: no gathering (callers wait for their commit), a
+/// retry after an outage split into transactions of [`MAX_BATCH`] rows, back-off from 100 ms
+/// to 5 s during which new rows are kept and answered with the error at once, rows bounded by
+/// `buffer_rows` rather than a count of kept ones, and [`CLOSE_GRACE`] at close.
+const POLICY: Policy = Policy {
+    max_batch: MAX_BATCH,
+    max_rows: MAX_BATCH,
+    gather: None,
+    commit_window: None,
+    backoff_first: BACKOFF_FIRST,
+    backoff_max: BACKOFF_MAX,
+    defer: true,
+    max_kept: None,
+    close_grace: CLOSE_GRACE,
+    bounded: true,
+};
+
 /// The fleet ledger. Dropping it writes what is queued (retrying for up to 5 s while the
 /// server is unreachable) and joins its threads.
 pub struct PostgresLedger {
     target: String,
     sync: LedgerSync,
     buffer_rows: usize,
-    /// `None` only while dropping: closing the channel tells the writer to finish.
-    commands: Option<Sender<Command>>,
+    writer: Handle<String>,
+    /// `None` only while dropping: closing the channel tells the reader to finish.
     reads: Option<Sender<Read>>,
-    writer: Option<JoinHandle<()>>,
     reader: Option<JoinHandle<()>>,
-    state: Arc<WriterState>,
-}
-
-type Reply<T> = oneshot::Sender<Result<T, LedgerError>>;
-
-pub(super) struct Pending {
-    uid: String,
-    row: Row,
-    /// `None` with `sync = "async"`, and once the caller has been answered.
-    done: Option<Reply<()>>,
-}
-
-pub(super) enum Command {
-    Record(Pending),
-    Flush(Reply<()>),
 }
 
 pub(super) enum Read {
@@ -134,26 +135,6 @@ pub(super) enum Read {
         reply: mpsc::SyncSender<Result<UsagePage, LedgerError>>,
     },
     Totals(mpsc::SyncSender<Result<(u64, u64), LedgerError>>),
-}
-
-/// What the writer shares with the handle.
-#[derive(Default)]
-pub(super) struct WriterState {
-    commits: AtomicU64,
-    /// Rows accepted by `record` and not committed yet (queued or kept): at most
-    /// `buffer_rows`.
-    pending: AtomicUsize,
-    /// Rows that waited after a failed write and are still not written.
-    kept: AtomicUsize,
-    lost: AtomicU64,
-    /// The last write's error while rows wait for a retry.
-    error: Mutex<Option<LedgerError>>,
-}
-
-impl WriterState {
-    fn error(&self) -> MutexGuard<'_, Option<LedgerError>> {
-        self.error.lock().unwrap_or_else(PoisonError::into_inner)
-    }
 }
 
 impl PostgresLedger {
@@ -171,57 +152,35 @@ impl PostgresLedger {
             reason,
         };
 
-        let state = Arc::new(WriterState::default());
-        let (commands, rx) = mpsc::channel();
-        let (ready_tx, ready) = mpsc::sync_channel(1);
         let writer_target = target.clone();
-        let writer_state = state.clone();
-        let writer = std::thread::Builder::new()
-            .name("ledger-pg-writer".into())
-            .spawn(move || {
-                let conn = match connect_with_retry(&writer_target).and_then(|mut client| {
+        let writer = writer::spawn(
+            "ledger-pg-writer",
+            Place::Database(display.clone()),
+            POLICY,
+            move |_| {
+                let conn = connect_with_retry(&writer_target).and_then(|mut client| {
                     check_encoding(&mut client)?;
                     migrate(&mut client)?;
                     Conn::prepare(client).map_err(|e| {
                         format!("cannot prepare the ledger's statements: {}", describe(&e))
                     })
-                }) {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                Writer {
+                })?;
+                Ok(PostgresBackend {
                     target: writer_target,
                     conn: Some(conn),
-                    kept: Vec::new(),
-                    backoff: BACKOFF_FIRST,
-                    retry_at: None,
-                    state: writer_state,
-                }
-                .run(rx);
-            })
-            .map_err(|e| fail(format!("cannot start the writer thread: {e}")))?;
-        let opened = ready
-            .recv()
-            .unwrap_or_else(|_| Err("the writer thread stopped while opening".into()));
-        if let Err(reason) = opened {
-            let _ = writer.join();
-            return Err(fail(reason));
-        }
+                })
+            },
+        )
+        .map_err(&fail)?;
 
         // Past this point, dropping `ledger` joins the writer if the reader cannot start.
         let mut ledger = PostgresLedger {
             target: display.clone(),
             sync,
             buffer_rows,
-            commands: Some(commands),
+            writer,
             reads: None,
-            writer: Some(writer),
             reader: None,
-            state,
         };
         let (reads, rx) = mpsc::channel();
         let (ready_tx, ready) = mpsc::sync_channel(1);
@@ -252,38 +211,17 @@ impl PostgresLedger {
 
     /// Transactions committed so far: with group commit, far fewer than rows.
     pub fn commits(&self) -> u64 {
-        self.state.commits.load(Ordering::Relaxed)
+        self.writer.health().commits()
     }
 
     /// Rows whose write failed and that wait for a retry.
     pub fn rows_waiting(&self) -> usize {
-        self.state.kept.load(Ordering::Relaxed)
+        self.writer.health().rows_waiting()
     }
 
     /// Rows dropped because they could not be written before the ledger closed.
     pub fn rows_lost(&self) -> u64 {
-        self.state.lost.load(Ordering::Relaxed)
-    }
-
-    fn send(&self, command: Command) -> Result<(), LedgerError> {
-        self.commands
-            .as_ref()
-            .ok_or(LedgerError::WriterGone)?
-            .send(command)
-            .map_err(|_| LedgerError::WriterGone)
-    }
-
-    /// Count a row against `buffer_rows`, or refuse it.
-    fn admit(&self) -> Result<(), LedgerError> {
-        let before = self.state.pending.fetch_add(1, Ordering::AcqRel);
-        if before >= self.buffer_rows {
-            self.state.pending.fetch_sub(1, Ordering::AcqRel);
-            return Err(LedgerError::BufferFull {
-                path: self.target.clone(),
-                rows: before,
-            });
-        }
-        Ok(())
+        self.writer.health().rows_lost()
     }
 
     fn read<T>(
@@ -306,28 +244,20 @@ impl PostgresLedger {
 
 impl Ledger for PostgresLedger {
     fn record(&self, row: Row) -> BoxFuture<Result<(), LedgerError>> {
-        if let Err(e) = self.admit() {
+        let health = self.writer.health();
+        if let Err(e) = health.admit(self.buffer_rows, &self.target) {
             return Box::pin(std::future::ready(Err(e)));
         }
         let row = without_nul(row);
         let uid = format!("{:032x}", rand::random::<u128>());
-        let (done, answer) = match self.sync {
-            LedgerSync::Async => (None, None),
-            // A commit acknowledged by PostgreSQL outlives the gateway: crash_safe waits for
-            // it as power_safe does.
-            LedgerSync::CrashSafe | LedgerSync::PowerSafe => {
-                let (tx, rx) = oneshot::channel();
-                (Some(tx), Some(rx))
-            }
-        };
-        if let Err(e) = self.send(Command::Record(Pending { uid, row, done })) {
-            self.state.pending.fetch_sub(1, Ordering::AcqRel);
-            return Box::pin(std::future::ready(Err(e)));
+        // A commit acknowledged by PostgreSQL outlives the gateway: crash_safe waits for it as
+        // power_safe does.
+        let wait = self.sync != LedgerSync::Async;
+        let recorded = self.writer.record(uid, row, wait);
+        if recorded.is_err() {
+            health.release(1);
         }
-        match answer {
-            None => Box::pin(std::future::ready(Ok(()))),
-            Some(rx) => Box::pin(async move { rx.await.unwrap_or(Err(LedgerError::WriterGone)) }),
-        }
+        writer::answer(recorded)
     }
 
     fn spent_on(&self, day: Date) -> Result<HashMap<String, u64>, LedgerError> {
@@ -349,11 +279,7 @@ impl Ledger for PostgresLedger {
     }
 
     fn flush(&self) -> BoxFuture<Result<(), LedgerError>> {
-        let (tx, rx) = oneshot::channel();
-        if let Err(e) = self.send(Command::Flush(tx)) {
-            return Box::pin(std::future::ready(Err(e)));
-        }
-        Box::pin(async move { rx.await.unwrap_or(Err(LedgerError::WriterGone)) })
+        self.writer.flush()
     }
 
     fn totals(&self) -> Result<(u64, u64), LedgerError> {
@@ -361,22 +287,18 @@ impl Ledger for PostgresLedger {
     }
 
     fn write_error(&self) -> Option<LedgerError> {
-        self.state.error().clone()
+        self.writer.health().error().clone()
     }
 }
 
 impl Drop for PostgresLedger {
     fn drop(&mut self) {
-        drop(self.commands.take());
+        // The writer writes what is queued (retrying for up to CLOSE_GRACE) and returns.
         drop(self.reads.take());
-        for (thread, name) in [
-            (self.writer.take(), "writer"),
-            (self.reader.take(), "reader"),
-        ] {
-            if let Some(thread) = thread {
-                if thread.join().is_err() {
-                    tracing::error!(target_db = %self.target, "the ledger {name} thread panicked");
-                }
+        self.writer.close();
+        if let Some(thread) = self.reader.take() {
+            if thread.join().is_err() {
+                tracing::error!(target_db = %self.target, "the ledger reader thread panicked");
             }
         }
     }

@@ -7,9 +7,9 @@ use postgres::{Client, Statement};
 use time::Date;
 
 use super::super::plan::month_key;
+use super::super::writer::Pending;
 use super::super::{day_key, day_of, to_i64};
 use super::connect::describe;
-use super::Pending;
 
 /// Versioned schema: step `i` takes the version recorded in `ledger_schema_migrations` from
 /// `i` to `i + 1`, in its own transaction. Append new steps; never edit a released one.
@@ -226,8 +226,8 @@ pub(super) fn migrate(client: &mut Client) -> Result<(), String> {
 
 /// One statement (an implicit transaction): the rows not yet in the table, and the sums of
 /// those in the aggregates.
-pub(super) fn write_rows(conn: &mut Conn, rows: &[Pending]) -> Result<(), postgres::Error> {
-    let uids: Vec<&str> = rows.iter().map(|p| p.uid.as_str()).collect();
+pub(super) fn write_rows(conn: &mut Conn, rows: &[Pending<String>]) -> Result<(), postgres::Error> {
+    let uids: Vec<&str> = rows.iter().map(|p| p.tag.as_str()).collect();
     let at_ms: Vec<i64> = rows.iter().map(|p| p.row.at_ms).collect();
     let request_ids: Vec<&str> = rows.iter().map(|p| p.row.request_id.as_str()).collect();
     let clients: Vec<&str> = rows.iter().map(|p| &*p.row.client).collect();
