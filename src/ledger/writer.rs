@@ -49,7 +49,6 @@ pub(super) enum Command<T> {
     Flush(Reply),
     /// Answered once the committed rows are folded into the aggregates, for a backend that
     /// folds them after the commit (SQLite); at once otherwise.
-    #[allow(dead_code)] // TEMPORARY: the SQLite backend moves onto this loop in the next commit
     Fold(SyncSender<()>),
 }
 
@@ -57,7 +56,6 @@ pub(super) enum Command<T> {
 /// the URL without its password).
 #[derive(Clone)]
 pub(super) enum Place {
-    #[allow(dead_code)] // TEMPORARY: the SQLite backend moves onto this loop in the next commit
     File(String),
     Database(String),
 }
@@ -101,14 +99,12 @@ impl Health {
     }
 
     /// The last write failed (one atomic load); [`Health::error`] says why.
-    #[allow(dead_code)] // TEMPORARY: the SQLite backend moves onto this loop in the next commit
     pub(super) fn failing(&self) -> bool {
         self.failing.load(Ordering::Acquire)
     }
 
     /// A failure that stays until a restart (SQLite's lost file): set before the writer's
     /// next [`Health`] update, which keeps it as long as writes fail with it.
-    #[allow(dead_code)] // TEMPORARY: the SQLite backend moves onto this loop in the next commit
     pub(super) fn fail(&self, error: LedgerError) {
         *self.error() = Some(error);
         self.failing.store(true, Ordering::Release);
@@ -291,7 +287,6 @@ impl<T: Send + 'static> Handle<T> {
     }
 
     /// Another sender into the writer's channel (SQLite's per-worker journal batches).
-    #[allow(dead_code)] // TEMPORARY: the SQLite backend moves onto this loop in the next commit
     pub(super) fn sender(&self) -> Option<Sender<Command<T>>> {
         self.commands.clone()
     }

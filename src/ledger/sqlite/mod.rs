@@ -30,29 +30,30 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Sender, SyncSender};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use time::Date;
-use tokio::sync::oneshot;
 
 use super::journal::{self, Journal};
 use super::plan::{usage_row, usage_sql, Dialect};
 use super::to_u64;
+use super::writer::{self, Handle, Health, Pending, Place, Policy};
 use super::{day_key, GroupBy, Ledger, LedgerError, Row, UsagePage, UsageQuery};
 use crate::config::LedgerSync;
 use crate::util::BoxFuture;
+use backend::SqliteBackend;
 use checkpoint::run_checkpoints;
 use connect::{
     lock, no_checkpoint_on_close, open_checkpointer, open_reader, open_wal, open_writer,
 };
 use schema::{fold, migrate, replay_journal};
-use writer::Writer;
 
+mod backend;
 mod checkpoint;
 mod connect;
 mod group;
@@ -60,7 +61,6 @@ mod schema;
 #[cfg(test)]
 mod tests;
 mod watch;
-mod writer;
 
 /// Most commands one transaction takes: bounds the latency of the first waiter in a batch.
 const MAX_BATCH: usize = 16_384;
@@ -102,14 +102,34 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 /// those frames and one fsync, once per this many frames.
 const WAL_REWIND_FRAMES: i64 = 16_384;
 
+/// The shared writer loop's settings here: rows gather for [`GATHER`] where nobody waits for
+/// a commit (crash_safe, async); under concurrency power_safe waits [`COMMIT_WINDOW`] for more;
+/// kept rows are retried with every batch, or after [`RETRY_EVERY`] when none comes; at most
+/// [`MAX_KEPT`] of them; one transaction per batch; no grace at close (the rows left are in the
+/// journal, or saved to one when the file was lost).
+fn policy(sync: LedgerSync) -> Policy {
+    Policy {
+        max_batch: MAX_BATCH,
+        max_rows: usize::MAX,
+        gather: (sync != LedgerSync::PowerSafe).then_some(GATHER),
+        commit_window: (sync == LedgerSync::PowerSafe).then_some((COMMIT_WINDOW, BUSY_BATCH)),
+        backoff_first: RETRY_EVERY,
+        backoff_max: RETRY_EVERY,
+        defer: false,
+        max_kept: Some(MAX_KEPT),
+        close_grace: Duration::ZERO,
+        bounded: false,
+    }
+}
+
 /// The embedded ledger. Dropping it writes what is queued, fsyncs, and joins the writer.
 pub struct SqliteLedger {
     path: PathBuf,
     display: String,
     sync: LedgerSync,
-    /// `None` only while dropping: closing the channel tells the writer to finish.
-    commands: Option<Sender<Command>>,
-    writer: Option<JoinHandle<()>>,
+    /// `None` when read-only, and once dropping has closed it.
+    writer: Option<Handle<Option<u64>>>,
+    health: Arc<Health>,
     checkpointer: Option<JoinHandle<()>>,
     reader: Mutex<Connection>,
     state: Arc<WriterState>,
@@ -121,18 +141,8 @@ pub struct SqliteLedger {
     _lock: Option<File>,
 }
 
-enum Command {
-    Record {
-        /// The row's journal number (crash_safe).
-        seq: Option<u64>,
-        row: Row,
-        /// `None` with `sync = "async"`: nobody waits for this row.
-        done: Option<oneshot::Sender<Result<(), LedgerError>>>,
-    },
-    Flush(oneshot::Sender<Result<(), LedgerError>>),
-    /// Fold every committed row into the aggregates now (before a read of them).
-    Fold(SyncSender<()>),
-}
+/// A row on its way to the writer carries its journal number (crash_safe).
+type Command = writer::Command<Option<u64>>;
 
 #[cfg(test)]
 #[derive(Debug, Clone, Copy)]
@@ -143,18 +153,12 @@ enum Fault {
     DiskFull,
 }
 
-/// What the writer shares with the handle.
+/// What the writer, the checkpointer and the handle share about the file (the loop's own
+/// health is in [`Health`]).
 #[derive(Default)]
 struct WriterState {
-    commits: AtomicU64,
     /// Set by the checkpointer when the WAL is long: the writer rewinds it between commits.
     wal_long: AtomicBool,
-    kept: AtomicUsize,
-    lost: AtomicU64,
-    /// The last write's error while rows wait for a retry.
-    error: Mutex<Option<LedgerError>>,
-    /// `error` is set: read on every journaled record without taking the lock.
-    failing: AtomicBool,
     /// The file was deleted, replaced, truncated or overwritten (sticky): no connection may
     /// checkpoint into it any more, not even when it closes.
     file_lost: AtomicBool,
@@ -169,10 +173,6 @@ struct WriterState {
 }
 
 impl WriterState {
-    fn error(&self) -> MutexGuard<'_, Option<LedgerError>> {
-        self.error.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn checkpoint_lock(&self) -> MutexGuard<'_, ()> {
         self.checkpoint_lock
             .lock()
@@ -259,13 +259,11 @@ impl SqliteLedger {
             })
             .map_err(|e| fail(format!("cannot start the checkpoint thread: {e}")))?;
 
-        let (commands, rx) = mpsc::channel();
-        let writer = Writer {
+        let backend = SqliteBackend {
             path: path.to_path_buf(),
             display: display.clone(),
             sync,
             conn: Some(conn),
-            kept: Vec::new(),
             kept_through: None,
             journal: journal.clone(),
             unsynced: false,
@@ -277,34 +275,41 @@ impl SqliteLedger {
             folded_at: Instant::now(),
             wake_checkpointer,
             state: state.clone(),
+            health: Arc::default(),
             watch: file_watch,
             checked_at: Instant::now(),
             lost: None,
             unverified: Vec::new(),
+            taken_back: Vec::new(),
             rescue_from: next,
             #[cfg(test)]
             fault: None,
             #[cfg(test)]
             fault_generation: 0,
         };
-        let handle = std::thread::Builder::new()
-            .name("ledger-writer".into())
-            .spawn(move || writer.run(rx))
-            .map_err(|e| fail(format!("cannot start the writer thread: {e}")))?;
-        let group = journal.as_ref().map(|j| {
-            Arc::new(group::Sink::new(
+        let writer = writer::spawn(
+            "ledger-writer",
+            Place::File(display.clone()),
+            policy(sync),
+            move |health| Ok(SqliteBackend { health, ..backend }),
+        )
+        .map_err(&fail)?;
+        let health = writer.health().clone();
+        let group = match (&journal, writer.sender()) {
+            (Some(j), Some(commands)) => Some(Arc::new(group::Sink::new(
                 j.clone(),
-                commands.clone(),
-                state.clone(),
+                commands,
+                health.clone(),
                 path.to_path_buf(),
-            ))
-        });
+            ))),
+            _ => None,
+        };
         Ok(SqliteLedger {
             path: path.to_path_buf(),
             display,
             sync,
-            commands: Some(commands),
-            writer: Some(handle),
+            writer: Some(writer),
+            health,
             checkpointer: Some(checkpointer),
             reader: Mutex::new(reader),
             state,
@@ -327,8 +332,8 @@ impl SqliteLedger {
             path: path.to_path_buf(),
             display,
             sync: LedgerSync::Async,
-            commands: None,
             writer: None,
+            health: Arc::default(),
             checkpointer: None,
             reader: Mutex::new(reader),
             state: Arc::new(WriterState::default()),
@@ -340,25 +345,24 @@ impl SqliteLedger {
 
     /// Transactions committed so far: with group commit, far fewer than rows.
     pub fn commits(&self) -> u64 {
-        self.state.commits.load(Ordering::Relaxed)
+        self.health.commits()
     }
 
     /// Rows whose write failed and that wait for a retry.
     pub fn rows_waiting(&self) -> usize {
-        self.state.kept.load(Ordering::Relaxed)
+        self.health.rows_waiting()
     }
 
     /// Rows dropped because writes kept failing while more than 100,000 rows waited.
     pub fn rows_lost(&self) -> u64 {
-        self.state.lost.load(Ordering::Relaxed)
+        self.health.rows_lost()
     }
 
     fn send(&self, command: Command) -> Result<(), LedgerError> {
-        self.commands
+        self.writer
             .as_ref()
             .ok_or(LedgerError::WriterGone)?
             .send(command)
-            .map_err(|_| LedgerError::WriterGone)
     }
 
     /// Ask the writer to fold every committed row into the aggregates, and wait (bounded) for
@@ -427,11 +431,11 @@ impl Ledger for SqliteLedger {
                 line.clear();
                 journal::encode(&row, &mut line);
                 let r = journal.append(&line, |seq| {
-                    sent = self.send(Command::Record {
-                        seq: Some(seq),
+                    sent = self.send(Command::Record(Pending {
+                        tag: Some(seq),
                         row,
                         done: None,
-                    });
+                    }));
                 });
                 LINE.set(line);
                 r
@@ -441,34 +445,18 @@ impl Ledger for SqliteLedger {
                 // While SQLite cannot be written, costly requests fail closed, as in the
                 // other modes (the row itself is journaled and kept).
                 Ok(()) => sent.and_then(|()| {
-                    if !self.state.failing.load(Ordering::Acquire) {
+                    if !self.health.failing() {
                         return Ok(());
                     }
-                    self.state.error().clone().map_or(Ok(()), Err)
+                    self.health.error().clone().map_or(Ok(()), Err)
                 }),
             };
             return Box::pin(std::future::ready(result));
         }
-        match self.sync {
-            LedgerSync::Async | LedgerSync::CrashSafe => {
-                Box::pin(std::future::ready(self.send(Command::Record {
-                    seq: None,
-                    row,
-                    done: None,
-                })))
-            }
-            LedgerSync::PowerSafe => {
-                let (tx, rx) = oneshot::channel();
-                if let Err(e) = self.send(Command::Record {
-                    seq: None,
-                    row,
-                    done: Some(tx),
-                }) {
-                    return Box::pin(std::future::ready(Err(e)));
-                }
-                Box::pin(async move { rx.await.unwrap_or(Err(LedgerError::WriterGone)) })
-            }
-        }
+        let Some(writer) = &self.writer else {
+            return Box::pin(std::future::ready(Err(LedgerError::WriterGone)));
+        };
+        writer::answer(writer.record(None, row, self.sync == LedgerSync::PowerSafe))
     }
 
     fn spent_on(&self, day: Date) -> Result<HashMap<String, u64>, LedgerError> {
@@ -540,11 +528,10 @@ impl Ledger for SqliteLedger {
     }
 
     fn flush(&self) -> BoxFuture<Result<(), LedgerError>> {
-        let (tx, rx) = oneshot::channel();
-        if let Err(e) = self.send(Command::Flush(tx)) {
-            return Box::pin(std::future::ready(Err(e)));
+        match &self.writer {
+            Some(writer) => writer.flush(),
+            None => Box::pin(std::future::ready(Err(LedgerError::WriterGone))),
         }
-        Box::pin(async move { rx.await.unwrap_or(Err(LedgerError::WriterGone)) })
     }
 
     fn totals(&self) -> Result<(u64, u64), LedgerError> {
@@ -562,7 +549,7 @@ impl Ledger for SqliteLedger {
     }
 
     fn write_error(&self) -> Option<LedgerError> {
-        self.state.error().clone()
+        self.health.error().clone()
     }
 
     fn file_lost(&self) -> bool {
@@ -576,16 +563,13 @@ impl Drop for SqliteLedger {
         if let Some(group) = &self.group {
             group.close();
         }
-        drop(self.commands.take());
-        if let Some(writer) = self.writer.take() {
-            if writer.join().is_err() {
-                tracing::error!(path = %self.display, "the ledger writer thread panicked");
-            }
+        if let Some(mut writer) = self.writer.take() {
+            writer.close();
         }
         // Every journaled row is in SQLite (and fsynced) once the writer closed with nothing
         // kept: the journal files can go.
         if let Some(journal) = &self.journal {
-            if self.state.kept.load(Ordering::Relaxed) == 0 && self.state.error().is_none() {
+            if self.health.rows_waiting() == 0 && self.health.error().is_none() {
                 journal.remove_all();
             }
         }

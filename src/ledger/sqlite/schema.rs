@@ -194,9 +194,9 @@ pub(super) fn write_error(path: &str, e: &rusqlite::Error) -> LedgerError {
 
 /// One transaction: the rows, and the last journal number they bring in. Their aggregates are
 /// folded in later, by [`fold`].
-pub(super) fn write_rows(
+pub(super) fn write_rows<'a>(
     conn: &Connection,
-    rows: &[Row],
+    rows: impl IntoIterator<Item = &'a Row>,
     through: Option<u64>,
 ) -> rusqlite::Result<()> {
     let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
