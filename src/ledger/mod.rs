@@ -6,7 +6,9 @@
 //! and monthly aggregate tables. [`PostgresLedger`] is the fleet's: one database every replica
 //! writes to, with the same tables and semantics, rows kept in memory (up to
 //! `ledger.buffer_rows`) while the server is unreachable, and a `row_uid` per row so a retried
-//! batch is never counted twice. [`open`] picks one from the settings.
+//! batch is never counted twice. [`open`] picks one from the settings. Both write through one
+//! loop, `writer` (thread, batching, retry with back-off, health, flush on drop); each keeps
+//! only its schema, SQL and connections, and SQLite the work around a commit on one file.
 
 use std::collections::HashMap;
 use std::fmt;

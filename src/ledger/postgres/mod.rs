@@ -9,7 +9,8 @@
 //! to them over channels; [`PostgresLedger::open`] works from sync code and from inside a
 //! runtime alike.
 //!
-//! **Writes.** The writer drains everything queued into one statement, so one round trip and
+//! **Writes** go through the ledger's one writer loop (`super::writer`), with [`POLICY`] as
+//! its settings and `backend::PostgresBackend` committing each batch. The writer drains everything queued into one statement, so one round trip and
 //! one (implicit) transaction per batch (group commit): the rows as arrays, one per column,
 //! `UNNEST`ed into `ledger_rows`, and, in data-modifying CTEs of the same statement, the sums
 //! of the rows actually inserted upserted into each aggregate table with their keys sorted
@@ -53,6 +54,10 @@
 //! the certificate too. Client certificates are not supported yet.
 //!
 //! The URL may hold a password: errors and logs name the host, port and database only.
+//!
+//! The room: this file is the handle ([`PostgresLedger`]: open, record, reads, drop);
+//! `backend` the commit of one batch; `schema` the migrations and the batch's statement;
+//! `connect` the URL, TLS and connections; `reader` the reader thread and its queries.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, Sender};

@@ -1,6 +1,8 @@
 //! The embedded ledger: one SQLite file in WAL mode.
 //!
-//! Writes go through one writer thread fed by a channel. It drains everything queued into one
+//! Writes go through the ledger's one writer loop (`super::writer`: a thread fed by a channel,
+//! batching, retries, health, flush on drop), with [`policy`] as its settings and
+//! `backend::SqliteBackend` as what it calls. It drains everything queued into one
 //! transaction (group commit) that appends the rows and nothing else. The aggregates
 //! (`usage_daily`, and its roll-ups without the account by day and by month) are folded from
 //! the rows about once a second, and before every read of them, in a transaction of their own
@@ -26,6 +28,11 @@
 //! the rows are kept (journal; without one, a journal file written at close), and the ledger
 //! reports [`LedgerError::FileLost`] until a restart. A truncated or overwritten file is
 //! refused at open, saying what to do.
+//!
+//! The room: this file is the handle ([`SqliteLedger`]: open, record, reads, drop);
+//! `backend` the writer's side of a commit; `schema` the migrations and SQL; `connect` the
+//! connections, the WAL file and the lock; `checkpoint` the checkpoint thread; `journal`'s
+//! grouping per worker is `group`; `watch` the file's identity; `tests` the tests.
 
 use std::collections::HashMap;
 use std::fs::File;
