@@ -8,8 +8,8 @@ use postgres::types::ToSql;
 use postgres::Client;
 use time::Date;
 
-use super::super::plan::{usage_row, usage_sql, Dialect};
-use super::super::{day_key, to_u64, GroupBy, UsagePage, UsageQuery, UsageRow};
+use super::super::plan::{page_keys, usage_row, usage_sql, Dialect};
+use super::super::{day_key, to_u64, UsagePage, UsageQuery, UsageRow};
 use super::connect::Target;
 use super::{LedgerError, Read};
 
@@ -102,21 +102,11 @@ pub(super) fn usage(
     limit: usize,
 ) -> Result<UsagePage, postgres::Error> {
     let limit = limit.max(1);
-    let mut by: Vec<GroupBy> = Vec::with_capacity(q.by.len());
-    for key in &q.by {
-        if !by.contains(key) {
-            by.push(*key);
-        }
-    }
-    let after = match after {
-        // Keys of another shape cannot come from a page of this query.
-        Some(a) if a.len() != by.len() || by.is_empty() => {
-            return Ok(UsagePage {
-                rows: Vec::new(),
-                next: None,
-            })
-        }
-        other => other,
+    let Some((by, after)) = page_keys(q, after) else {
+        return Ok(UsagePage {
+            rows: Vec::new(),
+            next: None,
+        });
     };
     let (sql, bounds) = usage_sql(
         &by,

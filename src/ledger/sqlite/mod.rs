@@ -47,10 +47,10 @@ use rusqlite::Connection;
 use time::Date;
 
 use super::journal::{self, Journal};
-use super::plan::{usage_row, usage_sql, Dialect};
+use super::plan::{page_keys, usage_row, usage_sql, Dialect};
 use super::to_u64;
 use super::writer::{self, Handle, Health, Pending, Place, Policy};
-use super::{day_key, GroupBy, Ledger, LedgerError, Row, UsagePage, UsageQuery};
+use super::{day_key, Ledger, LedgerError, Row, UsagePage, UsageQuery};
 use crate::config::LedgerSync;
 use crate::util::BoxFuture;
 use backend::SqliteBackend;
@@ -491,21 +491,11 @@ impl Ledger for SqliteLedger {
         limit: usize,
     ) -> Result<UsagePage, LedgerError> {
         let limit = limit.max(1);
-        let mut by: Vec<GroupBy> = Vec::with_capacity(q.by.len());
-        for key in &q.by {
-            if !by.contains(key) {
-                by.push(*key);
-            }
-        }
-        let after = match after {
-            // Keys of another shape cannot come from a page of this query.
-            Some(a) if a.len() != by.len() || by.is_empty() => {
-                return Ok(UsagePage {
-                    rows: Vec::new(),
-                    next: None,
-                })
-            }
-            other => other,
+        let Some((by, after)) = page_keys(q, after) else {
+            return Ok(UsagePage {
+                rows: Vec::new(),
+                next: None,
+            });
         };
         let (sql, mut params) = usage_sql(
             &by,

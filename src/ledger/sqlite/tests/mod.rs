@@ -12,7 +12,7 @@ use rusqlite::params;
 use super::schema::MIGRATIONS;
 
 use super::*;
-use crate::ledger::{day_of, Outcome};
+use crate::ledger::{day_of, GroupBy, Outcome};
 use time::macros::date;
 use tokio::task::JoinSet;
 
