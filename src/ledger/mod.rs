@@ -19,7 +19,6 @@ use time::{Date, OffsetDateTime};
 
 use crate::util::BoxFuture;
 
-mod journal;
 mod memory;
 mod plan;
 mod postgres;

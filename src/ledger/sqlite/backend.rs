@@ -19,10 +19,10 @@ use std::time::Instant;
 
 use rusqlite::Connection;
 
-use super::super::journal::{self, Journal};
 use super::super::writer::{Backend, Health, Pending};
 use super::super::LedgerError;
 use super::connect::{no_checkpoint_on_close, open_wal, open_writer};
+use super::journal::{self, Journal};
 use super::schema::{fold, write_error, write_rows};
 #[cfg(test)]
 use super::Fault;

@@ -17,9 +17,9 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
-use super::super::journal::{self, Journal};
 use super::super::writer::{Health, Pending};
 use super::super::{LedgerError, Row};
+use super::journal::{self, Journal};
 use super::Command;
 
 /// Rows per batch at most; a row beyond waits for the next batch (written one by one).

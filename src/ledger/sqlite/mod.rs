@@ -31,8 +31,9 @@
 //!
 //! The room: this file is the handle ([`SqliteLedger`]: open, record, reads, drop);
 //! `backend` the writer's side of a commit; `schema` the migrations and SQL; `connect` the
-//! connections, the WAL file and the lock; `checkpoint` the checkpoint thread; `journal`'s
-//! grouping per worker is `group`; `watch` the file's identity; `tests` the tests.
+//! connections, the WAL file and the lock; `checkpoint` the checkpoint thread; `journal` the
+//! crash_safe row journal and `group` its appends grouped per worker; `watch` the file's
+//! identity; `tests` the tests.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -46,7 +47,6 @@ use std::time::{Duration, Instant};
 use rusqlite::Connection;
 use time::Date;
 
-use super::journal::{self, Journal};
 use super::plan::{page_keys, usage_row, usage_sql, Dialect};
 use super::to_u64;
 use super::writer::{self, Handle, Health, Pending, Place, Policy};
@@ -58,12 +58,14 @@ use checkpoint::run_checkpoints;
 use connect::{
     lock, no_checkpoint_on_close, open_checkpointer, open_reader, open_wal, open_writer,
 };
+use journal::Journal;
 use schema::{fold, migrate, replay_journal};
 
 mod backend;
 mod checkpoint;
 mod connect;
 mod group;
+mod journal;
 mod schema;
 #[cfg(test)]
 mod tests;

@@ -5,9 +5,9 @@ use std::path::Path;
 
 use rusqlite::{params, Connection, ErrorCode, TransactionBehavior};
 
-use super::super::journal;
 use super::super::{to_i64, to_u64};
 use super::super::{LedgerError, Row};
+use super::journal;
 
 /// Versioned schema: step `i` takes `PRAGMA user_version` from `i` to `i + 1`, in its own
 /// transaction. Append new steps; never edit a released one.
