@@ -26,7 +26,7 @@ use super::journal::{self, Journal};
 use super::schema::{fold, write_error, write_rows};
 #[cfg(test)]
 use super::Fault;
-use super::{watch, WriterState, FOLD_EVERY, SYNC_EVERY, WATCH_EVERY};
+use super::{watch, FileState, FOLD_EVERY, SYNC_EVERY, WATCH_EVERY};
 use crate::config::LedgerSync;
 
 /// The SQLite side of the writer thread: its connection, the WAL's fsync, the fold into the
@@ -56,7 +56,7 @@ pub(super) struct SqliteBackend {
     pub(super) folded_at: Instant,
     /// Told after each commit; full means a checkpoint is already due.
     pub(super) wake_checkpointer: SyncSender<()>,
-    pub(super) state: Arc<WriterState>,
+    pub(super) state: Arc<FileState>,
     pub(super) health: Arc<Health>,
     /// The file opened, to notice it deleted, replaced or truncated under the gateway.
     pub(super) watch: Arc<watch::FileWatch>,
@@ -296,7 +296,7 @@ impl SqliteBackend {
         self.check_file_while(checkpoint.is_some());
     }
 
-    /// [`Writer::check_file`], comparing the size with the header only if `no_checkpoint`
+    /// [`SqliteBackend::check_file`], comparing the size with the header only if `no_checkpoint`
     /// (the caller holds `checkpoint_lock`).
     fn check_file_while(&mut self, no_checkpoint: bool) {
         if self.lost.is_some() {

@@ -8,7 +8,7 @@ use std::time::Instant;
 use rusqlite::Connection;
 
 use super::connect::no_checkpoint_on_close;
-use super::{watch, WriterState, CHECKPOINT_EVERY, WAL_REWIND_FRAMES};
+use super::{watch, FileState, CHECKPOINT_EVERY, WAL_REWIND_FRAMES};
 
 /// Copy committed WAL frames into the database file, beside the writer: a passive checkpoint
 /// takes no lock that a commit needs, so its two fsyncs never delay a caller's row. Runs after
@@ -17,7 +17,7 @@ pub(super) fn run_checkpoints(
     conn: Connection,
     wake: Receiver<()>,
     path: &str,
-    state: &WriterState,
+    state: &FileState,
     watch: &watch::FileWatch,
 ) {
     checkpoint_until_closed(&conn, &wake, path, state, watch);
@@ -30,7 +30,7 @@ pub(super) fn checkpoint_until_closed(
     conn: &Connection,
     wake: &Receiver<()>,
     path: &str,
-    state: &WriterState,
+    state: &FileState,
     watch: &watch::FileWatch,
 ) {
     while wake.recv().is_ok() {

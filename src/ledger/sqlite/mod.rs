@@ -141,7 +141,7 @@ pub struct SqliteLedger {
     health: Arc<Health>,
     checkpointer: Option<JoinHandle<()>>,
     reader: Mutex<Connection>,
-    state: Arc<WriterState>,
+    state: Arc<FileState>,
     /// crash_safe: callers append their rows here (see `journal`).
     journal: Option<Arc<Journal>>,
     /// crash_safe on a data-plane worker: rows appended a batch per turn of its loop.
@@ -165,7 +165,7 @@ enum Fault {
 /// What the writer, the checkpointer and the handle share about the file (the loop's own
 /// health is in [`Health`]).
 #[derive(Default)]
-struct WriterState {
+struct FileState {
     /// Set by the checkpointer when the WAL is long: the writer rewinds it between commits.
     wal_long: AtomicBool,
     /// The file was deleted, replaced, truncated or overwritten (sticky): no connection may
@@ -181,7 +181,7 @@ struct WriterState {
     fault: Mutex<(u64, Option<Fault>)>,
 }
 
-impl WriterState {
+impl FileState {
     fn checkpoint_lock(&self) -> MutexGuard<'_, ()> {
         self.checkpoint_lock
             .lock()
@@ -250,7 +250,7 @@ impl SqliteLedger {
         );
         let reader = open_reader(path).map_err(|e| fail(e.to_string()))?;
         let checkpoints = open_checkpointer(path).map_err(|e| fail(e.to_string()))?;
-        let state = Arc::new(WriterState::default());
+        let state = Arc::new(FileState::default());
         let (wake_checkpointer, wake) = mpsc::sync_channel(1);
         let checkpointer_display = display.clone();
         let checkpointer_state = state.clone();
@@ -345,7 +345,7 @@ impl SqliteLedger {
             health: Arc::default(),
             checkpointer: None,
             reader: Mutex::new(reader),
-            state: Arc::new(WriterState::default()),
+            state: Arc::new(FileState::default()),
             journal: None,
             group: None,
             _lock: None,
