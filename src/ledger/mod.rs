@@ -6,7 +6,9 @@
 //! and monthly aggregate tables. [`PostgresLedger`] is the fleet's: one database every replica
 //! writes to, with the same tables and semantics, rows kept in memory (up to
 //! `ledger.buffer_rows`) while the server is unreachable, and a `row_uid` per row so a retried
-//! batch is never counted twice. [`open`] picks one from the settings.
+//! batch is never counted twice. [`open`] picks one from the settings. Both write through one
+//! loop, `writer` (thread, batching, retry with back-off, health, flush on drop); each keeps
+//! only its schema, SQL and connections, and SQLite the work around a commit on one file.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -17,11 +19,11 @@ use time::{Date, OffsetDateTime};
 
 use crate::util::BoxFuture;
 
-mod journal;
 mod memory;
 mod plan;
 mod postgres;
 mod sqlite;
+mod writer;
 
 pub use memory::MemoryLedger;
 pub use postgres::PostgresLedger;
@@ -368,6 +370,16 @@ pub trait Ledger: Send + Sync + 'static {
     fn file_lost(&self) -> bool {
         false
     }
+}
+
+/// A count read back from the database (never negative there).
+pub(crate) fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+/// A count or credit amount as the databases' signed 64-bit integers store it.
+pub(crate) fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 /// The UTC day of a unix timestamp in milliseconds.

@@ -3,7 +3,7 @@
 
 use time::Date;
 
-use super::{day_key, GroupBy, UsageRow};
+use super::{day_key, GroupBy, UsageQuery, UsageRow};
 
 /// What differs between SQLite and PostgreSQL in the usage SQL.
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +27,24 @@ impl Dialect {
         sum_cast: "::BIGINT",
         alias: " AS u",
     };
+}
+
+/// A page's grouping keys (each of `q.by` once, in order) and the keys it starts after; `None`
+/// when `after` has another shape, which no page of this query has: the page is empty.
+pub(super) fn page_keys<'a>(
+    q: &UsageQuery,
+    after: Option<&'a [String]>,
+) -> Option<(Vec<GroupBy>, Option<&'a [String]>)> {
+    let mut by: Vec<GroupBy> = Vec::with_capacity(q.by.len());
+    for key in &q.by {
+        if !by.contains(key) {
+            by.push(*key);
+        }
+    }
+    match after {
+        Some(a) if a.len() != by.len() || by.is_empty() => None,
+        other => Some((by, other)),
+    }
 }
 
 /// The SQL of one page of a usage query and its bounds: the smallest aggregates that can answer

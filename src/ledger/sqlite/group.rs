@@ -17,9 +17,10 @@ use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
-use super::super::journal::{self, Journal};
+use super::super::writer::{Health, Pending};
 use super::super::{LedgerError, Row};
-use super::{Command, WriterState};
+use super::journal::{self, Journal};
+use super::Command;
 
 /// Rows per batch at most; a row beyond waits for the next batch (written one by one).
 const MAX_BATCH: usize = 256;
@@ -29,7 +30,7 @@ pub(super) struct Sink {
     journal: Arc<Journal>,
     /// `None` once the ledger closes: the writer must see its channel close.
     commands: Mutex<Option<Sender<Command>>>,
-    state: Arc<WriterState>,
+    health: Arc<Health>,
     path: PathBuf,
 }
 
@@ -37,13 +38,13 @@ impl Sink {
     pub(super) fn new(
         journal: Arc<Journal>,
         commands: Sender<Command>,
-        state: Arc<WriterState>,
+        health: Arc<Health>,
         path: PathBuf,
     ) -> Sink {
         Sink {
             journal,
             commands: Mutex::new(Some(commands)),
-            state,
+            health,
             path,
         }
     }
@@ -175,11 +176,11 @@ fn write_open_batch() {
     let mut sent = Ok(());
     let appended = sink.journal.append_many(&lines, &ends, |_, seq| {
         let Some(row) = rows.next() else { return };
-        let command = Command::Record {
-            seq: Some(seq),
+        let command = Command::Record(Pending {
+            tag: Some(seq),
             row,
             done: None,
-        };
+        });
         let delivered = match &commands {
             Some(c) => c.send(command).is_ok(),
             None => false,
@@ -192,14 +193,10 @@ fn write_open_batch() {
         Err(e) => Err(journal::write_error(&sink.path, &e)),
         // While SQLite cannot be written, costly requests fail closed, as with one row.
         Ok(()) => sent.and_then(|()| {
-            if !sink
-                .state
-                .failing
-                .load(std::sync::atomic::Ordering::Acquire)
-            {
+            if !sink.health.failing() {
                 return Ok(());
             }
-            sink.state.error().clone().map_or(Ok(()), Err)
+            sink.health.error().clone().map_or(Ok(()), Err)
         }),
     };
     slot.complete(result);

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
-use super::{LedgerError, Outcome, Row};
+use super::super::{LedgerError, Outcome, Row};
 
 /// A journal file past this size is closed and a new one started.
 const ROTATE_BYTES: u64 = 64 * 1024 * 1024;
