@@ -114,8 +114,17 @@ pub async fn serve<F, Fut>(
     let mut pending: Vec<u8> = Vec::new();
     let mut first = true;
     loop {
-        let parsed = match next_request(&stream, &mut pending, &limits, first, &mut shutdown).await
-        {
+        // Boxed: its states (timers, body framing) would otherwise size the connection's task
+        // for the whole time a request waits on the upstream; this way they live only while
+        // a request is being read.
+        let next = Box::pin(next_request(
+            &stream,
+            &mut pending,
+            &limits,
+            first,
+            &mut shutdown,
+        ));
+        let parsed = match next.await {
             Ok(p) => p,
             Err(Stop::Quiet) => return,
             Err(Stop::Refuse(status, message)) => {

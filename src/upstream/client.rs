@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
-use super::h2::{H2Pool, Lease, Sent};
+use super::h2::{H2Body, H2Pool, Lease, Sent};
 use super::{root_cause, CallError, MAX_RESPONSE_BYTES};
 use crate::config::{UpstreamProtocol, UpstreamSettings};
 
@@ -69,7 +69,7 @@ pub struct UpstreamClient {
 /// An upstream answer, with its call's place on an HTTP/2 connection held until it is dropped
 /// (after its body has been read).
 pub(crate) struct Answer {
-    pub response: Response<Incoming>,
+    pub response: Response<UpstreamBody>,
     pub lease: Option<Lease>,
 }
 
@@ -141,13 +141,13 @@ impl UpstreamClient {
 
     /// Sends one request: on an HTTP/2 connection when the upstream speaks it, else HTTP/1.1.
     /// Nothing is re-sent once it may have reached the upstream.
-    pub(crate) async fn send(&self, req: Request<Full<Bytes>>) -> Result<Answer, CallError> {
+    pub(crate) async fn send(&self, req: Request<Bytes>) -> Result<Answer, CallError> {
         let pools = self.pools();
         let req = match &pools.h2 {
             Some(h2) => match h2.send(req).await {
                 Sent::Answer(a) => {
                     return a.map(|(response, lease)| Answer {
-                        response,
+                        response: response.map(UpstreamBody::H2),
                         lease: Some(lease),
                     })
                 }
@@ -155,9 +155,9 @@ impl UpstreamClient {
             },
             None => req,
         };
-        match pools.http1.request(req).await {
+        match pools.http1.request(req.map(Full::new)).await {
             Ok(response) => Ok(Answer {
-                response,
+                response: response.map(UpstreamBody::Http1),
                 lease: None,
             }),
             Err(e) if e.is_connect() => Err(CallError::Connect(root_cause(&e))),
@@ -178,7 +178,7 @@ impl UpstreamClient {
             .path_and_query(path)
             .build()
             .map_err(|e| e.to_string())?;
-        let mut req = Request::new(Full::new(Bytes::new()));
+        let mut req = Request::new(Bytes::new());
         *req.uri_mut() = uri;
         req.headers_mut()
             .insert("x-api-key", s.api_key.header().clone());
@@ -198,7 +198,6 @@ impl UpstreamClient {
     pub fn reuse_for(&self, s: &UpstreamSettings, workers: usize) -> bool {
         self.pools.len() == workers + 1 && *self.identity == Identity::of(s)
     }
-
 }
 
 /// The webpki roots, plus `upstream.ca_file` when set.
@@ -230,4 +229,39 @@ fn tls_config(s: &UpstreamSettings) -> Result<rustls::ClientConfig, String> {
         .map_err(|e| format!("upstream TLS: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+/// An upstream answer's body, from either pool.
+pub(crate) enum UpstreamBody {
+    Http1(Incoming),
+    H2(H2Body),
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Http1(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::H2(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Http1(b) => b.is_end_stream(),
+            UpstreamBody::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpstreamBody::Http1(b) => b.size_hint(),
+            UpstreamBody::H2(b) => b.size_hint(),
+        }
+    }
 }

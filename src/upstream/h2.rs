@@ -21,22 +21,31 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Request, Response, Uri, Version};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::http2;
+use http::{HeaderMap, Request, Response, Uri};
+use http_body::{Frame, SizeHint};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::{Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::sync::watch;
 use tower::Service;
 
 use super::{root_cause, CallError};
 
-type Sender = http2::SendRequest<Full<Bytes>>;
+/// The h2 crate is used directly (not hyper's HTTP/2 client, which spawns two tasks per
+/// request: one sending its body, one waiting for its answer — ~5 KB and two task switches per
+/// call): a call sends its headers and body and waits for its answer in its own task.
+type Sender = h2::client::SendRequest<Bytes>;
 
 /// What opening a connection gave.
-type Opened = Result<(Sender, Arc<AtomicUsize>), OpenError>;
+type Opened = Result<(Sender, Arc<ConnShared>), OpenError>;
+
+/// What a connection's task tells the pool.
+struct ConnShared {
+    /// What the upstream allows at once on this connection (its latest SETTINGS).
+    allowed: AtomicUsize,
+    /// The connection's task has ended: nothing more can be sent on it.
+    closed: AtomicBool,
+}
 
 #[derive(Clone, Debug)]
 enum OpenError {
@@ -49,9 +58,9 @@ enum OpenError {
 /// What [`H2Pool::send`] did with a request.
 pub(super) enum Sent {
     /// The upstream's answer (its lease holds the call's place until dropped), or the failure.
-    Answer(Result<(Response<Incoming>, Lease), CallError>),
+    Answer(Result<(Response<H2Body>, Lease), CallError>),
     /// The upstream speaks HTTP/1.1 (`auto` over https): the request, untouched, for that pool.
-    Http1(Request<Full<Bytes>>),
+    Http1(Request<Bytes>),
 }
 
 pub(super) struct H2Pool {
@@ -89,8 +98,7 @@ enum State {
     Opening(watch::Receiver<Option<Opened>>),
     Open {
         sender: Sender,
-        /// What the upstream allows at once on this connection (its latest SETTINGS).
-        allowed: Arc<AtomicUsize>,
+        conn: Arc<ConnShared>,
     },
 }
 
@@ -140,45 +148,82 @@ impl H2Pool {
         self.slots.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-
     /// Sends one request on a connection with room, opening one if none has.
-    pub(super) async fn send(self: &Arc<Self>, mut req: Request<Full<Bytes>>) -> Sent {
+    pub(super) async fn send(self: &Arc<Self>, req: Request<Bytes>) -> Sent {
         if self.speaks_http1.load(Ordering::Relaxed) {
             return Sent::Http1(req);
         }
-        *req.version_mut() = Version::HTTP_2;
-        // A connection found closed before the request went out is tried once more on another:
-        // nothing was sent on it.
+        let (mut parts, body) = req.into_parts();
+        strip_connection_headers(&mut parts.headers);
+        // A connection found closed, or a stream the upstream refused unprocessed
+        // (REFUSED_STREAM), is tried once more on another: nothing was acted on.
         let mut retried = false;
         loop {
-            let (lease, mut sender) = match self.lease().await {
+            let (lease, sender) = match self.lease().await {
                 Ok(l) => l,
                 Err(OpenError::Http1) => {
-                    *req.version_mut() = Version::HTTP_11;
-                    return Sent::Http1(req);
+                    return Sent::Http1(Request::from_parts(parts, body));
                 }
                 Err(OpenError::Failed(m)) => {
                     return Sent::Answer(Err(CallError::Connect(m.to_string())))
                 }
             };
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Sent::Answer(Ok((resp, lease))),
-                Err(mut e) => match e.take_message() {
-                    Some(r) if !retried => {
-                        retried = true;
-                        req = r;
-                        self.forget(lease.id);
-                    }
-                    Some(_) => {
-                        return Sent::Answer(Err(CallError::Connect(format!(
-                            "the HTTP/2 connection closed before the request went out: {}",
-                            root_cause(e.error())
-                        ))))
-                    }
-                    None => {
-                        return Sent::Answer(Err(CallError::Sent(root_cause(e.error()))));
-                    }
-                },
+            let unsent = |e: h2::Error| {
+                format!(
+                    "the HTTP/2 connection closed before the request went out: {}",
+                    root_cause(&e)
+                )
+            };
+            let mut sender = match sender.ready().await {
+                Ok(s) => s,
+                Err(e) if !retried => {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection closed; retrying");
+                    retried = true;
+                    self.forget(lease.id);
+                    continue;
+                }
+                Err(e) => return Sent::Answer(Err(CallError::Connect(unsent(e)))),
+            };
+            let mut head = Request::new(());
+            *head.method_mut() = parts.method.clone();
+            *head.uri_mut() = parts.uri.clone();
+            *head.headers_mut() = parts.headers.clone();
+            let (answer, mut stream) = match sender.send_request(head, body.is_empty()) {
+                Ok(r) => r,
+                Err(e) if !retried => {
+                    tracing::debug!(error = %e, "upstream HTTP/2 stream not opened; retrying");
+                    retried = true;
+                    self.forget(lease.id);
+                    continue;
+                }
+                Err(e) => return Sent::Answer(Err(CallError::Connect(unsent(e)))),
+            };
+            if !body.is_empty() {
+                // Buffered by h2 and sent as the flow-control window allows.
+                if let Err(e) = stream.send_data(body.clone(), true) {
+                    return Sent::Answer(Err(CallError::Sent(root_cause(&e))));
+                }
+            }
+            match answer.await {
+                Ok(resp) => {
+                    let declared = resp
+                        .headers()
+                        .get(http::header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse().ok());
+                    let resp = resp.map(|recv| H2Body { recv, declared });
+                    return Sent::Answer(Ok((resp, lease)));
+                }
+                Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) && !retried => {
+                    retried = true;
+                }
+                Err(e) if e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+                    return Sent::Answer(Err(CallError::Connect(format!(
+                        "the upstream refused the stream unprocessed: {}",
+                        root_cause(&e)
+                    ))))
+                }
+                Err(e) => return Sent::Answer(Err(CallError::Sent(root_cause(&e)))),
             }
         }
     }
@@ -191,16 +236,16 @@ impl H2Pool {
             let idle = self.idle_timeout;
             slots.list.retain(|s| match &s.state {
                 State::Opening(_) => true,
-                State::Open { sender, .. } => {
-                    !sender.is_closed()
+                State::Open { conn, .. } => {
+                    !conn.closed.load(Ordering::Acquire)
                         && (s.in_flight > 0 || now.duration_since(s.idle_since) < idle)
                 }
             });
             let max = self.max_streams;
             let found = slots.list.iter_mut().find(|s| match &s.state {
                 State::Opening(_) => s.in_flight < max,
-                State::Open { allowed, .. } => {
-                    s.in_flight < max.min(allowed.load(Ordering::Relaxed).max(1))
+                State::Open { conn, .. } => {
+                    s.in_flight < max.min(conn.allowed.load(Ordering::Relaxed).max(1))
                 }
             });
             match found {
@@ -258,11 +303,11 @@ impl H2Pool {
         {
             let mut slots = self.lock();
             match &opened {
-                Ok((sender, allowed)) => {
+                Ok((sender, conn)) => {
                     if let Some(slot) = slots.list.iter_mut().find(|s| s.id == id) {
                         slot.state = State::Open {
                             sender: sender.clone(),
-                            allowed: allowed.clone(),
+                            conn: conn.clone(),
                         };
                         if slot.in_flight == 0 {
                             slot.idle_since = Instant::now();
@@ -300,21 +345,24 @@ impl H2Pool {
             }
             return Err(OpenError::Failed(NOT_H2.into()));
         }
-        let mut builder = http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            // A dead peer is noticed while calls wait on it, not only when the OS gives up.
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(10));
-        let (sender, conn) = builder.handshake(io).await.map_err(|e| {
-            OpenError::Failed(format!("HTTP/2 handshake: {}", root_cause(&e)).into())
-        })?;
-        let allowed = Arc::new(AtomicUsize::new(self.max_streams));
-        tokio::spawn(Watched {
-            conn: Box::pin(conn),
-            allowed: allowed.clone(),
+        let (sender, conn) = h2::client::Builder::new()
+            // Answers are read as they come; the windows only let big ones stream.
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(8 << 20)
+            .handshake::<_, Bytes>(TokioIo::new(io))
+            .await
+            .map_err(|e| {
+                OpenError::Failed(format!("HTTP/2 handshake: {}", root_cause(&e)).into())
+            })?;
+        let shared = Arc::new(ConnShared {
+            allowed: AtomicUsize::new(self.max_streams),
+            closed: AtomicBool::new(false),
         });
-        Ok((sender, allowed))
+        tokio::spawn(Watched {
+            conn,
+            shared: shared.clone(),
+        });
+        Ok((sender, shared))
     }
 }
 
@@ -342,32 +390,87 @@ fn refused_alpn(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Drives a connection and publishes what the upstream allows on it after every turn.
-struct Watched<T>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    conn: Pin<Box<http2::Connection<T, Full<Bytes>, TokioExecutor>>>,
-    allowed: Arc<AtomicUsize>,
+/// Drives a connection and publishes what the upstream allows on it after every turn, and
+/// when it has ended.
+struct Watched<T> {
+    conn: h2::client::Connection<T, Bytes>,
+    shared: Arc<ConnShared>,
 }
 
 impl<T> Future for Watched<T>
 where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let done = self.conn.as_mut().poll(cx);
-        let allowed = self.conn.current_max_send_streams();
-        self.allowed.store(allowed, Ordering::Relaxed);
+        let done = Pin::new(&mut self.conn).poll(cx);
+        let allowed = self.conn.max_concurrent_send_streams();
+        self.shared.allowed.store(allowed, Ordering::Relaxed);
         match done {
-            Poll::Ready(Err(e)) => {
-                tracing::debug!(error = %e, "upstream HTTP/2 connection closed");
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(r) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection closed");
+                }
+                self.shared.closed.store(true, Ordering::Release);
                 Poll::Ready(())
             }
-            Poll::Ready(Ok(())) => Poll::Ready(()),
+        }
+    }
+}
+
+/// Headers HTTP/2 forbids (RFC 9113 §8.2.2); the h2 crate refuses a request carrying them.
+fn strip_connection_headers(h: &mut HeaderMap) {
+    for name in [
+        http::header::CONNECTION,
+        http::header::TRANSFER_ENCODING,
+        http::header::UPGRADE,
+        http::header::HeaderName::from_static("keep-alive"),
+        http::header::HeaderName::from_static("proxy-connection"),
+    ] {
+        h.remove(&name);
+    }
+    if h.get(http::header::TE)
+        .is_some_and(|v| v.as_bytes() != b"trailers")
+    {
+        h.remove(http::header::TE);
+    }
+}
+
+/// An answer's body on its HTTP/2 stream; each chunk read gives its window back at once.
+pub(crate) struct H2Body {
+    recv: h2::RecvStream,
+    /// Its `Content-Length` (h2 checks the data against it).
+    declared: Option<u64>,
+}
+
+impl http_body::Body for H2Body {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        match self.recv.poll_data(cx) {
+            Poll::Ready(Some(Ok(data))) => {
+                let _ = self.recv.flow_control().release_capacity(data.len());
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
+            // Trailers are not forwarded.
+            Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.declared
+            .map_or_else(SizeHint::default, SizeHint::with_exact)
     }
 }

@@ -17,7 +17,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
 use tower::Service;
 
 pub use budget::AnswerBudget;
@@ -85,8 +84,6 @@ impl Service<Request<Bytes>> for Upstream {
         Box::pin(async move {
             let log = req.extensions().get::<Arc<RequestLog>>().cloned();
             let route = log.as_ref().map(|l| l.route).unwrap_or("other");
-            let (parts, body) = req.into_parts();
-            let req = Request::from_parts(parts, Full::new(body));
             let started = Instant::now();
             let fail = |kind: &'static str, message: String, maybe_sent: bool| {
                 let err = GatewayError::UpstreamUnavailable {
