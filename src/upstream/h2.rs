@@ -230,7 +230,7 @@ impl H2Pool {
 
     /// A place on a connection with room: an open one, one being opened, or a new one.
     async fn lease(self: &Arc<Self>) -> Result<(Lease, Sender), OpenError> {
-        let (lease, mut opening) = {
+        let (lease, opening) = {
             let mut slots = self.lock();
             let now = Instant::now();
             let idle = self.idle_timeout;
@@ -281,10 +281,16 @@ impl H2Pool {
                 }
             }
         };
-        let opened = match opening.wait_for(Option::is_some).await {
-            Ok(v) => v.clone(),
-            Err(_) => None,
-        };
+        // Boxed: only the calls that wait for a connection being opened pay for this state;
+        // it would otherwise size every call's future.
+        let mut opening = opening;
+        let opened = Box::pin(async move {
+            match opening.wait_for(Option::is_some).await {
+                Ok(v) => v.clone(),
+                Err(_) => None,
+            }
+        })
+        .await;
         match opened {
             Some(Ok((sender, _))) => Ok((lease, sender)),
             Some(Err(e)) => Err(e),
