@@ -7,6 +7,8 @@
 #   bash benches/load.sh --fleet    # adds fleet mode (Redis + PostgreSQL) against embedded
 #   bash benches/load.sh --profile  # also records `perf record -g` of the gateway at 64
 #                                   # connections (target/load/perf.data, perf-report.txt)
+#   bash benches/load.sh --syscalls # also counts syscalls per request (strace -c -f, 5 s at 64
+#                                   # connections) of nginx and the gateway: target/load/syscalls-*.txt
 #   BARE=1 bash benches/load.sh     # adds ../shared/calibration/bare-hyper (the floor of a
 #                                   # plain hyper proxy) as a target, where that folder exists
 #   LGW_BIN=path bash benches/load.sh       # measure that binary instead of building one
@@ -34,13 +36,15 @@ QUICK=0
 SOAK=0
 FLEET=0
 PROFILE=0
+SYSCALLS=0
 for a in "$@"; do
   case "$a" in
     --quick) QUICK=1 ;;
     --soak) SOAK=1 ;;
     --fleet) FLEET=1 ;;
     --profile) PROFILE=1 ;;
-    *) echo "usage: bash benches/load.sh [--quick] [--soak] [--fleet] [--profile]" >&2; exit 2 ;;
+    --syscalls) SYSCALLS=1 ;;
+    *) echo "usage: bash benches/load.sh [--quick] [--soak] [--fleet] [--profile] [--syscalls]" >&2; exit 2 ;;
   esac
 done
 DUR=${DUR:-$([ "$QUICK" = 1 ] && echo 5 || echo 15)}
@@ -54,10 +58,10 @@ SLOW_PROTOCOLS=${SLOW_PROTOCOLS:-http2}
 GW_LOG=${GW_LOG:-info}   # the gateway's --log-level (info: one line per request)
 
 need() { command -v "$1" >/dev/null 2>&1; }
-if ! need nginx || ! need wrk || { [ "$PROFILE" = 1 ] && ! need perf; }; then
-  echo "installing nginx, wrk and perf (Debian packages)..."
+if ! need nginx || ! need wrk || { [ "$PROFILE" = 1 ] && ! need perf; } || { [ "$SYSCALLS" = 1 ] && ! need strace; }; then
+  echo "installing nginx, wrk, perf and strace (Debian packages)..."
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq nginx wrk linux-perf >/dev/null
+  apt-get update -qq && apt-get install -y -qq nginx wrk linux-perf strace >/dev/null
 fi
 if [ -n "${LGW_BIN:-}" ]; then
   BIN=$LGW_BIN
@@ -284,6 +288,21 @@ if [ "$PROFILE" = 1 ]; then
   wait "$PERF" || true
   perf report -i "$OUT/perf.data" --no-children --sort comm,dso,symbol --stdio 2>/dev/null | head -200 > "$OUT/perf-report.txt" || true
   echo "  $OUT/perf.data, top of the report in $OUT/perf-report.txt"
+fi
+
+# Syscalls per request (strace slows the target down; the counts per request are what matter).
+if [ "$SYSCALLS" = 1 ]; then
+  for t in "nginx $NGX $P_NGX" "gateway $GW $P_GW"; do
+    read -r name pid port <<<"$t"
+    args=(); for p in $(procs "$pid"); do args+=(-p "$p"); done
+    strace -c -f -o "$OUT/syscalls-$name.raw" "${args[@]}" & ST=$!
+    sleep 0.5
+    n=$(LGW_KEY=$VKEY wrk -t2 -c64 -d5s -s "$WORK/post.lua" "http://127.0.0.1:$port" | awk '/^RESULT/ {print $2}')
+    kill -INT "$ST" 2>/dev/null; wait "$ST" 2>/dev/null || true
+    awk -v n="$n" -v name="$name" 'BEGIN {printf "%s: %d requests under strace; syscalls per request:\n", name, n}
+      $NF ~ /^[a-z_0-9]+$/ && $4 ~ /^[0-9]+$/ && $NF != "total" {printf "  %-16s %6.2f\n", $NF, $4 / n; t += $4}
+      END {printf "  %-16s %6.2f\n", "all", t / n}' "$OUT/syscalls-$name.raw" | tee "$OUT/syscalls-$name.txt"
+  done
 fi
 
 if [ "$SOAK" = 1 ]; then
