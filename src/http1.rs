@@ -64,19 +64,37 @@ pub struct Limits {
 }
 
 /// Reads what the socket has (once readable) onto the end of `buf`; `Ok(0)`: closed.
+///
+/// A read that returns fewer bytes than asked for has drained the socket, so its readiness
+/// is cleared then and there (nginx's `rev->ready = 0` after a short `recv`): the next wait
+/// parks on the reactor instead of paying a `recv` that can only say `EAGAIN` — one syscall
+/// fewer per request, since the codec watches every connection for a hang-up while its
+/// answer is pending. Safe with tokio's edge-triggered readiness: bytes that arrive after
+/// the read raise a new event, which the clear (bound to the event it saw) leaves alone.
 async fn read_more(stream: &TcpStream, buf: &mut Vec<u8>, want: usize) -> io::Result<usize> {
     loop {
         stream.readable().await?;
         let got = SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             let cap = want.clamp(1, s.len());
-            match stream.try_read(&mut s[..cap]) {
-                Ok(n) => {
+            let mut read = None;
+            let result = stream.try_io(tokio::io::Interest::READABLE, || {
+                let n = stream.try_read(&mut s[..cap])?;
+                read = Some(n);
+                if n > 0 && n < cap {
+                    // Drained: clear the readiness (the bytes are kept below).
+                    Err(io::ErrorKind::WouldBlock.into())
+                } else {
+                    Ok(())
+                }
+            });
+            match (read, result) {
+                (Some(n), _) => {
                     buf.extend_from_slice(&s[..n]);
                     Ok(Some(n))
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-                Err(e) => Err(e),
+                (None, Err(e)) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
+                (None, _) => Ok(None),
             }
         })?;
         if let Some(n) = got {
@@ -183,7 +201,7 @@ async fn next_request(
             KEEP_ALIVE_IDLE
         };
         tokio::select! {
-            read = tokio::time::timeout(idle, read_more(stream, pending, MAX_HEAD_BYTES)) => match read {
+            read = crate::deadline::timeout(idle, read_more(stream, pending, MAX_HEAD_BYTES)) => match read {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return Err(Stop::Quiet),
             },

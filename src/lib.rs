@@ -10,6 +10,7 @@ pub mod budgets;
 pub mod config;
 pub mod context;
 pub mod dashboard;
+pub mod deadline;
 pub mod demo;
 pub mod detach;
 pub mod emulator;

@@ -325,7 +325,7 @@ where
     S: Service<Request<Bytes>, Response = Response<Bytes>, Error = GatewayError>,
 {
     let process = &shared.process;
-    let result = match tokio::time::timeout(timeout, inner.call(req)).await {
+    let result = match crate::deadline::timeout(timeout, inner.call(req)).await {
         Ok(r) => r,
         Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
     };

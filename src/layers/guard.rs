@@ -157,7 +157,7 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let _slot = slot;
-            match tokio::time::timeout(timeout, fut).await {
+            match crate::deadline::timeout(timeout, fut).await {
                 Ok(r) => r,
                 Err(_) => Err(GatewayError::UpstreamTimeout(timeout)),
             }
