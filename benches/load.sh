@@ -229,6 +229,17 @@ cpu_ticks() { local t=0 p; for p in $(procs "$1"); do t=$((t + $(awk '{print $14
 peak_rss_mb() { local k=0 p; for p in $(procs "$1"); do k=$((k + $(awk '/VmHWM/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0))); done; awk -v k="$k" 'BEGIN {printf "%.1f", k / 1024}'; }
 rss_mb() { awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 TCK=$(getconf CLK_TCK)
+# CPU ticks of a process's threads by name (lgw-worker-N counted as one), as "name ticks" lines.
+thread_ticks() {
+  for t in /proc/"$1"/task/*; do
+    awk -v c="$(cat "$t/comm" 2>/dev/null)" '{sub(/-[0-9]+$/, "", c); print c, $14 + $15}' "$t/stat" 2>/dev/null
+  done | awk '{t[$1] += $2} END {for (c in t) print c, t[c]}'
+}
+# "name µs/req ..." of the threads that took at least 1 µs per request between two snapshots.
+thread_split() { # before after requests
+  awk -v tck="$TCK" -v r="$3" 'NR == FNR {b[$1] = $2; next} {d = ($2 - b[$1]) / tck * 1e6 / (r > 0 ? r : 1); if (d >= 0.05) printf "%s %.1f ", $1, d}' \
+    <(echo "$1") <(echo "$2")
+}
 
 nginx -p "$WORK" -c "$WORK/upstream.conf" -g 'daemon off;' & UP=$!; PIDS+=($UP)
 nginx -p "$WORK" -c "$WORK/proxy.conf" -g 'daemon off;' & NGX=$!; PIDS+=($NGX)
@@ -245,10 +256,12 @@ if [ -n "$GW_B" ]; then
 fi
 
 ROWS=()
+SPLITS=()
 run() { # name url conns duration pid(optional) path
   local name=$1 url=$2 c=$3 d=$4 pid=${5:-} path=${6:-/v2/profiles}
   local t=$(( c < 2 ? 1 : 2 ))
-  local before=0; [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+  local before=0 threads0=""; [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+  case "$name" in gateway*|slow*|fleet) threads0=$(thread_ticks "$pid") ;; esac
   local line
   line=$(LGW_KEY=$VKEY LGW_PATH=$path wrk -t"$t" -c"$c" -d"${d}s" --timeout 10s -s "$WORK/post.lua" "$url" | grep '^RESULT')
   read -r _ reqs secs p50 p99 p999 errs status <<<"$line"
@@ -257,6 +270,10 @@ run() { # name url conns duration pid(optional) path
   if [ -n "$pid" ]; then
     rss=$(peak_rss_mb "$pid")
     cpu=$(awk -v a="$before" -v b="$(cpu_ticks "$pid")" -v t="$TCK" -v r="$reqs" 'BEGIN {printf "%.1f", (b - a) / t * 1e6 / (r > 0 ? r : 1)}')
+  fi
+  if [ -n "$threads0" ]; then
+    SPLITS+=("$name c=$c CPU µs/req by thread: $(thread_split "$threads0" "$(thread_ticks "$pid")" "$reqs")")
+    echo "    ${SPLITS[-1]}"
   fi
   ROWS+=("$name|$c|$rps|$(awk -v u="$p50" 'BEGIN{printf "%.3f", u/1000}')|$(awk -v u="$p99" 'BEGIN{printf "%.3f", u/1000}')|$(awk -v u="$p999" 'BEGIN{printf "%.3f", u/1000}')|$errs|$rss|$cpu")
   eval "RPS_${name}_${c}=$rps; P99_${name}_${c}=$p99; CPU_${name}_${c}=$cpu; RSS_${name}_${c}=$rss"
@@ -396,6 +413,10 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else
       sg=RSS_${name}_$SLOW_CONNS
       echo "Slow upstream (200 ms), $SLOW_CONNS connections: peak RSS gateway ($proto upstream) ${!sg:-?} MB, nginx ${!sn:-?} MB (errors in the table above)."
     done
+  fi
+  if [ ${#SPLITS[@]} -gt 0 ]; then
+    echo
+    for l in "${SPLITS[@]}"; do echo "- $l"; done
   fi
   [ -n "${SOAK_LINE:-}" ] && { echo; echo "$SOAK_LINE"; }
   if [ "$FLEET" = 1 ]; then

@@ -2,7 +2,7 @@
 //! one transaction on the writer's connection, and around it the work only SQLite has, which
 //! the loop calls through the [`Backend`] hooks: the WAL fsynced at least once a second
 //! (`crash_safe`) and at flush and close, the journal trimmed once its rows are durable, the
-//! aggregates folded from the rows about once a second, the WAL rewound between two commits,
+//! aggregates folded from the rows every five seconds, the WAL rewound between two commits,
 //! and the file watched (deleted, replaced, truncated, overwritten), after which nothing more
 //! is written to it and the rows committed since the last check are kept again.
 //!
