@@ -292,9 +292,8 @@ impl<F: Future> Future for Timeout<F> {
             return Poll::Ready(Ok(out));
         }
         if let Timer::Unset = this.timer {
-            *this.timer = register(*this.dur, cx.waker()).unwrap_or_else(|| {
-                Timer::Tokio(Box::pin(tokio::time::sleep(*this.dur)))
-            });
+            *this.timer = register(*this.dur, cx.waker())
+                .unwrap_or_else(|| Timer::Tokio(Box::pin(tokio::time::sleep(*this.dur))));
         }
         match this.timer {
             Timer::Unset => Poll::Pending,
@@ -313,8 +312,7 @@ impl<F: Future> Future for Timeout<F> {
                             .entries
                             .get_mut(key)
                             .filter(|e| e.gen == gen)?;
-                        if !e.fired && !e.waker.as_ref().is_some_and(|x| x.will_wake(cx.waker()))
-                        {
+                        if !e.fired && !e.waker.as_ref().is_some_and(|x| x.will_wake(cx.waker())) {
                             e.waker = Some(cx.waker().clone());
                         }
                         Some(e.fired)

@@ -1,5 +1,6 @@
-//! The upstream client: per data-plane worker, an HTTP/1.1 pool (hyper-util's pooled client
-//! over hyper-rustls) and, when the upstream speaks HTTP/2 (`upstream.protocol`), a pool of
+//! The upstream client: per data-plane worker, an HTTP/1.1 pool (over plain TCP our own,
+//! [`super::h1`], spoken in the caller's task; over TLS hyper-util's pooled client over
+//! hyper-rustls) and, when the upstream speaks HTTP/2 (`upstream.protocol`), a pool of
 //! several multiplexed HTTP/2 connections ([`super::h2`]).
 
 use std::path::PathBuf;
@@ -18,6 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
+use super::h1::{H1Body, H1Pool};
 use super::h2::{H2Body, H2Pool, Lease, Sent};
 use super::{root_cause, CallError, MAX_RESPONSE_BYTES};
 use crate::config::{UpstreamProtocol, UpstreamSettings};
@@ -29,7 +31,10 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// One worker's connections to the upstream.
 struct Pools {
+    /// HTTP/1.1 over TLS (hyper-util).
     http1: Http1,
+    /// HTTP/1.1 over plain TCP, in the caller's task ([`super::h1`]); `None` for https.
+    plain: Option<Arc<H1Pool>>,
     /// `None`: the upstream is spoken to over HTTP/1.1 only.
     h2: Option<Arc<H2Pool>>,
 }
@@ -103,8 +108,20 @@ impl UpstreamClient {
             .path_and_query("/")
             .build()
             .map_err(|e| format!("upstream.url: {e}"))?;
+        let plain_addr = format!(
+            "{}:{}",
+            s.authority.host(),
+            s.authority.port_u16().unwrap_or(80)
+        );
         let pools = (0..=workers)
             .map(|_| Pools {
+                plain: (!https).then(|| {
+                    Arc::new(H1Pool::new(
+                        plain_addr.clone(),
+                        s.host.clone(),
+                        s.connect_timeout,
+                    ))
+                }),
                 http1: Client::builder(TokioExecutor::new())
                     .pool_timer(TokioTimer::new())
                     .timer(TokioTimer::new())
@@ -155,6 +172,12 @@ impl UpstreamClient {
             },
             None => req,
         };
+        if let Some(plain) = &pools.plain {
+            return plain.send(req).await.map(|response| Answer {
+                response: response.map(UpstreamBody::Plain),
+                lease: None,
+            });
+        }
         match pools.http1.request(req.map(Full::new)).await {
             Ok(response) => Ok(Answer {
                 response: response.map(UpstreamBody::Http1),
@@ -234,6 +257,7 @@ fn tls_config(s: &UpstreamSettings) -> Result<rustls::ClientConfig, String> {
 /// An upstream answer's body, from either pool.
 pub(crate) enum UpstreamBody {
     Http1(Incoming),
+    Plain(H1Body),
     H2(H2Body),
 }
 
@@ -247,6 +271,7 @@ impl http_body::Body for UpstreamBody {
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
             UpstreamBody::Http1(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Plain(b) => std::pin::Pin::new(b).poll_frame(cx),
             UpstreamBody::H2(b) => std::pin::Pin::new(b).poll_frame(cx).map_err(Into::into),
         }
     }
@@ -254,6 +279,7 @@ impl http_body::Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match self {
             UpstreamBody::Http1(b) => b.is_end_stream(),
+            UpstreamBody::Plain(b) => b.is_end_stream(),
             UpstreamBody::H2(b) => b.is_end_stream(),
         }
     }
@@ -261,6 +287,7 @@ impl http_body::Body for UpstreamBody {
     fn size_hint(&self) -> http_body::SizeHint {
         match self {
             UpstreamBody::Http1(b) => b.size_hint(),
+            UpstreamBody::Plain(b) => b.size_hint(),
             UpstreamBody::H2(b) => b.size_hint(),
         }
     }

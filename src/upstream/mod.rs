@@ -2,11 +2,13 @@
 //! to `GatewayError`. Nothing is retried once the request may have reached the upstream; a
 //! request is only re-sent when it was never written (a pooled connection closed under it).
 //!
-//! - [`client`]: the pooled client (HTTP/1.1 by hyper-util, HTTP/2 by [`h2`]'s pool);
+//! - [`client`]: the pooled client (HTTP/1.1 by [`h1`] over plain TCP and hyper-util over TLS,
+//!   HTTP/2 by [`h2`]'s pool);
 //! - [`budget`]: the process-wide budget of bytes held by buffered answers.
 
 mod budget;
 mod client;
+mod h1;
 mod h2;
 
 use std::future::Future;
