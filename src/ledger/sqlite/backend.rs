@@ -23,7 +23,7 @@ use super::super::writer::{Backend, Health, Pending};
 use super::super::LedgerError;
 use super::connect::{no_checkpoint_on_close, open_wal, open_writer};
 use super::journal::{self, Journal};
-use super::schema::{fold, write_error, write_rows};
+use super::schema::{write_error, write_rows};
 #[cfg(test)]
 use super::Fault;
 use super::{watch, FileState, FOLD_EVERY, SYNC_EVERY, WATCH_EVERY};
@@ -54,6 +54,8 @@ pub(super) struct SqliteBackend {
     /// Rows committed since the last fold into the aggregates.
     pub(super) unfolded: bool,
     pub(super) folded_at: Instant,
+    /// The rows committed since the last fold, grouped as the aggregates are.
+    pub(super) tally: super::tally::Tally,
     /// Told after each commit; full means a checkpoint is already due.
     pub(super) wake_checkpointer: SyncSender<()>,
     pub(super) state: Arc<FileState>,
@@ -208,6 +210,10 @@ impl SqliteBackend {
         };
         match write_rows(&conn, rows.iter().map(|p| &p.row), through) {
             Ok(()) => {
+                if !rows.is_empty() {
+                    self.tally
+                        .add(rows.iter().map(|p| &p.row), conn.last_insert_rowid());
+                }
                 if through.is_some() {
                     self.synced_through = through;
                 }
@@ -243,7 +249,7 @@ impl SqliteBackend {
             return;
         }
         let Some(conn) = &self.conn else { return };
-        match fold(conn) {
+        match self.tally.fold(conn) {
             Ok(()) => {
                 self.unfolded = false;
                 self.folded_at = Instant::now();

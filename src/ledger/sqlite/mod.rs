@@ -67,6 +67,7 @@ mod connect;
 mod group;
 mod journal;
 mod schema;
+mod tally;
 #[cfg(test)]
 mod tests;
 mod watch;
@@ -270,6 +271,7 @@ impl SqliteLedger {
             })
             .map_err(|e| fail(format!("cannot start the checkpoint thread: {e}")))?;
 
+        let tally = tally::Tally::start(&conn);
         let backend = SqliteBackend {
             path: path.to_path_buf(),
             display: display.clone(),
@@ -284,6 +286,7 @@ impl SqliteLedger {
             wal: open_wal(path).ok(),
             unfolded: false,
             folded_at: Instant::now(),
+            tally,
             wake_checkpointer,
             state: state.clone(),
             health: Arc::default(),

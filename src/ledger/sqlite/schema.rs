@@ -266,26 +266,38 @@ pub(super) fn replay_journal(conn: &Connection, path: &Path) -> Result<u64, Stri
 /// process opening the file after a crash).
 pub(super) fn fold(conn: &Connection) -> rusqlite::Result<()> {
     let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
-    let through: i64 = tx.query_row(
+    let (through, last) = read_marks(&tx)?;
+    fold_range(&tx, through, last)?;
+    tx.commit()
+}
+
+/// The watermark (the last row the aggregates count) and the last row.
+pub(super) fn read_marks(conn: &Connection) -> rusqlite::Result<(i64, i64)> {
+    let through: i64 = conn.query_row(
         "SELECT value FROM ledger_meta WHERE key = 'aggregated_through'",
         [],
         |r| r.get(0),
     )?;
-    let last: i64 = tx.query_row("SELECT COALESCE(MAX(id), 0) FROM ledger_rows", [], |r| {
+    let last: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM ledger_rows", [], |r| {
         r.get(0)
     })?;
+    Ok((through, last))
+}
+
+/// Within a transaction: fold rows `(through, last]` by SQL and move the watermark to `last`.
+pub(super) fn fold_range(conn: &Connection, through: i64, last: i64) -> rusqlite::Result<()> {
     if last > through {
         for (i, sql) in FOLD.iter().enumerate() {
-            let mut stmt = tx.prepare_cached(sql)?;
+            let mut stmt = conn.prepare_cached(sql)?;
             if i == 1 {
                 stmt.execute(params![through, last])?;
             } else {
                 stmt.execute([])?;
             }
         }
-        tx.prepare_cached("UPDATE ledger_meta SET value = ?1 WHERE key = 'aggregated_through'")?
+        conn.prepare_cached("UPDATE ledger_meta SET value = ?1 WHERE key = 'aggregated_through'")?
             .execute([last])?;
-        tx.execute("DELETE FROM temp.fold_batch", [])?;
+        conn.execute("DELETE FROM temp.fold_batch", [])?;
     }
-    tx.commit()
+    Ok(())
 }
