@@ -123,9 +123,9 @@ pub async fn serve<F, Fut>(
     limits: Limits,
     process: Arc<Process>,
     mut shutdown: watch::Receiver<bool>,
-    call: F,
+    mut call: F,
 ) where
-    F: Fn(Request<DataBody>) -> Fut,
+    F: FnMut(Request<DataBody>) -> Fut,
     Fut: Future<Output = Response<Bytes>>,
 {
     // Bytes read but not yet part of an answered request (a partial head, pipelined requests).
@@ -153,19 +153,22 @@ pub async fn serve<F, Fut>(
         first = false;
         let head_only = parsed.req.method() == Method::HEAD;
         let mut keep_alive = parsed.keep_alive;
-        let answer = call(parsed.req);
-        tokio::pin!(answer);
         // While the answer is pending the socket is watched: end of stream is a hang-up (the
-        // request future is dropped); pipelined bytes are kept for later.
-        let mut watching = true;
-        let resp = loop {
-            tokio::select! {
-                biased;
-                resp = &mut answer => break resp,
-                more = read_more(&stream, &mut pending, MAX_HEAD_BYTES), if watching => match more {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => watching = pending.len() < MAX_HEAD_BYTES,
-                },
+        // request future is dropped); pipelined bytes are kept for later. In a block of its
+        // own, so the answer's future and the write's share the task's room.
+        let resp = {
+            let answer = call(parsed.req);
+            tokio::pin!(answer);
+            let mut watching = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    resp = &mut answer => break resp,
+                    more = read_more(&stream, &mut pending, MAX_HEAD_BYTES), if watching => match more {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => watching = pending.len() < MAX_HEAD_BYTES,
+                    },
+                }
             }
         };
         if *shutdown.borrow() {
@@ -524,6 +527,22 @@ async fn write_response(
     head_only: bool,
     keep_alive: bool,
 ) -> io::Result<()> {
+    // The head is built before the first await: only its bytes and the body are kept while
+    // the answer is written, not the whole response (a smaller connection task).
+    let (head, body) = encode_response(resp, head_only, keep_alive);
+    match body {
+        Some(body) => write_two(stream, &head, &body).await,
+        None => write_all(stream, &head).await,
+    }
+}
+
+/// The answer's bytes: its head (with the body behind it when small), and a body to write
+/// after it when large.
+fn encode_response(
+    resp: Response<Bytes>,
+    head_only: bool,
+    keep_alive: bool,
+) -> (Vec<u8>, Option<Bytes>) {
     let (parts, body) = resp.into_parts();
     let status = parts.status;
     let bodyless = status.is_informational()
@@ -571,13 +590,13 @@ async fn write_response(
     DATE.with(|d| head.extend_from_slice(d.borrow_mut().now()));
     head.extend_from_slice(b"\r\n\r\n");
     if bodyless || head_only || body.is_empty() {
-        return write_all(stream, &head).await;
+        return (head, None);
     }
     if body.len() < COPY_BODY_BELOW {
         head.extend_from_slice(&body);
-        return write_all(stream, &head).await;
+        return (head, None);
     }
-    write_two(stream, &head, &body).await
+    (head, Some(body))
 }
 
 fn itoa(n: usize) -> String {

@@ -125,7 +125,11 @@ fn init_logging(format: Option<LogFormat>, level: Option<&str>) -> LogGuards {
         Some(LogFormat::Text) => false,
         None => !std::io::stdout().is_terminal(),
     };
+    // 8,192 lines of operational log buffered (tracing-appender's default, 128,000, is a
+    // channel of that many slots allocated up front: 6 MB of every process's RSS, heaptrack).
+    // The access log has a writer of its own (`access_log`).
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(8_192)
         .lossy(false)
         .finish(std::io::stdout());
     let builder = tracing_subscriber::fmt()

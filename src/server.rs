@@ -470,6 +470,53 @@ fn bind_data(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::
         .collect()
 }
 
+/// A connection's own handle on the stack, kept from one request to the next while the config
+/// generation stays the same. Cloning the stack per request (what `oneshot` on the shared one
+/// does) costs an allocation and an increment and decrement of every layer's `Arc`s, counters
+/// that both workers share: cache lines bouncing between cores on every request.
+struct ConnStack {
+    current: Arc<ArcSwap<Generation>>,
+    generation: Arc<Generation>,
+    stack: Stack<DataBody>,
+}
+
+impl ConnStack {
+    fn new(current: Arc<ArcSwap<Generation>>) -> ConnStack {
+        let generation = current.load_full();
+        let stack = generation.stack.clone();
+        ConnStack {
+            current,
+            generation,
+            stack,
+        }
+    }
+
+    fn call(
+        &mut self,
+        req: http::Request<DataBody>,
+    ) -> futures_util::future::Either<
+        <Stack<DataBody> as tower::Service<http::Request<DataBody>>>::Future,
+        tower::util::Oneshot<Stack<DataBody>, http::Request<DataBody>>,
+    > {
+        {
+            let now = self.current.load();
+            if !Arc::ptr_eq(&*now, &self.generation) {
+                self.generation = Arc::clone(&*now);
+                self.stack = now.stack.clone();
+            }
+        }
+        // Every layer is ready at once (limits are checked in `call`, never in `poll_ready`:
+        // see ARCHITECTURE); should one ever not be, the request waits on a clone of its own.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match tower::Service::poll_ready(&mut self.stack, &mut cx) {
+            std::task::Poll::Ready(Ok(())) => {
+                futures_util::future::Either::Left(tower::Service::call(&mut self.stack, req))
+            }
+            _ => futures_util::future::Either::Right(self.stack.clone().oneshot(req)),
+        }
+    }
+}
+
 /// One worker's accept loop: serve every connection it accepts until shutdown, then drain.
 pub(crate) async fn serve_data(
     listener: TcpListener,
@@ -492,6 +539,9 @@ pub(crate) async fn serve_data(
         .max_concurrent_streams(256)
         .max_pending_accept_reset_streams(64)
         .max_header_list_size(64 * 1024);
+    // Shared by the connections: a clone of the builder (both protocols' settings, about a
+    // kilobyte) would live in every connection's task for as long as it stays open.
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let live = Live::default();
     loop {
@@ -528,7 +578,10 @@ pub(crate) async fn serve_data(
                                 let conn = builder
                                     .serve_connection(TokioIo::new(stream), data_service(current, None))
                                     .into_owned();
-                                if let Err(e) = watcher.watch(conn).await {
+                                // Boxed: hyper's HTTP/2 connection is a large future, and as a
+                                // state of this task it would size every connection's task,
+                                // the HTTP/1.1 ones (the many) included.
+                                if let Err(e) = Box::pin(watcher.watch(conn)).await {
                                     tracing::debug!(error = %e, "connection closed with an error");
                                 }
                             }
@@ -540,10 +593,11 @@ pub(crate) async fn serve_data(
                                 };
                                 let process = s.process.clone();
                                 drop(s);
+                                let mut stack = ConnStack::new(current);
                                 crate::http1::serve(stream, limits, process, shutdown, |req| {
-                                    let stack = current.load().stack.clone();
+                                    let answer = stack.call(req);
                                     async move {
-                                        match stack.oneshot(req).await {
+                                        match answer.await {
                                             Ok(resp) => resp,
                                             Err(never) => match never {},
                                         }
