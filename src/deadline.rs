@@ -41,6 +41,9 @@ struct Entry {
     waker: Option<Waker>,
 }
 
+/// One duration's deadlines in order, as `(deadline, key, gen)`.
+type Queue = VecDeque<(Instant, usize, u64)>;
+
 /// One worker's timeouts.
 struct Wheel {
     /// Unique per wheel: a future dropped on another thread leaves this wheel alone.
@@ -49,7 +52,7 @@ struct Wheel {
     entries: Slab<Entry>,
     /// Per duration, `(deadline, key, gen)` in deadline order; entries whose future finished
     /// stay until they reach the front or a compaction.
-    queues: Vec<(Duration, VecDeque<(Instant, usize, u64)>)>,
+    queues: Vec<(Duration, Queue)>,
     queued: usize,
     driver: Option<Waker>,
     driver_alive: bool,

@@ -63,39 +63,22 @@ pub struct Limits {
     pub body_read_timeout: Duration,
 }
 
-/// Reads what the socket has (once readable) onto the end of `buf`; `Ok(0)`: closed.
-///
-/// A read that returns fewer bytes than asked for has drained the socket, so its readiness
-/// is cleared then and there (nginx's `rev->ready = 0` after a short `recv`): the next wait
-/// parks on the reactor instead of paying a `recv` that can only say `EAGAIN` — one syscall
-/// fewer per request, since the codec watches every connection for a hang-up while its
-/// answer is pending. Safe with tokio's edge-triggered readiness: bytes that arrive after
-/// the read raise a new event, which the clear (bound to the event it saw) leaves alone.
+/// Reads what the socket has (once readable) onto the end of `buf`; `Ok(0)`: closed. A short
+/// read clears the socket's readiness ([`crate::util::try_read_draining`]): the codec watches
+/// every connection for a hang-up while its answer is pending, and that watch then costs no
+/// `recv`.
 async fn read_more(stream: &TcpStream, buf: &mut Vec<u8>, want: usize) -> io::Result<usize> {
     loop {
         stream.readable().await?;
         let got = SCRATCH.with(|s| {
             let mut s = s.borrow_mut();
             let cap = want.clamp(1, s.len());
-            let mut read = None;
-            let result = stream.try_io(tokio::io::Interest::READABLE, || {
-                let n = stream.try_read(&mut s[..cap])?;
-                read = Some(n);
-                if n > 0 && n < cap {
-                    // Drained: clear the readiness (the bytes are kept below).
-                    Err(io::ErrorKind::WouldBlock.into())
-                } else {
-                    Ok(())
-                }
-            });
-            match (read, result) {
-                (Some(n), _) => {
-                    buf.extend_from_slice(&s[..n]);
-                    Ok(Some(n))
-                }
-                (None, Err(e)) if e.kind() != io::ErrorKind::WouldBlock => Err(e),
-                (None, _) => Ok(None),
+            let got =
+                crate::util::try_read_draining(stream, cap, || stream.try_read(&mut s[..cap]))?;
+            if let Some(n) = got {
+                buf.extend_from_slice(&s[..n]);
             }
+            Ok::<_, io::Error>(got)
         })?;
         if let Some(n) = got {
             return Ok(n);

@@ -470,6 +470,12 @@ fn bind_data(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::
         .collect()
 }
 
+/// The answer to one request of a connection: on the connection's stack, or on a clone.
+type ConnAnswer = futures_util::future::Either<
+    <Stack<DataBody> as tower::Service<http::Request<DataBody>>>::Future,
+    tower::util::Oneshot<Stack<DataBody>, http::Request<DataBody>>,
+>;
+
 /// A connection's own handle on the stack, kept from one request to the next while the config
 /// generation stays the same. Cloning the stack per request (what `oneshot` on the shared one
 /// does) costs an allocation and an increment and decrement of every layer's `Arc`s, counters
@@ -491,13 +497,7 @@ impl ConnStack {
         }
     }
 
-    fn call(
-        &mut self,
-        req: http::Request<DataBody>,
-    ) -> futures_util::future::Either<
-        <Stack<DataBody> as tower::Service<http::Request<DataBody>>>::Future,
-        tower::util::Oneshot<Stack<DataBody>, http::Request<DataBody>>,
-    > {
+    fn call(&mut self, req: http::Request<DataBody>) -> ConnAnswer {
         {
             let now = self.current.load();
             if !Arc::ptr_eq(&*now, &self.generation) {

@@ -57,6 +57,39 @@ pub fn sha256(key: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(key).into()
 }
 
+/// One non-blocking read of `stream` by `read` (which returns the bytes it read), with at
+/// most `room` bytes asked for; `Ok(None)`: nothing to read yet.
+///
+/// A read that returns fewer bytes than asked for has drained the socket, so its readiness
+/// is cleared then and there (nginx's `rev->ready = 0` after a short `recv`): the next wait
+/// parks on the reactor instead of paying a `recv` that can only say `EAGAIN` (one syscall
+/// per request on each side of the gateway). Safe with tokio's edge-triggered readiness:
+/// bytes that arrive after the read raise a new event, which the clear (bound to the event it
+/// saw) leaves alone.
+pub(crate) fn try_read_draining(
+    stream: &tokio::net::TcpStream,
+    room: usize,
+    read: impl FnOnce() -> std::io::Result<usize>,
+) -> std::io::Result<Option<usize>> {
+    use std::io::ErrorKind::WouldBlock;
+    let mut got = None;
+    let result = stream.try_io(tokio::io::Interest::READABLE, || {
+        let n = read()?;
+        got = Some(n);
+        if n > 0 && n < room {
+            // Drained: the readiness goes (the bytes are the caller's).
+            Err(WouldBlock.into())
+        } else {
+            Ok(())
+        }
+    });
+    match (got, result) {
+        (Some(n), _) => Ok(Some(n)),
+        (None, Err(e)) if e.kind() != WouldBlock => Err(e),
+        (None, _) => Ok(None),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

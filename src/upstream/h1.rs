@@ -67,8 +67,8 @@ fn alive(stream: &TcpStream) -> bool {
 }
 
 /// Reads what the socket has onto the end of `buf`, asking for at least `want` bytes of
-/// room; `Ok(0)`: closed. A short read clears the socket's readiness (see
-/// `crate::http1::read_more`): the next wait parks instead of paying an `EAGAIN` read.
+/// room; `Ok(0)`: closed. A short read clears the socket's readiness
+/// ([`crate::util::try_read_draining`]).
 fn poll_read_into(
     stream: &TcpStream,
     cx: &mut Context<'_>,
@@ -81,20 +81,9 @@ fn poll_read_into(
             buf.reserve(want.max(1));
         }
         let room = buf.capacity() - buf.len();
-        let mut read = None;
-        let result = stream.try_io(tokio::io::Interest::READABLE, || {
-            let n = stream.try_read_buf(buf)?;
-            read = Some(n);
-            if n > 0 && n < room {
-                Err(io::ErrorKind::WouldBlock.into())
-            } else {
-                Ok(())
-            }
-        });
-        match (read, result) {
-            (Some(n), _) => return Poll::Ready(Ok(n)),
-            (None, Err(e)) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
-            (None, _) => continue,
+        if let Some(n) = crate::util::try_read_draining(stream, room, || stream.try_read_buf(buf))?
+        {
+            return Poll::Ready(Ok(n));
         }
     }
 }
@@ -424,6 +413,18 @@ impl H1Body {
         }
     }
 
+    /// Reads more of the body into `buf`; an error when the connection breaks off or closes
+    /// before the body's end (the connection is dropped then).
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<Result<(), BoxError>> {
+        let result = match ready!(self.poll_more(cx, want)) {
+            Ok(0) => Err("the upstream closed the connection mid-answer".into()),
+            Ok(_) => return Poll::Ready(Ok(())),
+            Err(e) => Err(e.into()),
+        };
+        self.stream = None;
+        Poll::Ready(result)
+    }
+
     /// Reads more from the connection into `buf`; `Ok(0)`: closed.
     fn poll_more(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
         let Some(stream) = &self.stream else {
@@ -545,18 +546,8 @@ impl http_body::Body for H1Body {
                         return Poll::Ready(Some(Ok(http_body::Frame::data(data))));
                     }
                     let want = usize::try_from(left).unwrap_or(usize::MAX);
-                    match ready!(this.poll_more(cx, want)) {
-                        Ok(0) => {
-                            this.stream = None;
-                            return Poll::Ready(Some(Err(
-                                "the upstream closed the connection mid-answer".into(),
-                            )));
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            this.stream = None;
-                            return Poll::Ready(Some(Err(e.into())));
-                        }
+                    if let Err(e) = ready!(this.poll_fill(cx, want)) {
+                        return Poll::Ready(Some(Err(e)));
                     }
                 }
                 Framing::Chunked => {
@@ -574,18 +565,8 @@ impl http_body::Body for H1Body {
                             return Poll::Ready(Some(Err(e.into())));
                         }
                     }
-                    match ready!(this.poll_more(cx, READ_CHUNK)) {
-                        Ok(0) => {
-                            this.stream = None;
-                            return Poll::Ready(Some(Err(
-                                "the upstream closed the connection mid-answer".into(),
-                            )));
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            this.stream = None;
-                            return Poll::Ready(Some(Err(e.into())));
-                        }
+                    if let Err(e) = ready!(this.poll_fill(cx, READ_CHUNK)) {
+                        return Poll::Ready(Some(Err(e)));
                     }
                 }
                 Framing::Eof => {
