@@ -59,34 +59,34 @@ pub(super) struct Tally {
     groups: HashMap<Key, Sums>,
 }
 
-const UPSERT_DAILY: &str = "INSERT INTO usage_daily
-    (day, client, account, action, outcome, requests, credits, unknown)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-    ON CONFLICT (day, client, account, action, outcome) DO UPDATE SET
-        requests = requests + excluded.requests,
-        credits = credits + excluded.credits,
-        unknown = unknown + excluded.unknown";
-const UPSERT_MONTHLY: &str = "INSERT INTO usage_monthly
-    (month, client, account, action, outcome, requests, credits, unknown)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-    ON CONFLICT (month, client, account, action, outcome) DO UPDATE SET
-        requests = requests + excluded.requests,
-        credits = credits + excluded.credits,
-        unknown = unknown + excluded.unknown";
-const UPSERT_DAILY_NO_ACCOUNT: &str = "INSERT INTO usage_daily_no_account
-    (day, client, action, outcome, requests, credits, unknown)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-    ON CONFLICT (day, client, action, outcome) DO UPDATE SET
-        requests = requests + excluded.requests,
-        credits = credits + excluded.credits,
-        unknown = unknown + excluded.unknown";
-const UPSERT_MONTHLY_NO_ACCOUNT: &str = "INSERT INTO usage_monthly_no_account
-    (month, client, action, outcome, requests, credits, unknown)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-    ON CONFLICT (month, client, action, outcome) DO UPDATE SET
-        requests = requests + excluded.requests,
-        credits = credits + excluded.credits,
-        unknown = unknown + excluded.unknown";
+/// The aggregate tables: name, the column of their period, whether they keep the account.
+const TABLES: [(&str, &str, bool); 4] = [
+    ("usage_daily", "day", true),
+    ("usage_monthly", "month", true),
+    ("usage_daily_no_account", "day", false),
+    ("usage_monthly_no_account", "month", false),
+];
+
+/// The upsert of one group into `table` (the same sums as the SQL fold's).
+fn upsert_sql(table: &str, period: &str, with_account: bool) -> String {
+    let keys = if with_account {
+        format!("{period}, client, account, action, outcome")
+    } else {
+        format!("{period}, client, action, outcome")
+    };
+    let values = if with_account {
+        "?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8"
+    } else {
+        "?1, ?2, ?3, ?4, ?5, ?6, ?7"
+    };
+    format!(
+        "INSERT INTO {table} ({keys}, requests, credits, unknown) VALUES ({values})
+         ON CONFLICT ({keys}) DO UPDATE SET
+            requests = requests + excluded.requests,
+            credits = credits + excluded.credits,
+            unknown = unknown + excluded.unknown"
+    )
+}
 
 /// `YYYY-MM-DD` of a day counted from the Unix epoch.
 fn day_text(day: i64) -> String {
@@ -166,69 +166,35 @@ impl Tally {
             .keys()
             .map(|k| (k.day, day_text(k.day)))
             .collect();
-        let day = |d: &i64| days.get(d).map_or("", String::as_str);
-        type Month<'a> = (&'a str, &'a str, &'a str, &'a str, Outcome);
-        let mut monthly: HashMap<Month<'_>, Sums> = HashMap::new();
-        let mut daily_no_account: HashMap<Month<'_>, Sums> = HashMap::new();
-        let mut monthly_no_account: HashMap<Month<'_>, Sums> = HashMap::new();
-        let mut stmt = tx.prepare_cached(UPSERT_DAILY)?;
-        for (k, s) in &self.groups {
-            let (d, client) = (day(&k.day), &*k.client);
-            let account = k.account.as_deref().unwrap_or("");
-            let action = k.action.as_deref().unwrap_or("");
-            let outcome = k.outcome;
-            stmt.execute(params![
-                d,
-                client,
-                account,
-                action,
-                outcome.as_str(),
-                s.requests,
-                s.credits,
-                s.unknown
-            ])?;
-            let m = month_of(d);
-            monthly
-                .entry((m, client, account, action, outcome))
-                .or_default()
-                .add(*s);
-            daily_no_account
-                .entry((d, client, "", action, outcome))
-                .or_default()
-                .add(*s);
-            monthly_no_account
-                .entry((m, client, "", action, outcome))
-                .or_default()
-                .add(*s);
-        }
-        let mut stmt = tx.prepare_cached(UPSERT_MONTHLY)?;
-        for ((m, client, account, action, outcome), s) in &monthly {
-            stmt.execute(params![
-                m,
-                client,
-                account,
-                action,
-                outcome.as_str(),
-                s.requests,
-                s.credits,
-                s.unknown
-            ])?;
-        }
-        for (sql, groups) in [
-            (UPSERT_DAILY_NO_ACCOUNT, &daily_no_account),
-            (UPSERT_MONTHLY_NO_ACCOUNT, &monthly_no_account),
-        ] {
-            let mut stmt = tx.prepare_cached(sql)?;
-            for ((when, client, _, action, outcome), s) in groups {
-                stmt.execute(params![
-                    when,
-                    client,
-                    action,
-                    outcome.as_str(),
-                    s.requests,
-                    s.credits,
-                    s.unknown
-                ])?;
+        type Group<'a> = (&'a str, &'a str, &'a str, &'a str, Outcome);
+        for (table, period, with_account) in TABLES {
+            // The tally's groups, cut to the table's period and keys ("" for no account).
+            let mut groups: HashMap<Group<'_>, Sums> = HashMap::new();
+            for (k, s) in &self.groups {
+                let day = days.get(&k.day).map_or("", String::as_str);
+                let when = if period == "month" {
+                    month_of(day)
+                } else {
+                    day
+                };
+                let account = match with_account {
+                    true => k.account.as_deref().unwrap_or(""),
+                    false => "",
+                };
+                let action = k.action.as_deref().unwrap_or("");
+                groups
+                    .entry((when, &k.client, account, action, k.outcome))
+                    .or_default()
+                    .add(*s);
+            }
+            let mut stmt = tx.prepare_cached(&upsert_sql(table, period, with_account))?;
+            for ((when, client, account, action, outcome), s) in &groups {
+                let (outcome, r, c, u) = (outcome.as_str(), s.requests, s.credits, s.unknown);
+                if with_account {
+                    stmt.execute(params![when, client, account, action, outcome, r, c, u])?;
+                } else {
+                    stmt.execute(params![when, client, action, outcome, r, c, u])?;
+                }
             }
         }
         Ok(())
