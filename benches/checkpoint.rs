@@ -25,7 +25,7 @@ use hyper_util::rt::TokioExecutor;
 use tower::{Layer, ServiceExt};
 
 use linkup_gateway::config;
-use linkup_gateway::context::{RequestContext, RequestLog};
+use linkup_gateway::context::{RequestContext, RequestLog, Route};
 use linkup_gateway::emulator::{self, EmulatorConfig, EmulatorHandle, Faults};
 use linkup_gateway::error::GatewayError;
 use linkup_gateway::layers::coalesce::{CoalesceLayer, Flights};
@@ -40,7 +40,7 @@ const KEY: &str = "lgw_bench_key";
 const UPSTREAM_KEY: &str = "upstream-key";
 const CALLERS: usize = 1_000;
 
-fn request(route: &'static str, path: &str, code: Option<&str>) -> Request<Bytes> {
+fn request(route: Route, path: &str, code: Option<&str>) -> Request<Bytes> {
     let mut r = Request::post(path).body(Bytes::new()).unwrap();
     r.extensions_mut().insert(RequestContext {
         route,
@@ -80,20 +80,23 @@ fn bench_layers(c: &mut Criterion) {
     let mut g = c.benchmark_group("layers");
     g.bench_function("bare", |b| {
         b.to_async(&rt).iter(|| {
-            let r = request("profiles", "/v2/profiles", None);
+            let r = request(Route::Profiles, "/v2/profiles", None);
             async move { stub.oneshot(r).await.unwrap() }
         })
     });
     g.bench_function("with_both_layers", |b| {
         b.to_async(&rt).iter(|| {
-            let (s, r) = (layered.clone(), request("profiles", "/v2/profiles", None));
+            let (s, r) = (
+                layered.clone(),
+                request(Route::Profiles, "/v2/profiles", None),
+            );
             async move { s.oneshot(r).await.unwrap() }
         })
     });
     g.bench_function("cache_hit", |b| {
         b.to_async(&rt).iter(|| {
             let s = layered.clone();
-            let r = request("checkpoint", "/v2/checkpoint", Some("123456"));
+            let r = request(Route::Checkpoint, "/v2/checkpoint", Some("123456"));
             async move {
                 let resp = s.oneshot(r).await.unwrap();
                 assert!(resp.headers().contains_key("x-gateway-cache"));

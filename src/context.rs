@@ -7,10 +7,61 @@ use http::HeaderValue;
 
 use crate::config::ClientSettings;
 
+/// A route of the upstream's surface, named by method and path (`classify::resolve`): the
+/// metrics label, the access log's `route`, and what the layers match on. `Other` is off the
+/// surface (answered 404 or 405 by classify).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Route {
+    Login,
+    Checkpoint,
+    Accounts,
+    Account,
+    Credits,
+    Logs,
+    Profiles,
+    Network,
+    Messages,
+    Content,
+    Recruiter,
+    Enrich,
+    Webhooks,
+    Webhook,
+    Other,
+}
+
+impl Route {
+    /// The route's name in labels, logs and envelopes.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Route::Login => "login",
+            Route::Checkpoint => "checkpoint",
+            Route::Accounts => "accounts",
+            Route::Account => "account",
+            Route::Credits => "credits",
+            Route::Logs => "logs",
+            Route::Profiles => "profiles",
+            Route::Network => "network",
+            Route::Messages => "messages",
+            Route::Content => "content",
+            Route::Recruiter => "recruiter",
+            Route::Enrich => "enrich",
+            Route::Webhooks => "webhooks",
+            Route::Webhook => "webhook",
+            Route::Other => "other",
+        }
+    }
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What the gateway knows of a request: route, action, account. Made by `classify`.
 #[derive(Debug, Clone)]
 pub struct RequestContext {
-    pub route: &'static str,
+    pub route: Route,
     pub action: Option<Arc<str>>,
     pub account_id: Option<Arc<str>>,
     /// The 2FA `code` of a `POST /v2/checkpoint` body (a number is kept as its JSON text);
@@ -42,7 +93,7 @@ pub struct StatusLearnt;
 pub struct RequestLog {
     pub request_id: HeaderValue,
     /// The route named by the method and path (metrics label, envelope `metadata.action`).
-    pub route: &'static str,
+    pub route: Route,
     pub client: OnceLock<Arc<ClientSettings>>,
     pub context: OnceLock<RequestContext>,
     credits: AtomicU64,
@@ -52,7 +103,7 @@ pub struct RequestLog {
 const UNSET: u64 = u64::MAX;
 
 impl RequestLog {
-    pub fn new(request_id: HeaderValue, route: &'static str) -> RequestLog {
+    pub fn new(request_id: HeaderValue, route: Route) -> RequestLog {
         RequestLog {
             request_id,
             route,

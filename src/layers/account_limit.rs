@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
-use serde::Deserialize;
 use tower::{Layer, Service};
 
 use super::{take_ready, BoxFuture};
@@ -34,6 +33,7 @@ use crate::layers::credits::publish_standing;
 use crate::limits::{ratelimit_item, Limiter, Subject, Verdict};
 use crate::metrics::{ClientLabels, Label, RateLimitedLabels};
 use crate::shared::Shared;
+use crate::upstream::UpstreamAnswer;
 
 #[derive(Clone)]
 pub struct AccountLimitLayer {
@@ -66,21 +66,10 @@ fn secs(d: Duration) -> u128 {
     d.as_millis().div_ceil(1000).max(1)
 }
 
-/// Does this upstream answer say RATE_LIMITED? Only 429s are parsed.
+/// Does this upstream answer say RATE_LIMITED? Only 429s are looked at.
 fn upstream_rate_limited(resp: &Response<Bytes>) -> bool {
-    #[derive(Deserialize)]
-    struct Envelope {
-        error: Option<ErrorBody>,
-    }
-    #[derive(Deserialize)]
-    struct ErrorBody {
-        code: Option<String>,
-    }
     resp.status() == http::StatusCode::TOO_MANY_REQUESTS
-        && serde_json::from_slice::<Envelope>(resp.body())
-            .ok()
-            .and_then(|e| e.error?.code)
-            .is_some_and(|c| c == "RATE_LIMITED")
+        && UpstreamAnswer::of(resp).error_code.as_deref() == Some("RATE_LIMITED")
 }
 
 /// A request that passed: the `RateLimit-Policy` and `RateLimit` items to add, if any.
@@ -629,6 +618,7 @@ where
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::context::Route;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tower::ServiceExt;
 
@@ -648,7 +638,7 @@ key_sha256 = \"{}\"
         let mut r = Request::post(path).body(Bytes::new()).unwrap();
         r.extensions_mut().insert(s.settings.clients[0].clone());
         r.extensions_mut().insert(RequestContext {
-            route: "profiles",
+            route: Route::Profiles,
             action: action.map(Arc::from),
             account_id: account.map(Arc::from),
             code: None,

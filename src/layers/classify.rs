@@ -13,7 +13,7 @@ use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use tower::{Layer, Service};
 
 use super::BoxFuture;
-use crate::context::{RequestContext, RequestLog};
+use crate::context::{RequestContext, RequestLog, Route};
 use crate::error::GatewayError;
 
 /// Where a route names its account.
@@ -30,7 +30,7 @@ enum Account {
 }
 
 /// The upstream's surface: route name and where its account is, or 404/405.
-fn resolve(method: &Method, path: &str) -> Result<(&'static str, Account), GatewayError> {
+fn resolve(method: &Method, path: &str) -> Result<(Route, Account), GatewayError> {
     let rest = path.strip_prefix("/v2/").unwrap_or("");
     // At most four segments matter; no allocation on the hot path.
     let mut buf = [""; 4];
@@ -49,27 +49,29 @@ fn resolve(method: &Method, path: &str) -> Result<(&'static str, Account), Gatew
         &buf[..n]
     };
     let m = method.as_str();
-    let (route, allowed, account): (&'static str, &[&str], Account) = match segs {
-        ["login"] => ("login", &["POST"], Account::None),
-        ["checkpoint"] => ("checkpoint", &["POST"], Account::Body),
-        ["accounts"] => ("accounts", &["GET"], Account::None),
-        ["accounts", id] if !id.is_empty() => ("account", &["GET"], Account::Path),
-        ["credits"] => ("credits", &["GET"], Account::None),
-        ["logs"] => ("logs", &["GET"], Account::None),
-        ["profiles"] => ("profiles", &["POST"], Account::Body),
-        ["network"] => ("network", &["POST"], Account::Body),
-        ["messages"] => ("messages", &["POST"], Account::Body),
-        ["content"] => ("content", &["POST"], Account::Body),
-        ["recruiter"] => ("recruiter", &["POST"], Account::Body),
-        ["enrich"] => ("enrich", &["POST"], Account::ActionOnly),
-        ["webhooks"] if m == "POST" => ("webhooks", &["POST"], Account::Body),
-        ["webhooks"] => ("webhooks", &["GET", "POST"], Account::None),
-        ["webhooks", id] if !id.is_empty() => ("webhook", &["PUT", "DELETE"], Account::None),
+    let (route, allowed, account): (Route, &[&str], Account) = match segs {
+        ["login"] => (Route::Login, &["POST"], Account::None),
+        ["checkpoint"] => (Route::Checkpoint, &["POST"], Account::Body),
+        ["accounts"] => (Route::Accounts, &["GET"], Account::None),
+        ["accounts", id] if !id.is_empty() => (Route::Account, &["GET"], Account::Path),
+        ["credits"] => (Route::Credits, &["GET"], Account::None),
+        ["logs"] => (Route::Logs, &["GET"], Account::None),
+        ["profiles"] => (Route::Profiles, &["POST"], Account::Body),
+        ["network"] => (Route::Network, &["POST"], Account::Body),
+        ["messages"] => (Route::Messages, &["POST"], Account::Body),
+        ["content"] => (Route::Content, &["POST"], Account::Body),
+        ["recruiter"] => (Route::Recruiter, &["POST"], Account::Body),
+        ["enrich"] => (Route::Enrich, &["POST"], Account::ActionOnly),
+        ["webhooks"] if m == "POST" => (Route::Webhooks, &["POST"], Account::Body),
+        ["webhooks"] => (Route::Webhooks, &["GET", "POST"], Account::None),
+        ["webhooks", id] if !id.is_empty() => (Route::Webhook, &["PUT", "DELETE"], Account::None),
         ["webhooks", id, "stop" | "start" | "rotate-secret"] if !id.is_empty() => {
-            ("webhook", &["POST"], Account::None)
+            (Route::Webhook, &["POST"], Account::None)
         }
-        ["webhooks", id, "events"] if !id.is_empty() => ("webhook", &["GET"], Account::None),
-        ["webhooks", id, "secret"] if !id.is_empty() => ("webhook", &["DELETE"], Account::None),
+        ["webhooks", id, "events"] if !id.is_empty() => (Route::Webhook, &["GET"], Account::None),
+        ["webhooks", id, "secret"] if !id.is_empty() => {
+            (Route::Webhook, &["DELETE"], Account::None)
+        }
         _ => {
             return Err(GatewayError::NotFound(format!(
                 "{path} is not a LinkupAPI v2 endpoint"
@@ -86,7 +88,7 @@ fn resolve(method: &Method, path: &str) -> Result<(&'static str, Account), Gatew
 }
 
 /// The route's name for labels and envelopes, whatever the method (`other` off the surface).
-pub fn route_name(method: &Method, path: &str) -> &'static str {
+pub fn route_name(method: &Method, path: &str) -> Route {
     match resolve(method, path) {
         Ok((name, _)) => name,
         Err(GatewayError::MethodNotAllowed(_)) => {
@@ -94,9 +96,9 @@ pub fn route_name(method: &Method, path: &str) -> &'static str {
             [Method::GET, Method::POST, Method::PUT, Method::DELETE]
                 .iter()
                 .find_map(|m| resolve(m, path).ok().map(|(name, _)| name))
-                .unwrap_or("other")
+                .unwrap_or(Route::Other)
         }
-        Err(_) => "other",
+        Err(_) => Route::Other,
     }
 }
 
@@ -364,7 +366,7 @@ pub fn classify_bounded(
         Account::Body | Account::ActionOnly => {
             let top = parse_body(body)?;
             action = top.action;
-            if route == "checkpoint" {
+            if route == Route::Checkpoint {
                 // Two copies or an object: the gateway's coalescing key and the upstream's
                 // reading could differ, so it is refused rather than guessed.
                 match top.code {
@@ -509,7 +511,7 @@ mod tests {
             r#"{"account_id":"acc_1","action":"invite","params":{"account_id":"nested"}}"#,
         )
         .unwrap();
-        assert_eq!(c.route, "network");
+        assert_eq!(c.route, Route::Network);
         assert_eq!(c.account_id.as_deref(), Some("acc_1"));
         assert_eq!(c.action.as_deref(), Some("invite"));
         // Keys are read unescaped: an escaped `account_id` is the account, and naming it
@@ -564,7 +566,7 @@ mod tests {
         let c = classify(&Method::GET, "/v2/accounts/acc%5F2", None, b"").unwrap();
         assert_eq!(
             (c.route, c.account_id.as_deref()),
-            ("account", Some("acc_2"))
+            (Route::Account, Some("acc_2"))
         );
         let c = classify(
             &Method::GET,

@@ -30,7 +30,7 @@ use tracing::Instrument;
 use super::status_cache::{self, StatusStore};
 use super::{take_ready, BoxFuture};
 use crate::config::OnFailure;
-use crate::context::{AnsweredBy, RequestContext, RequestLog, StatusLearnt};
+use crate::context::{AnsweredBy, RequestContext, RequestLog, Route, StatusLearnt};
 use crate::error::GatewayError;
 use crate::fleet::{FlightRole, RemoteAnswer};
 use crate::shared::Process;
@@ -366,7 +366,9 @@ impl Lead {
         // it must see what this call learnt, and a first caller that hung up must not take the
         // lesson with it.
         if let (Some(store), Ok(resp)) = (&cfg.store, &mut result) {
-            store.learn("checkpoint", Some(&self.account), resp).await;
+            store
+                .learn(Route::Checkpoint, Some(&self.account), resp)
+                .await;
             resp.extensions_mut().insert(StatusLearnt);
         }
         let outcome = Arc::new(Outcome::of(&result));
@@ -450,7 +452,7 @@ where
         }
         let (account, code) = match req.extensions().get::<RequestContext>() {
             Some(RequestContext {
-                route: "checkpoint",
+                route: Route::Checkpoint,
                 account_id: Some(account),
                 code,
                 ..
@@ -547,14 +549,14 @@ mod tests {
     fn req(account: &str, code: Option<&str>) -> Request<Bytes> {
         let mut r = Request::post("/v2/checkpoint").body(Bytes::new()).unwrap();
         r.extensions_mut().insert(RequestContext {
-            route: "checkpoint",
+            route: Route::Checkpoint,
             action: None,
             account_id: Some(Arc::from(account)),
             code: code.map(Arc::from),
         });
         r.extensions_mut().insert(Arc::new(RequestLog::new(
             HeaderValue::from_static("id"),
-            "checkpoint",
+            Route::Checkpoint,
         )));
         r
     }
@@ -860,7 +862,7 @@ mod tests {
         let svc = layer(&flights, None, 30).layer(up.service(ok));
         let mut r = req("a", Some("1"));
         r.extensions_mut().insert(RequestContext {
-            route: "profiles",
+            route: Route::Profiles,
             action: None,
             account_id: Some(Arc::from("a")),
             code: None,

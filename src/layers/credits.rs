@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use serde::Deserialize;
 use tower::{Layer, Service};
 
 use super::{take_ready, BoxFuture};
@@ -30,6 +29,7 @@ use crate::fleet::FleetReserved;
 use crate::ledger::{Outcome, Row};
 use crate::metrics::{AccountLabels, ActionLabels, ClientLabels, Label, OutcomeLabels};
 use crate::shared::{Process, Shared};
+use crate::upstream::UpstreamAnswer;
 
 /// Process-wide credit state: upstream exhaustion and ledger health.
 #[derive(Debug, Default)]
@@ -42,77 +42,7 @@ pub struct CreditState {
     pub ledger_failing: AtomicBool,
 }
 
-/// The most credits one call is believed to cost. LinkupAPI's prices are single digits; a
-/// larger `credits_consumed` is a broken answer, recorded as unknown rather than trusted: one
-/// such number (u64::MAX) would otherwise overflow every sum of the ledger built on it.
-pub const MAX_CREDITS_PER_CALL: u64 = 1_000_000;
-
-/// What an upstream answer says about credits. Only the fields the gateway needs are read.
-#[derive(Debug, Default, PartialEq)]
-pub struct Charge {
-    /// `metadata.credits_consumed` when it is a whole number from 0 to
-    /// [`MAX_CREDITS_PER_CALL`].
-    pub credits: Option<u64>,
-    /// `metadata.credits_consumed` as sent (JSON text, at most 64 bytes) when it is present but
-    /// not such a number: fractional, negative, a string, absurdly large.
-    pub credits_raw: Option<String>,
-    /// `metadata.action`.
-    pub action: Option<String>,
-    /// `error.code`.
-    pub error: Option<String>,
-}
-
-impl Charge {
-    pub fn of(body: &[u8]) -> Charge {
-        #[derive(Deserialize)]
-        struct Envelope {
-            metadata: Option<Meta>,
-            error: Option<ErrorBody>,
-        }
-        #[derive(Deserialize)]
-        struct Meta {
-            credits_consumed: Option<serde_json::Value>,
-            action: Option<serde_json::Value>,
-        }
-        #[derive(Deserialize)]
-        struct ErrorBody {
-            code: Option<serde_json::Value>,
-        }
-        let Ok(env) = serde_json::from_slice::<Envelope>(body) else {
-            return Charge::default();
-        };
-        let (mut credits, mut credits_raw, mut action) = (None, None, None);
-        if let Some(m) = env.metadata {
-            action = m.action.and_then(|v| v.as_str().map(str::to_owned));
-            match m.credits_consumed {
-                None | Some(serde_json::Value::Null) => {}
-                Some(v) => match v.as_u64() {
-                    Some(n) if n <= MAX_CREDITS_PER_CALL => credits = Some(n),
-                    _ => {
-                        let mut raw = v.to_string();
-                        if raw.len() > 64 {
-                            let mut cut = 64;
-                            while !raw.is_char_boundary(cut) {
-                                cut -= 1;
-                            }
-                            raw.truncate(cut);
-                        }
-                        credits_raw = Some(raw);
-                    }
-                },
-            }
-        }
-        Charge {
-            credits,
-            credits_raw,
-            action,
-            error: env
-                .error
-                .and_then(|e| e.code)
-                .and_then(|c| c.as_str().map(str::to_owned)),
-        }
-    }
-}
+pub use crate::upstream::MAX_CREDITS_PER_CALL;
 
 #[derive(Clone)]
 pub struct CreditsLayer {
@@ -331,7 +261,7 @@ where
     };
     let (status, charged, known, raw, meta_action, outcome) = match &result {
         Ok(resp) => {
-            let charge = Charge::of(resp.body());
+            let charge = UpstreamAnswer::of(resp);
             if let Some(raw) = &charge.credits_raw {
                 let request_id = log
                     .as_ref()
@@ -344,7 +274,7 @@ where
                 );
             }
             if resp.status() == StatusCode::PAYMENT_REQUIRED
-                && charge.error.as_deref() == Some("INSUFFICIENT_CREDITS")
+                && charge.error_code.as_deref() == Some("INSUFFICIENT_CREDITS")
             {
                 upstream_exhausted(&shared);
             }
@@ -352,8 +282,12 @@ where
                 resp.status().as_u16(),
                 charge.credits.unwrap_or(0),
                 charge.credits.is_some(),
-                charge.credits_raw,
-                charge.action,
+                charge.credits_raw.clone(),
+                // The answer's action names the row only when the request named none.
+                match p.action {
+                    None => charge.action.as_deref().map(Arc::from),
+                    Some(_) => None,
+                },
                 Outcome::Settled,
             )
         }
@@ -382,12 +316,13 @@ where
     if let Some(log) = &log {
         log.set_credits(charged);
     }
-    let action: Option<Arc<str>> = p.action.clone().or(meta_action.map(Arc::from));
+    let action: Option<Arc<str>> = p.action.clone().or(meta_action);
     let m = &process.metrics;
     if charged > 0 {
-        let action_label = m
-            .action_labels
-            .label(action.as_ref().unwrap_or(&Arc::from("unknown")));
+        let action_label = match &action {
+            Some(a) => m.action_labels.label(a),
+            None => m.action_labels.label(&Arc::from("unknown")),
+        };
         m.credits_consumed
             .get_or_create(&ActionLabels {
                 client: Label(p.client.name.clone()),
@@ -570,7 +505,7 @@ where
                 let ctx = log.context.get();
                 let action = ctx
                     .and_then(|c| c.action.clone())
-                    .or_else(|| Charge::of(resp.body()).action.map(Arc::from));
+                    .or_else(|| UpstreamAnswer::of(&resp).action.as_deref().map(Arc::from));
                 let row = Row {
                     at_ms: now_ms(),
                     request_id: log.request_id.to_str().unwrap_or_default().to_owned(),
@@ -588,61 +523,5 @@ where
             }
             Ok(resp)
         })
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn charge_reads_credits_action_and_error() {
-        let c = Charge::of(
-            br#"{"success":true,"data":{},"metadata":{"action":"get","credits_consumed":2}}"#,
-        );
-        assert_eq!(c.credits, Some(2));
-        assert_eq!(c.action.as_deref(), Some("get"));
-        let c = Charge::of(br#"{"success":false,"error":{"code":"INSUFFICIENT_CREDITS"},"metadata":{"credits_consumed":0}}"#);
-        assert_eq!(
-            (c.credits, c.error.as_deref()),
-            (Some(0), Some("INSUFFICIENT_CREDITS"))
-        );
-        for unknown in [
-            &b"<html>502</html>"[..],
-            br#"{"metadata":{"credits_consumed":"2"}}"#,
-            br#"{"metadata":{"credits_consumed":-1}}"#,
-            br#"{"metadata":{"credits_consumed":1.5}}"#,
-            br#"{"metadata":{"credits_consumed":1e30}}"#,
-            br#"{"metadata":{"credits_consumed":18446744073709551615}}"#,
-            br#"{"metadata":{"credits_consumed":9223372036854775808}}"#,
-            br#"{"metadata":{"credits_consumed":1000001}}"#,
-            br#"{"metadata":{"credits_consumed":{"n":1}}}"#,
-            br#"{"data":{}}"#,
-            b"",
-        ] {
-            assert_eq!(
-                Charge::of(unknown).credits,
-                None,
-                "{}",
-                String::from_utf8_lossy(unknown)
-            );
-        }
-        // The value as sent is kept for the warning, bounded.
-        let c = Charge::of(br#"{"metadata":{"credits_consumed":1.5}}"#);
-        assert_eq!(c.credits_raw.as_deref(), Some("1.5"));
-        let long = format!(
-            r#"{{"metadata":{{"credits_consumed":"{}"}}}}"#,
-            "9".repeat(500)
-        );
-        assert!(Charge::of(long.as_bytes()).credits_raw.unwrap().len() <= 64);
-        assert_eq!(
-            Charge::of(br#"{"metadata":{"credits_consumed":1000000}}"#).credits,
-            Some(MAX_CREDITS_PER_CALL)
-        );
-        assert_eq!(
-            Charge::of(br#"{"metadata":{"credits_consumed":null}}"#).credits_raw,
-            None
-        );
     }
 }

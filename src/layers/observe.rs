@@ -104,7 +104,7 @@ where
                 request_id: log_id(&log.request_id),
                 client: &client,
                 method: method.as_str(),
-                route,
+                route: route.as_str(),
                 account: ctx.and_then(|c| c.account_id.as_deref()).unwrap_or(""),
                 action: ctx.and_then(|c| c.action.as_deref()).unwrap_or(""),
                 status,
@@ -126,6 +126,7 @@ fn log_id(v: &HeaderValue) -> &str {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::context::Route;
     use crate::metrics::{RefusalLabels, RequestLabels};
     use bytes::Bytes;
     use tower::ServiceExt;
@@ -178,7 +179,7 @@ mod tests {
             .requests
             .get_or_create(&RequestLabels {
                 client: Label(Arc::from("unauthenticated")),
-                route: "profiles",
+                route: Route::Profiles,
                 status: 200,
             })
             .get();
@@ -186,7 +187,7 @@ mod tests {
             .requests
             .get_or_create(&RequestLabels {
                 client: Label(Arc::from("unauthenticated")),
-                route: "credits",
+                route: Route::Credits,
                 status: 429,
             })
             .get();

@@ -64,7 +64,7 @@ where
                         Some(RequestContext {
                             action: Some(a), ..
                         }) => a.to_string(),
-                        _ => l.route.to_owned(),
+                        _ => l.route.as_str().to_owned(),
                     });
                     let action = action.as_deref().unwrap_or("other");
                     Ok(e.into_response(action))
@@ -92,7 +92,10 @@ mod tests {
             Err::<Response<Bytes>, _>(GatewayError::Forbidden("no".into()))
         }));
         let mut req = Request::post("/v2/checkpoint").body(Bytes::new()).unwrap();
-        let log = RequestLog::new(http::HeaderValue::from_static("id"), "checkpoint");
+        let log = RequestLog::new(
+            http::HeaderValue::from_static("id"),
+            crate::context::Route::Checkpoint,
+        );
         req.extensions_mut().insert(Arc::new(log));
         let resp = svc.oneshot(req).await.unwrap();
         assert_eq!(resp.status(), 403);

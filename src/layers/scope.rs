@@ -25,7 +25,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use super::{take_ready, BoxFuture};
 use crate::config::{AccountScope, ClientSettings};
-use crate::context::RequestContext;
+use crate::context::{RequestContext, Route};
 use crate::error::GatewayError;
 use crate::shared::Shared;
 
@@ -74,13 +74,13 @@ enum Rule {
     Refused(&'static str),
 }
 
-fn rule(route: &str, method: &Method) -> Rule {
+fn rule(route: Route, method: &Method) -> Rule {
     match route {
-        "credits" | "enrich" => Rule::Free,
-        "accounts" => Rule::AccountList,
-        "webhooks" if method == Method::GET => Rule::FilterItems,
-        "webhook" => Rule::Webhook,
-        "login" => Rule::Refused(
+        Route::Credits | Route::Enrich => Rule::Free,
+        Route::Accounts => Rule::AccountList,
+        Route::Webhooks if method == Method::GET => Rule::FilterItems,
+        Route::Webhook => Rule::Webhook,
+        Route::Login => Rule::Refused(
             "connecting an account (/v2/login) needs a client with accounts = [\"*\"]",
         ),
         // checkpoint, the action categories, account, POST webhooks, logs.
@@ -172,7 +172,7 @@ where
             let scoped = matches!(client.accounts, AccountScope::Only(_));
             (ctx.route, ctx.account_id.is_some(), scoped)
         };
-        let webhooks = matches!(route, "webhooks" | "webhook");
+        let webhooks = matches!(route, Route::Webhooks | Route::Webhook);
         if !scoped {
             if !webhooks {
                 return Ok(req);
@@ -424,7 +424,7 @@ mod tests {
 
     fn ctx(account: Option<&str>) -> RequestContext {
         RequestContext {
-            route: "checkpoint",
+            route: Route::Checkpoint,
             action: None,
             account_id: account.map(Arc::from),
             code: None,

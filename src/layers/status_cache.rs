@@ -13,7 +13,6 @@
 //! The store ([`StatusStore`]) lives in the process, not in one config generation: a SIGHUP
 //! reload keeps it unless `status_cache.ttl` or `max_entries` change (then it starts empty).
 
-use std::borrow::Cow;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,11 +24,12 @@ use tower::{Layer, Service};
 
 use super::{take_ready, BoxFuture};
 use crate::config::{OnFailure, StatusCacheSettings};
-use crate::context::{AnsweredBy, RequestContext, RequestLog, StatusLearnt};
+use crate::context::{AnsweredBy, RequestContext, RequestLog, Route, StatusLearnt};
 use crate::error::GatewayError;
 use crate::fleet::Fleet;
 use crate::metrics::{Metrics, StatusLabels};
 use crate::shared::Process;
+use crate::upstream::UpstreamAnswer;
 
 pub const X_GATEWAY_CACHE: &str = "x-gateway-cache";
 
@@ -195,7 +195,7 @@ impl StatusStore {
     /// answer marked [`StatusLearnt`] was learnt from already.
     pub(crate) async fn learn(
         &self,
-        route: &'static str,
+        route: Route,
         account: Option<&Arc<str>>,
         resp: &Response<Bytes>,
     ) {
@@ -210,27 +210,21 @@ impl StatusStore {
         self.parsed
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         match route {
-            "login" | "checkpoint" | "account" => {
-                let Ok(a) = serde_json::from_slice::<StatusAnswer>(resp.body()) else {
-                    return;
-                };
-                if let Some(StatusData {
-                    account_id: Some(id),
-                    status: Some(status),
-                }) = a.data
-                {
+            Route::Login | Route::Checkpoint | Route::Account => {
+                let a = UpstreamAnswer::of(resp);
+                if let (Some(id), Some(status)) = (&a.account_id, &a.status) {
                     let id: Arc<str> = match account {
-                        Some(acc) if **acc == *id => acc.clone(),
-                        _ => Arc::from(id.as_ref()),
+                        Some(acc) if **acc == **id => acc.clone(),
+                        _ => Arc::from(id.as_str()),
                     };
-                    match CachedStatus::from_upstream(&status) {
+                    match CachedStatus::from_upstream(status) {
                         Some(s) => self.remember(id, s).await,
                         None => {
                             self.forget(&id).await;
                         }
                     }
-                } else if let (Some(acc), Some(e)) = (account, a.error) {
-                    if account_gone(&e.code) {
+                } else if let (Some(acc), Some(code)) = (account, &a.error_code) {
+                    if account_gone(code) {
                         self.forget(acc).await;
                     }
                 }
@@ -241,10 +235,12 @@ impl StatusStore {
                 if !resp.status().is_client_error() || !self.holds(acc) {
                     return;
                 }
-                if let Ok(ErrorAnswer { error: Some(e) }) = serde_json::from_slice(resp.body()) {
-                    if account_gone(&e.code) {
-                        self.forget(acc).await;
-                    }
+                if UpstreamAnswer::of(resp)
+                    .error_code
+                    .as_deref()
+                    .is_some_and(account_gone)
+                {
+                    self.forget(acc).await;
                 }
             }
         }
@@ -253,35 +249,6 @@ impl StatusStore {
 
 fn account_gone(code: &str) -> bool {
     matches!(code, "ACCOUNT_INACTIVE" | "INVALID_ACCOUNT")
-}
-
-/// The two fields of `data` the cache needs; every other field is skipped unparsed.
-#[derive(serde::Deserialize)]
-struct StatusData<'a> {
-    #[serde(borrow, default)]
-    account_id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
-    status: Option<Cow<'a, str>>,
-}
-
-#[derive(serde::Deserialize)]
-struct ErrorCode<'a> {
-    #[serde(borrow)]
-    code: Cow<'a, str>,
-}
-
-#[derive(serde::Deserialize)]
-struct StatusAnswer<'a> {
-    #[serde(borrow, default)]
-    data: Option<StatusData<'a>>,
-    #[serde(borrow, default)]
-    error: Option<ErrorCode<'a>>,
-}
-
-#[derive(serde::Deserialize)]
-struct ErrorAnswer<'a> {
-    #[serde(borrow, default)]
-    error: Option<ErrorCode<'a>>,
 }
 
 /// The process-lifetime home of the store: one config generation after another asks it for
@@ -404,7 +371,7 @@ where
             None => return Box::pin(self.inner.call(req)),
         };
         match (route, account) {
-            ("checkpoint", Some(account)) => {
+            (Route::Checkpoint, Some(account)) => {
                 let mut inner = take_ready(&mut self.inner);
                 let process = self.process.clone();
                 Box::pin(async move {
@@ -425,7 +392,7 @@ where
                 })
             }
             // Login names no account in its request; its answer does.
-            (route, account) if route == "login" || account.is_some() => {
+            (route, account) if route == Route::Login || account.is_some() => {
                 let fut = self.inner.call(req);
                 Box::pin(async move {
                     let resp = fut.await?;
@@ -445,7 +412,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tower::ServiceExt;
 
-    fn ctx(route: &'static str, account: Option<&str>) -> RequestContext {
+    fn ctx(route: Route, account: Option<&str>) -> RequestContext {
         RequestContext {
             route,
             action: None,
@@ -454,7 +421,7 @@ mod tests {
         }
     }
 
-    fn req(route: &'static str, account: Option<&str>) -> Request<Bytes> {
+    fn req(route: Route, account: Option<&str>) -> Request<Bytes> {
         let mut r = Request::post("/v2/x").body(Bytes::new()).unwrap();
         r.extensions_mut().insert(ctx(route, account));
         r.extensions_mut().insert(Arc::new(RequestLog::new(
@@ -497,7 +464,7 @@ mod tests {
             .remember(Arc::from("acc_1"), CachedStatus::Connected)
             .await;
         let (svc, calls, process) = stack(&store, 500, "{}");
-        let r = req("checkpoint", Some("acc_1"));
+        let r = req(Route::Checkpoint, Some("acc_1"));
         let log = r.extensions().get::<Arc<RequestLog>>().cloned().unwrap();
         let resp = svc.oneshot(r).await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 0);
@@ -523,31 +490,37 @@ mod tests {
         let store = Arc::new(StatusStore::new(Duration::from_secs(60), 100));
         let connected = r#"{"success":true,"data":{"account_id":"acc_1","status":"connected","platform":"linkedin"},"metadata":{}}"#;
         let (svc, _, _) = stack(&store, 200, connected);
-        svc.oneshot(req("login", None)).await.unwrap();
+        svc.oneshot(req(Route::Login, None)).await.unwrap();
         assert_eq!(store.get("acc_1").await, Some(CachedStatus::Connected));
 
         let pending =
             r#"{"success":true,"data":{"account_id":"acc_1","status":"checkpoint_required"}}"#;
         let (svc, calls, process) = stack(&store, 200, pending);
-        svc.clone().oneshot(req("login", None)).await.unwrap();
+        svc.clone().oneshot(req(Route::Login, None)).await.unwrap();
         assert_eq!(
             store.get("acc_1").await,
             Some(CachedStatus::CheckpointRequired)
         );
         // checkpoint_required is never a hit.
-        svc.oneshot(req("checkpoint", Some("acc_1"))).await.unwrap();
+        svc.oneshot(req(Route::Checkpoint, Some("acc_1")))
+            .await
+            .unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 2);
         assert_eq!(process.metrics.status_cache_misses.get(), 1);
 
         let active =
             r#"{"success":true,"data":{"account_id":"acc_1","status":"active","is_active":true}}"#;
         let (svc, _, _) = stack(&store, 200, active);
-        svc.oneshot(req("account", Some("acc_1"))).await.unwrap();
+        svc.oneshot(req(Route::Account, Some("acc_1")))
+            .await
+            .unwrap();
         assert!(store.is_connected("acc_1").await);
 
         let inactive = r#"{"success":true,"data":{"account_id":"acc_1","status":"inactive"}}"#;
         let (svc, _, _) = stack(&store, 200, inactive);
-        svc.oneshot(req("account", Some("acc_1"))).await.unwrap();
+        svc.oneshot(req(Route::Account, Some("acc_1")))
+            .await
+            .unwrap();
         assert_eq!(store.get("acc_1").await, None);
     }
 
@@ -555,9 +528,9 @@ mod tests {
     async fn account_errors_forget_the_account_on_any_route() {
         let store = Arc::new(StatusStore::new(Duration::from_secs(60), 100));
         for (status, code, route) in [
-            (403, "ACCOUNT_INACTIVE", "profiles"),
-            (404, "INVALID_ACCOUNT", "account"),
-            (403, "ACCOUNT_INACTIVE", "checkpoint"),
+            (403, "ACCOUNT_INACTIVE", Route::Profiles),
+            (404, "INVALID_ACCOUNT", Route::Account),
+            (403, "ACCOUNT_INACTIVE", Route::Checkpoint),
         ] {
             store
                 .remember(Arc::from("acc_1"), CachedStatus::CheckpointRequired)
@@ -579,13 +552,17 @@ mod tests {
             400,
             r#"{"success":false,"error":{"code":"INVALID_PARAMS"}}"#,
         );
-        svc.oneshot(req("profiles", Some("acc_1"))).await.unwrap();
+        svc.oneshot(req(Route::Profiles, Some("acc_1")))
+            .await
+            .unwrap();
         let (svc, _, _) = stack(
             &store,
             403,
             r#"{"success":false,"error":{"code":"ACCOUNT_INACTIVE"}}"#,
         );
-        svc.oneshot(req("profiles", Some("acc_2"))).await.unwrap();
+        svc.oneshot(req(Route::Profiles, Some("acc_2")))
+            .await
+            .unwrap();
         assert!(store.is_connected("acc_1").await);
     }
 
@@ -602,7 +579,9 @@ mod tests {
         ] {
             let body: &'static str = Box::leak(body.to_owned().into_boxed_str());
             let (svc, _, _) = stack(&store, 502, body);
-            svc.oneshot(req("account", Some("acc_1"))).await.unwrap();
+            svc.oneshot(req(Route::Account, Some("acc_1")))
+                .await
+                .unwrap();
         }
         // A 200 on a route the cache does not learn from is not even parsed.
         let (svc, _, _) = stack(
@@ -610,7 +589,9 @@ mod tests {
             200,
             r#"{"data":{"account_id":"acc_1","status":"inactive"}}"#,
         );
-        svc.oneshot(req("profiles", Some("acc_1"))).await.unwrap();
+        svc.oneshot(req(Route::Profiles, Some("acc_1")))
+            .await
+            .unwrap();
         assert!(store.is_connected("acc_1").await);
     }
 
@@ -630,7 +611,9 @@ mod tests {
                 Ok::<_, GatewayError>(r)
             }),
         );
-        svc.oneshot(req("checkpoint", Some("acc_1"))).await.unwrap();
+        svc.oneshot(req(Route::Checkpoint, Some("acc_1")))
+            .await
+            .unwrap();
         // Learning from it would have forgotten the account.
         assert_eq!(
             store.get("acc_1").await,
@@ -659,7 +642,7 @@ mod tests {
                 ))
             }),
         ));
-        let mut r = req("checkpoint", Some("acc_1"));
+        let mut r = req(Route::Checkpoint, Some("acc_1"));
         r.extensions_mut().get_mut::<RequestContext>().unwrap().code = Some(Arc::from("123456"));
         let resp = svc.oneshot(r).await.unwrap();
         assert_eq!(resp.status(), 200);
@@ -687,7 +670,9 @@ mod tests {
         assert_eq!(store.counts(), (0, 0));
         // An expired account's checkpoint goes to the upstream.
         let (svc, calls, _) = stack(&store, 200, "{}");
-        svc.oneshot(req("checkpoint", Some("acc_1"))).await.unwrap();
+        svc.oneshot(req(Route::Checkpoint, Some("acc_1")))
+            .await
+            .unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
@@ -722,7 +707,9 @@ mod tests {
                 async { Ok::<_, GatewayError>(answer(200, "{}")) }
             }),
         );
-        svc.oneshot(req("checkpoint", Some("acc_1"))).await.unwrap();
+        svc.oneshot(req(Route::Checkpoint, Some("acc_1")))
+            .await
+            .unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 }

@@ -6,6 +6,7 @@
 //!   HTTP/2 by [`h2`]'s pool);
 //! - [`budget`]: the process-wide budget of bytes held by buffered answers.
 
+mod answer;
 mod budget;
 mod client;
 mod h1;
@@ -21,11 +22,12 @@ use bytes::Bytes;
 use http::{Request, Response};
 use tower::Service;
 
+pub use answer::{UpstreamAnswer, MAX_CREDITS_PER_CALL};
 pub use budget::AnswerBudget;
 use budget::{buffer_answer, BufferError};
 pub use client::UpstreamClient;
 
-use crate::context::RequestLog;
+use crate::context::{RequestLog, Route};
 use crate::error::GatewayError;
 use crate::metrics::{KindLabels, RouteLabels};
 use crate::shared::Process;
@@ -85,7 +87,7 @@ impl Service<Request<Bytes>> for Upstream {
         let max_buffered = self.max_buffered;
         Box::pin(async move {
             let log = req.extensions().get::<Arc<RequestLog>>().cloned();
-            let route = log.as_ref().map(|l| l.route).unwrap_or("other");
+            let route = log.as_ref().map(|l| l.route).unwrap_or(Route::Other);
             let started = Instant::now();
             let fail = |kind: &'static str, message: String, maybe_sent: bool| {
                 let err = GatewayError::UpstreamUnavailable {
@@ -161,6 +163,8 @@ impl Service<Request<Bytes>> for Upstream {
             }
             crate::headers::strip_hop_by_hop(&mut parts.headers);
             parts.extensions = http::Extensions::new();
+            // Read once, here; the layers above read this, not the body.
+            parts.extensions.insert(UpstreamAnswer::parse(&body));
             Ok(Response::from_parts(parts, body))
         })
     }
