@@ -155,12 +155,7 @@ impl GatewayError {
     /// The one mapping from an error to what the caller sees: the upstream's envelope with
     /// `"source": "gateway"`, the status, `Retry-After` where it applies.
     pub fn into_response(&self, action: &str) -> Response<Bytes> {
-        let body = serde_json::json!({
-            "success": false,
-            "error": {"code": self.code(), "message": self.to_string(), "source": "gateway"},
-            "metadata": {"action": action, "credits_consumed": 0, "timestamp": crate::util::now_rfc3339()},
-        });
-        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let bytes = crate::envelope::refusal(self.code(), &self.to_string(), action);
         let mut resp = Response::new(Bytes::from(bytes));
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();

@@ -14,6 +14,7 @@ pub mod deadline;
 pub mod demo;
 pub mod detach;
 pub mod emulator;
+pub mod envelope;
 pub mod error;
 pub mod fleet;
 pub mod headers;

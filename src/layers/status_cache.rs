@@ -298,12 +298,19 @@ pub(crate) fn hit(
     if let Some(log) = log {
         log.set_credits(0);
     }
-    let body = serde_json::json!({
-        "success": true,
-        "data": {"account_id": account, "status": "connected"},
-        "metadata": {"action": "checkpoint", "credits_consumed": 0, "timestamp": crate::util::now_rfc3339()},
-    });
-    let mut resp = Response::new(Bytes::from(serde_json::to_vec(&body).unwrap_or_default()));
+    #[derive(serde::Serialize)]
+    struct Connected<'a> {
+        account_id: &'a str,
+        status: &'static str,
+    }
+    let body = crate::envelope::free_success(
+        Connected {
+            account_id: account,
+            status: "connected",
+        },
+        Route::Checkpoint.as_str(),
+    );
+    let mut resp = Response::new(Bytes::from(body));
     *resp.status_mut() = StatusCode::OK;
     let h = resp.headers_mut();
     h.insert(
