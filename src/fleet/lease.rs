@@ -7,7 +7,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -31,90 +31,81 @@ pub enum RemoteAnswer {
     },
 }
 
-fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
-    if b.len() < n {
-        return None;
-    }
-    let (h, t) = b.split_at(n);
-    *b = t;
-    Some(h)
+/// The stored form of a [`RemoteAnswer`]: serde, in postcard's compact format behind a
+/// one-byte format tag (`P`). An answer in any other form (one stored by an older replica,
+/// during a rolling upgrade) does not decode; its waiters get a 502 and may retry.
+#[derive(serde::Serialize, serde::Deserialize)]
+enum Wire {
+    Answer {
+        status: u16,
+        headers: Vec<(String, Vec<u8>)>,
+        body: Vec<u8>,
+    },
+    Failed {
+        timeout_ms: Option<u64>,
+        message: String,
+    },
 }
 
-fn be_u16(b: &mut &[u8]) -> Option<u16> {
-    take(b, 2).map(|s| u16::from_be_bytes([s[0], s[1]]))
-}
-
-fn be_u32(b: &mut &[u8]) -> Option<u32> {
-    take(b, 4).map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
-}
+const FORMAT: u8 = b'P';
 
 impl RemoteAnswer {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        match self {
+        let wire = match self {
             RemoteAnswer::Answer {
                 status,
                 headers,
                 body,
-            } => {
-                out.push(b'A');
-                out.extend_from_slice(&status.as_u16().to_be_bytes());
-                let n = u16::try_from(headers.len()).unwrap_or(u16::MAX);
-                out.extend_from_slice(&n.to_be_bytes());
-                for (name, value) in headers.iter().take(usize::from(n)) {
-                    let name = name.as_str().as_bytes();
-                    let nl = u16::try_from(name.len()).unwrap_or(0);
-                    out.extend_from_slice(&nl.to_be_bytes());
-                    out.extend_from_slice(&name[..usize::from(nl)]);
-                    let v = value.as_bytes();
-                    let vl = u32::try_from(v.len()).unwrap_or(0);
-                    out.extend_from_slice(&vl.to_be_bytes());
-                    out.extend_from_slice(&v[..usize::try_from(vl).unwrap_or(0)]);
-                }
-                out.extend_from_slice(body);
-            }
-            RemoteAnswer::Failed { timeout, message } => {
-                out.push(b'F');
-                let ms = timeout.map_or(0, |t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
-                out.extend_from_slice(&ms.to_be_bytes());
-                out.extend_from_slice(message.as_bytes());
-            }
-        }
+            } => Wire::Answer {
+                status: status.as_u16(),
+                headers: headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+                    .collect(),
+                body: body.to_vec(),
+            },
+            RemoteAnswer::Failed { timeout, message } => Wire::Failed {
+                timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+                message: message.clone(),
+            },
+        };
+        let mut out = vec![FORMAT];
+        // Serializing these owned types into a Vec cannot fail; an empty tail decodes as None.
+        out.extend(postcard::to_allocvec(&wire).unwrap_or_default());
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Option<RemoteAnswer> {
-        let mut b = bytes;
-        match take(&mut b, 1)?[0] {
-            b'A' => {
-                let status = StatusCode::from_u16(be_u16(&mut b)?).ok()?;
-                let n = be_u16(&mut b)?;
-                let mut headers = HeaderMap::with_capacity(usize::from(n));
-                for _ in 0..n {
-                    let nl = be_u16(&mut b)?;
-                    let name = HeaderName::from_bytes(take(&mut b, usize::from(nl))?).ok()?;
-                    let vl = usize::try_from(be_u32(&mut b)?).ok()?;
-                    let value = HeaderValue::from_bytes(take(&mut b, vl)?).ok()?;
-                    headers.append(name, value);
+        let (&FORMAT, rest) = bytes.split_first()? else {
+            return None;
+        };
+        Some(match postcard::from_bytes::<Wire>(rest).ok()? {
+            Wire::Answer {
+                status,
+                headers: pairs,
+                body,
+            } => {
+                let mut headers = HeaderMap::with_capacity(pairs.len());
+                for (name, value) in pairs {
+                    headers.append(
+                        HeaderName::from_bytes(name.as_bytes()).ok()?,
+                        HeaderValue::from_bytes(&value).ok()?,
+                    );
                 }
-                let mut body = BytesMut::with_capacity(b.len());
-                body.extend_from_slice(b);
-                Some(RemoteAnswer::Answer {
-                    status,
+                RemoteAnswer::Answer {
+                    status: StatusCode::from_u16(status).ok()?,
                     headers,
-                    body: body.freeze(),
-                })
+                    body: Bytes::from(body),
+                }
             }
-            b'F' => {
-                let ms = take(&mut b, 8)?;
-                let ms = u64::from_be_bytes(ms.try_into().ok()?);
-                Some(RemoteAnswer::Failed {
-                    timeout: (ms > 0).then(|| Duration::from_millis(ms)),
-                    message: String::from_utf8_lossy(b).into_owned(),
-                })
-            }
-            _ => None,
-        }
+            Wire::Failed {
+                timeout_ms,
+                message,
+            } => RemoteAnswer::Failed {
+                timeout: timeout_ms.filter(|&ms| ms > 0).map(Duration::from_millis),
+                message,
+            },
+        })
     }
 }
 
@@ -497,6 +488,45 @@ async fn renew_loop(
             // Lost: it lapsed and is someone else's now (or was released).
             Ok(_) => return,
             Err(Unavailable) => next = (Instant::now() + retry).min(lapses),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_round_trip_and_other_bytes_do_not_decode() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-twice", HeaderValue::from_static("1"));
+        headers.append("x-twice", HeaderValue::from_static("2"));
+        let a = RemoteAnswer::Answer {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            headers,
+            body: Bytes::from_static(b"{\"success\":false}"),
+        };
+        assert_eq!(RemoteAnswer::decode(&a.encode()), Some(a));
+        let f = RemoteAnswer::Failed {
+            timeout: Some(Duration::from_millis(1500)),
+            message: "took too long".into(),
+        };
+        assert_eq!(RemoteAnswer::decode(&f.encode()), Some(f));
+        // The old hand-framed form, truncations and garbage: None, never a panic.
+        let good = RemoteAnswer::Failed {
+            timeout: None,
+            message: "reset".into(),
+        }
+        .encode();
+        for bad in [
+            &b""[..],
+            b"A\x00\xc8\x00\x00{}",
+            b"F\x00\x00\x00\x00\x00\x00\x00\x00reset",
+            &good[..good.len() - 1],
+            b"P\xff\xff\xff\xff\xff",
+        ] {
+            assert_eq!(RemoteAnswer::decode(bad), None, "{bad:?}");
         }
     }
 }
