@@ -5,8 +5,9 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use postgres::Client;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -191,15 +192,22 @@ pub(super) fn describe(e: &postgres::Error) -> String {
 
 /// Connect, retrying refused connections for [`OPEN_RETRY`].
 pub(super) fn connect_with_retry(target: &Target) -> Result<Client, String> {
-    let deadline = Instant::now() + OPEN_RETRY;
-    let mut pause = Duration::from_millis(50);
+    // 50 ms doubling to 500 ms, for OPEN_RETRY in all; an error from the server itself
+    // (authentication, a missing database) is not retried.
+    let mut pauses = ExponentialBuilder::new()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_millis(500))
+        .with_factor(2.0)
+        .without_max_times()
+        .with_total_delay(Some(OPEN_RETRY))
+        .build();
     loop {
         match target.connect() {
             Ok(client) => return Ok(client),
-            Err(e) if e.as_db_error().is_none() && Instant::now() + pause < deadline => {
-                std::thread::sleep(pause);
-                pause = (pause * 2).min(Duration::from_millis(500));
-            }
+            Err(e) if e.as_db_error().is_none() => match pauses.next() {
+                Some(pause) => std::thread::sleep(pause),
+                None => return Err(format!("cannot connect: {}", describe(&e))),
+            },
             Err(e) => return Err(format!("cannot connect: {}", describe(&e))),
         }
     }

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use tokio::sync::oneshot;
 
 use super::{LedgerError, Row};
@@ -171,6 +172,20 @@ pub(super) struct Policy {
     pub(super) bounded: bool,
 }
 
+impl Policy {
+    /// The pauses before kept rows are retried: `backoff_first`, doubled after each failure
+    /// up to `backoff_max`, without jitter (one writer per process, nothing to spread) and
+    /// without end.
+    fn backoff(&self) -> ExponentialBackoff {
+        ExponentialBuilder::new()
+            .with_min_delay(self.backoff_first)
+            .with_max_delay(self.backoff_max)
+            .with_factor(2.0)
+            .without_max_times()
+            .build()
+    }
+}
+
 /// What a backend brings to the loop. Only `commit` is required; the rest are the hooks the
 /// SQLite backend needs around a commit.
 pub(super) trait Backend: Send + 'static {
@@ -260,7 +275,7 @@ where
                 health: writer_health,
                 place: writer_place,
                 kept: Vec::new(),
-                backoff: policy.backoff_first,
+                backoff: policy.backoff(),
                 retry_at: None,
             }
             .run(rx);
@@ -362,7 +377,8 @@ struct Writer<B: Backend> {
     place: Place,
     /// Rows whose write failed, oldest first, their callers answered; written first.
     kept: Vec<Pending<B::Tag>>,
-    backoff: Duration,
+    /// The pauses between retries of kept rows; started afresh after a commit.
+    backoff: ExponentialBackoff,
     /// While rows are kept: when to try again.
     retry_at: Option<Instant>,
 }
@@ -508,7 +524,7 @@ impl<B: Backend> Writer<B> {
         let committed = self.commit_all(&mut rows, &mut answered);
         match &committed {
             Ok(()) => {
-                self.backoff = self.policy.backoff_first;
+                self.backoff = self.policy.backoff();
                 self.retry_at = None;
             }
             Err(_) => {
@@ -516,8 +532,9 @@ impl<B: Backend> Writer<B> {
                 let mut all = self.backend.take_back();
                 all.append(&mut rows);
                 self.keep(all);
-                self.retry_at = Some(Instant::now() + self.backoff);
-                self.backoff = (self.backoff * 2).min(self.policy.backoff_max);
+                // Unbounded in count: kept rows are retried until written.
+                let pause = self.backoff.next().unwrap_or(self.policy.backoff_max);
+                self.retry_at = Some(Instant::now() + pause);
             }
         }
         let synced = self

@@ -212,3 +212,15 @@ async fn a_bounded_writer_refuses_rows_beyond_its_limit_until_they_are_committed
     handle.flush().await.unwrap();
     health.admit(1, "fake").unwrap();
 }
+
+#[test]
+fn kept_rows_are_retried_after_pauses_doubling_to_the_cap_without_end() {
+    let p = Policy {
+        backoff_first: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(5),
+        ..policy()
+    };
+    let pauses: Vec<u64> = p.backoff().take(9).map(|d| d.as_millis() as u64).collect();
+    assert_eq!(pauses, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+    assert!(p.backoff().nth(10_000).is_some(), "the retries never stop");
+}
