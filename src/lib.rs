@@ -5,6 +5,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod admission;
 pub mod body;
 pub mod budgets;
 pub mod config;

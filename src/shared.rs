@@ -103,6 +103,9 @@ pub struct Shared {
     pub limits: Limits,
     /// `None` when `status_cache.enabled = false`.
     pub status_store: Option<Arc<StatusStore>>,
+    /// Limits and budget reservations of forwarded requests: the process's own, or the
+    /// fleet's store with its failure policy; chosen here, once.
+    pub admission: Arc<dyn crate::admission::Admission>,
 }
 
 impl Shared {
@@ -139,6 +142,7 @@ impl Shared {
                 shadow: false,
             })
         });
+        let admission = crate::admission::for_process(&process);
         Shared {
             settings,
             process,
@@ -147,6 +151,7 @@ impl Shared {
             upstream,
             limits,
             status_store,
+            admission,
         }
     }
 }

@@ -74,7 +74,7 @@
 //! the probe reseeds today's `spent` per client from the ledger (`spent_on(today)`, the ledger
 //! is shared in a fleet) with HSETNX semantics and sets the marker in the same script, so only
 //! one replica seeds. A reservation belongs to the store it was made in: `admit` returns the
-//! marker's value, the request carries it (`FleetReserved::marker`) and `settle` passes it
+//! marker's value, the request carries it (in its `admission::Reservation`) and `settle` passes it
 //! back; a settle that finds another marker (the store was reseeded since) adds its charge to
 //! `spent` and leaves `reserved` alone, since that now counts only reservations made after the
 //! reseed. What stays open, for requests in flight across the restart (bounded by what they
@@ -128,18 +128,6 @@ const BUDGET_TTL_SECS: u64 = 3 * 86_400;
 const PATIENCE: Duration = Duration::from_secs(5);
 /// How long a published checkpoint answer stays readable for late followers.
 const ANSWER_TTL: Duration = Duration::from_secs(30);
-
-/// Request extension set by `account_limit` when the fleet's `admit` reserved the request's
-/// budget in the store: `credits` then takes no local reservation and settles in the store.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FleetReserved {
-    pub cost: u64,
-    /// The UTC day (days since the epoch) the reservation was made for.
-    pub day: i64,
-    /// The store's marker value when the reservation was made: the settle frees the
-    /// reservation only if the store still has it (not reseeded since).
-    pub marker: Arc<str>,
-}
 
 /// The store could not be used for this operation (down, timed out, or empty and not yet
 /// reseeded): the caller falls back as `fleet.on_store_failure` says.

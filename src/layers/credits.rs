@@ -19,13 +19,12 @@ use http::{Request, Response, StatusCode};
 use tower::{Layer, Service};
 
 use super::{take_ready, BoxFuture};
-use crate::budgets::{now_ms, utc_day, Standing};
+use crate::admission::Reservation;
+use crate::budgets::now_ms;
 use crate::config::ClientSettings;
-use crate::config::OnFailure;
 use crate::context::{AnsweredBy, RequestContext, RequestLog};
 use crate::detach::Detach;
 use crate::error::GatewayError;
-use crate::fleet::FleetReserved;
 use crate::ledger::{Outcome, Row};
 use crate::metrics::{AccountLabels, ActionLabels, ClientLabels, Label, OutcomeLabels};
 use crate::shared::{Process, Shared};
@@ -79,35 +78,15 @@ struct Pending {
     path: String,
     request_id: String,
     cost: u64,
-    day: i64,
-    /// The reservation is in the fleet store (made under this marker value): settle it there.
-    fleet_marker: Option<Arc<str>>,
+    /// Settled with the charge once the call has ended.
+    reservation: Option<Reservation>,
 }
 
-/// Replace the request's reservation by what was charged: in the fleet store (off the
-/// caller's path, retried while the store is down) or in the process's budgets.
+/// Replace the request's reservation by what was charged.
 fn settle(shared: &Arc<Shared>, p: &Pending, charged: u64) {
-    let process = &shared.process;
-    if let (Some(marker), Some(fleet)) = (&p.fleet_marker, &process.fleet) {
-        let (proc2, client) = (process.clone(), p.client.clone());
-        fleet.settle_eventually(
-            p.client.name.clone(),
-            p.day,
-            p.cost,
-            charged,
-            marker.clone(),
-            move |s| {
-                if let Some(s) = s {
-                    publish_standing(&proc2, &client, s);
-                }
-            },
-        );
-        return;
+    if let Some(r) = &p.reservation {
+        r.settle(&shared.process, &p.client, charged);
     }
-    process
-        .budgets
-        .settle(&p.client.name, p.cost, charged, p.day);
-    publish_budget(process, &p.client, p.day);
 }
 
 impl<S> Service<Request<Bytes>> for Credits<S>
@@ -139,8 +118,8 @@ where
             .costs
             .expected(req.uri().path(), action.as_deref());
         let process = &shared.process;
-        // Fleet mode: account_limit reserved this request's budget in the store already.
-        let fleet_reserved = req.extensions().get::<FleetReserved>().cloned();
+        // account_limit's admission reserved the expected cost (none: a stack without it).
+        let reservation = req.extensions().get::<Reservation>().cloned();
 
         if cost > 0 {
             let refusal = if process.credit_state.ledger_failing.load(Ordering::Acquire)
@@ -159,67 +138,15 @@ where
                 None
             };
             if let Some(e) = refusal {
-                if let (Some(r), Some(fleet)) = (&fleet_reserved, &process.fleet) {
-                    // Give the store's reservation back.
-                    fleet.settle_eventually(
-                        client.name.clone(),
-                        r.day,
-                        r.cost,
-                        0,
-                        r.marker.clone(),
-                        |_| {},
-                    );
+                if let Some(r) = &reservation {
+                    // Give the reservation back.
+                    r.settle(process, &client, 0);
                 }
                 return Box::pin(async move { Err(e) });
             }
         }
-        let day = fleet_reserved
-            .as_ref()
-            .map_or_else(|| utc_day(now_ms()), |r| r.day);
-        let budget = client.daily_credit_budget;
-        if let (None, Some(fleet)) = (&fleet_reserved, &process.fleet) {
-            // The store could not be used for this request's budget.
-            if cost > 0 && fleet.budgets_on_failure == OnFailure::Deny {
-                fleet.fell_back("budgets", OnFailure::Deny);
-                return Box::pin(async {
-                    Err(GatewayError::StoreUnavailable(
-                        "the shared budget store is unavailable and fleet.on_store_failure.budgets is \"deny\"; requests that cost credits are refused until it is back; retry shortly".into(),
-                    ))
-                });
-            }
-            if cost > 0 {
-                fleet.fell_back("budgets", OnFailure::Local);
-            }
-        }
-        let reserved = match &fleet_reserved {
-            Some(_) => Ok(()),
-            None => process
-                .budgets
-                .reserve(&client.name, cost, budget, !client.shadow, day),
-        };
-        if let Err(e) = reserved {
-            let message = format!(
-                "client `{}` has a daily budget of {} credits; {} spent and {} reserved today, and this request would cost {cost}",
-                client.name, e.budget, e.spent, e.reserved
-            );
-            if client.shadow {
-                process
-                    .metrics
-                    .budget_shadow_refusals
-                    .get_or_create(&ClientLabels {
-                        client: Label(client.name.clone()),
-                    })
-                    .inc();
-                tracing::info!(shadow = true, "would refuse: {message}");
-            } else {
-                return Box::pin(async move { Err(GatewayError::InsufficientCredits(message)) });
-            }
-        }
-        if fleet_reserved.is_none() {
-            publish_budget(process, &client, day);
-        }
         let pending = Pending {
-            fleet_marker: fleet_reserved.map(|r| r.marker),
+            reservation,
             account: ctx.and_then(|c| c.account_id.clone()),
             action,
             path: req.uri().path().to_owned(),
@@ -230,7 +157,6 @@ where
                 .to_owned(),
             client,
             cost,
-            day,
         };
         let inner = take_ready(&mut self.inner);
         let timeout = shared.settings.server.request_timeout;
@@ -388,27 +314,6 @@ pub async fn record(process: &Process, row: Row) {
             process.metrics.ledger_errors.inc();
             tracing::error!(error = %e, "ledger write failed: refusing requests that cost credits until it recovers");
         }
-    }
-}
-
-fn publish_budget(process: &Process, client: &ClientSettings, day: i64) {
-    publish_standing(process, client, process.budgets.standing(&client.name, day));
-}
-
-/// Set the budget gauges from a client's standing (local, or the fleet store's).
-pub(crate) fn publish_standing(process: &Process, client: &ClientSettings, standing: Standing) {
-    let labels = ClientLabels {
-        client: Label(client.name.clone()),
-    };
-    let m = &process.metrics;
-    m.credits_reserved
-        .get_or_create(&labels)
-        .set(i64::try_from(standing.reserved).unwrap_or(i64::MAX));
-    if let Some(budget) = client.daily_credit_budget {
-        let left = budget.saturating_sub(standing.spent.saturating_add(standing.reserved));
-        m.budget_remaining
-            .get_or_create(&labels)
-            .set(i64::try_from(left).unwrap_or(i64::MAX));
     }
 }
 

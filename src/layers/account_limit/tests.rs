@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::context::Route;
+use crate::metrics::{Label, RateLimitedLabels};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tower::ServiceExt;
 
